@@ -34,6 +34,7 @@ __all__ = [
     "from_cloudevent",
     "new_id",
     "to_cloudevent",
+    "to_cloudevent_json",
     "validate_type",
 ]
 

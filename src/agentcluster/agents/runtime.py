@@ -1,0 +1,334 @@
+"""The local runtime: the agent table, supervision, the bus and directive executors.
+
+Theory of operation: a :class:`Runtime` is what one node process runs. Entering it
+(``async with Runtime() as rt``) opens a task group that owns every agent task and sensor
+task, starts the bus, and starts the root supervisor (one_for_one). ``spawn`` starts an agent
+under that supervisor by default (or under a parent agent, linked, or unsupervised); a crashed
+agent is restarted from its initial state with the same id. Leaving the block stops the
+agents in reverse start order, then the bus. The table maps ids to running servers and names
+to ids; ``call``/``cast`` look targets up there. ``send`` to another node goes through a
+remote sender that the node layer installs (the runtime itself knows no network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from agentcluster.agents.agent import Agent, AgentError
+from agentcluster.agents.directives import Directive
+from agentcluster.agents.sensors import Sensor
+from agentcluster.agents.server import AgentServer, AgentStopped, ErrorPolicy, Message
+from agentcluster.agents.supervisor import ChildSpec, Supervisor, SupervisorEvent
+from agentcluster.clock import Clock, MonotonicClock
+from agentcluster.logs import node_id_var
+from agentcluster.signals import Signal
+from agentcluster.signals.bus import Bus
+
+__all__ = ["AgentInfo", "RemoteSender", "Runtime", "UnknownAgent"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+D = TypeVar("D", bound=Directive)
+RemoteSender = Callable[[str, str, Signal], Awaitable[None]]
+DirectiveHandler = Callable[[AgentServer, Any], Awaitable[None] | None]
+
+
+class UnknownAgent(AgentStopped, LookupError):
+    """No running agent has that id or name."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    id: str
+    name: str
+    running: bool
+    mailbox: int
+    processed: int
+    errors: int
+    supervised: bool
+
+
+class Runtime:
+    """Hosts agents on one node. Use as ``async with Runtime(node_id) as rt``."""
+
+    def __init__(
+        self,
+        node_id: str = "local",
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        mailbox_size: int = 1024,
+        max_restarts: int = 3,
+        max_seconds: float = 5.0,
+        bus: Bus | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self.rng = rng if rng is not None else random.Random()
+        self.mailbox_size = mailbox_size
+        self.bus = bus if bus is not None else Bus(clock=self.clock, rng=self.rng)
+        self.supervisor = Supervisor(
+            strategy="one_for_one",
+            max_restarts=max_restarts,
+            max_seconds=max_seconds,
+            clock=self.clock,
+            name=f"{node_id}/root",
+            on_event=self._on_supervisor_event,
+        )
+        self.remote_sender: RemoteSender | None = None
+        self._directive_handlers: dict[type[Directive], DirectiveHandler] = {}
+        self._table: dict[str, AgentServer] = {}
+        self._by_name: dict[str, dict[str, None]] = {}
+        self._supervised: set[str] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self._sensor_tasks: dict[str, asyncio.Task[None]] = {}
+        # Supervisor events become bus signals through one pump task; bounded, so a storm of
+        # restarts cannot grow memory (the oldest events are dropped and counted).
+        self._events: deque[SupervisorEvent] = deque(maxlen=4096)
+        self._events_ready = asyncio.Event()
+        self.events_dropped = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    async def __aenter__(self) -> Runtime:
+        node_id_var.set(self.node_id)
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        await self.bus.__aenter__()
+        self._pump = self._tg.create_task(self._pump_events(), name="supervisor-events")
+        await self.supervisor.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        tg = self._tg
+        if tg is None:
+            return
+        try:
+            for task in self._sensor_tasks.values():
+                task.cancel()
+            await self.supervisor.stop()
+            for server in reversed(list(self._table.values())):
+                await server.stop()
+            self._pump.cancel()
+            await self.bus.__aexit__(None, None, None)
+        finally:
+            self._tg = None
+            await tg.__aexit__(None, None, None)
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+        if self._tg is None:
+            coro.close()
+            raise AgentError("the runtime is not running (use 'async with Runtime() as rt')")
+        return self._tg.create_task(coro, name=name)
+
+    def _on_supervisor_event(self, event: SupervisorEvent) -> None:
+        if len(self._events) == self._events.maxlen:
+            self.events_dropped += 1
+        self._events.append(event)
+        self._events_ready.set()
+
+    async def _pump_events(self) -> None:
+        source = f"/node/{self.node_id}/supervisor"
+        while True:
+            await self._events_ready.wait()
+            self._events_ready.clear()
+            while self._events:
+                ev = self._events.popleft()
+                signal = Signal(
+                    type=f"runtime.supervisor.{ev.kind}",
+                    source=source,
+                    subject=ev.child_id,
+                    data={
+                        "supervisor": ev.supervisor,
+                        "child": ev.child_id,
+                        "reason": None
+                        if ev.reason is None
+                        else f"{type(ev.reason).__name__}: {ev.reason}",
+                    },
+                )
+                try:
+                    await self.bus.publish(signal)
+                except Exception:
+                    log.exception("could not publish supervisor event %s", ev.kind)
+
+    # ----------------------------------------------------------------- agents
+    async def spawn(
+        self,
+        agent: type[Agent] | Agent,
+        *,
+        id: str | None = None,
+        state: Any = None,
+        restart: Literal["permanent", "transient", "temporary"] | None = "permanent",
+        mailbox_size: int | None = None,
+        error_policy: ErrorPolicy | None = None,
+        parent: AgentServer | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> AgentServer:
+        """Start an agent and return its server.
+
+        ``restart`` is the OTP restart type under the root supervisor (``None``: not
+        supervised). An agent spawned by another agent (``parent``) is linked to it instead.
+        Restarts begin again from the initial state given here.
+        """
+        initial = agent if isinstance(agent, Agent) else agent(id=id, state=state)
+        if isinstance(agent, Agent) and (id is not None or state is not None):
+            raise AgentError("pass id/state to the agent instance, not to spawn()")
+        if initial.id in self._table:
+            raise AgentError(f"an agent with id {initial.id!r} is already running")
+        size = mailbox_size if mailbox_size is not None else self.mailbox_size
+        if parent is not None or restart is None:
+            return self._start_server(
+                initial, parent=parent, mailbox_size=size, error_policy=error_policy
+            )
+
+        async def start() -> AgentServer:
+            return self._start_server(
+                initial, parent=None, mailbox_size=size, error_policy=error_policy
+            )
+
+        spec = ChildSpec(
+            id=initial.id, start=start, restart=restart, shutdown_timeout=shutdown_timeout
+        )
+        self._supervised.add(initial.id)
+        try:
+            await self.supervisor.start_child(spec)
+        except BaseException:
+            self._supervised.discard(initial.id)
+            raise
+        return self._table[initial.id]
+
+    def _start_server(
+        self,
+        agent: Agent,
+        *,
+        parent: AgentServer | None,
+        mailbox_size: int,
+        error_policy: ErrorPolicy | None,
+    ) -> AgentServer:
+        if agent.id in self._table:
+            raise AgentError(f"an agent with id {agent.id!r} is already running")
+        server = AgentServer(
+            agent, self, mailbox_size=mailbox_size, error_policy=error_policy, parent=parent
+        )
+        self._table[agent.id] = server
+        self._by_name.setdefault(agent.name, {})[agent.id] = None
+        server.start()
+        return server
+
+    def _server_exited(self, server: AgentServer) -> None:
+        if self._table.get(server.id) is server:
+            del self._table[server.id]
+            ids = self._by_name.get(server.name)
+            if ids is not None:
+                ids.pop(server.id, None)
+                if not ids:
+                    del self._by_name[server.name]
+
+    async def stop_agent(self, target: str, *, reason: str = "normal") -> None:
+        """Stop an agent for good (it is not restarted), with its linked children."""
+        server = self.lookup(target)
+        if server._task is asyncio.current_task():
+            server._stopping = True  # an agent stopping itself: finish the current instruction
+            return
+        if server.id in self._supervised:
+            self._supervised.discard(server.id)
+            await self.supervisor.terminate_child(server.id)
+            await self.supervisor.delete_child(server.id)
+        else:
+            await server.stop()
+        log.info("agent %s stopped (%s)", server.id, reason)
+
+    def get(self, target: str) -> AgentServer | None:
+        """The running agent with this id, or else the only running agent with this name."""
+        server = self._table.get(target)
+        if server is not None:
+            return server
+        ids = self._by_name.get(target)
+        if ids is not None and len(ids) == 1:
+            return self._table.get(next(iter(ids)))
+        return None
+
+    def lookup(self, target: str) -> AgentServer:
+        server = self.get(target)
+        if server is None:
+            if len(self._by_name.get(target, ())) > 1:
+                raise AgentError(f"{target!r} names several agents; address one by id")
+            raise UnknownAgent(f"no running agent with id or name {target!r} on {self.node_id}")
+        return server
+
+    def find(self, name: str) -> list[AgentServer]:
+        """Every running agent of this definition name."""
+        return [self._table[i] for i in self._by_name.get(name, ()) if i in self._table]
+
+    def agents(self) -> list[AgentInfo]:
+        return [
+            AgentInfo(
+                id=s.id,
+                name=s.name,
+                running=s.running,
+                mailbox=s.mailbox_depth,
+                processed=s.processed,
+                errors=s.errors,
+                supervised=s.id in self._supervised,
+            )
+            for s in self._table.values()
+        ]
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    # ----------------------------------------------------------------- messaging
+    async def call(self, target: str, message: Message, *, timeout: float | None = 5.0) -> Any:
+        return await self.lookup(target).call(message, timeout=timeout)
+
+    async def cast(self, target: str, message: Message, *, timeout: float | None = 5.0) -> None:
+        await self.lookup(target).cast(message, timeout=timeout)
+
+    async def send(self, agent: str, signal: Signal, *, node: str | None = None) -> None:
+        """Deliver a signal to an agent on this node or, through the remote sender, another."""
+        if node is None or node == self.node_id:
+            await self.cast(agent, signal)
+            return
+        if self.remote_sender is None:
+            raise AgentError(f"cannot send to node {node!r}: this runtime has no transport")
+        await self.remote_sender(node, agent, signal)
+
+    def register_directive(
+        self, directive: type[D], handler: Callable[[AgentServer, D], Awaitable[None] | None]
+    ) -> None:
+        """Teach the runtime a user-defined directive."""
+        if not (isinstance(directive, type) and issubclass(directive, Directive)):
+            raise TypeError(f"{directive!r} is not a Directive subclass")
+        self._directive_handlers[directive] = handler
+
+    # ----------------------------------------------------------------- sensors
+    def start_sensor(self, key: str, sensor: Sensor) -> None:
+        """Run a sensor whose signals are published on the bus."""
+        old = self._sensor_tasks.pop(key, None)
+        if old is not None:
+            old.cancel()
+        self._sensor_tasks[key] = self._spawn_task(
+            self._run_sensor(key, sensor), name=f"sensor:{key}"
+        )
+
+    def stop_sensor(self, key: str) -> None:
+        task = self._sensor_tasks.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    async def _run_sensor(self, key: str, sensor: Sensor) -> None:
+        try:
+            await sensor.run(self.bus.publish, self.clock)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("runtime sensor %s failed", key)
+        finally:
+            if self._sensor_tasks.get(key) is asyncio.current_task():
+                del self._sensor_tasks[key]

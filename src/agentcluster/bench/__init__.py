@@ -1,0 +1,1 @@
+"""Benchmarks behind ``agentcluster bench <name> --json`` (one JSON object on stdout)."""

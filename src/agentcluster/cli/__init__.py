@@ -1,0 +1,1 @@
+"""The ``agentcluster`` command line."""

@@ -1,0 +1,153 @@
+"""``agentcluster``: the command line (typer + rich).
+
+Theory of operation: each command is a thin face over the public API. ``up`` runs a local
+node hosting the runtime and the bundled demo, printing every bus signal and supervisor event
+as it happens, until ``--duration`` elapses or the process gets SIGINT / SIGTERM, then stops
+every agent in order. ``bench <name> --json`` prints exactly one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal as os_signal
+import sys
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import agentcluster
+
+app = typer.Typer(
+    name="agentcluster",
+    help="Agent-native clustering: every cluster function is a supervised agent.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+bench_app = typer.Typer(
+    help="Benchmarks; each prints one JSON object with --json.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"agentcluster {agentcluster.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """agentcluster command line."""
+
+
+def _fmt_data(data: Any) -> str:
+    if data is None:
+        return ""
+    text = json.dumps(data, default=str, separators=(",", ":"))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+async def _up(duration: float | None, interval: float, console: Console) -> int:
+    from agentcluster.agents import Runtime
+    from agentcluster.examples.pingpong import start_demo
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (os_signal.SIGINT, os_signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with Runtime("local") as rt:
+        sub = rt.bus.subscribe("**", queue_size=4096, overflow="drop_oldest", name="cli-up")
+
+        async def show() -> None:
+            async for sig in sub:
+                when = sig.time.astimezone().strftime("%H:%M:%S.%f")[:-3]
+                style = "red" if "crash" in sig.type or "error" in sig.type else "cyan"
+                console.print(
+                    f"[dim]{when}[/] [{style}]{sig.type:<34}[/] {sig.source:<22} {_fmt_data(sig.data)}",
+                    highlight=False,
+                )
+
+        console.print(
+            f"[bold]agentcluster {agentcluster.__version__}[/] node [bold]local[/] up; "
+            + ("Ctrl-C stops it" if duration is None else f"stopping in {duration:g}s")
+        )
+        async with asyncio.TaskGroup() as tg:
+            shower = tg.create_task(show())
+            await start_demo(rt, interval=interval)
+            try:
+                async with asyncio.timeout(duration):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            table = Table(title="agents at shutdown")
+            for col in ("id", "name", "processed", "errors", "mailbox", "supervised"):
+                table.add_column(col)
+            for info in rt.agents():
+                table.add_row(
+                    info.id,
+                    info.name,
+                    str(info.processed),
+                    str(info.errors),
+                    str(info.mailbox),
+                    "yes" if info.supervised else "no",
+                )
+            restarts = rt.supervisor.count_restarts()
+            shower.cancel()
+    console.print(table)
+    console.print(f"supervisor restarts: {restarts}; stopped cleanly at {datetime.now():%H:%M:%S}")
+    return 0
+
+
+@app.command()
+def up(
+    duration: Annotated[
+        float | None, typer.Option("--duration", min=0.0, help="Stop after this many seconds.")
+    ] = None,
+    interval: Annotated[
+        float, typer.Option(min=0.01, help="Ping interval of the demo, seconds.")
+    ] = 0.5,
+    log_level: Annotated[
+        str, typer.Option(help="Log level for agentcluster's own logs.")
+    ] = "warning",
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="Logs as JSON lines.")] = False,
+) -> None:
+    """Run a local agentcluster node with the bundled demo agents, showing what happens live."""
+    from agentcluster.logs import configure_logging
+
+    configure_logging(log_level.upper(), json=json_logs)
+    console = Console(highlight=False)
+    code = asyncio.run(_up(duration, interval, console))
+    raise typer.Exit(code)
+
+
+@bench_app.command("runtime")
+def bench_runtime(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quick: Annotated[bool, typer.Option(help="Smaller workloads (a smoke run).")] = False,
+    uvloop: Annotated[bool, typer.Option(help="Run on uvloop (needs the uvloop extra).")] = False,
+) -> None:
+    """Router, bus, agent call latency, agent start rate and memory per idle agent."""
+    from agentcluster.bench.runtime import run
+
+    logging.getLogger("agentcluster").setLevel(logging.ERROR)
+    result = run(quick=quick, use_uvloop=uvloop)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    table = Table(title="bench runtime")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    Console().print(table)

@@ -1,0 +1,1 @@
+"""Bundled examples (run by ``agentcluster up``)."""
