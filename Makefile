@@ -1,5 +1,5 @@
 # Two set-up commands (see README): `make up` and `make test`. Each creates .venv on first use.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: up test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
-	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (Python 3.11+ is required)"; exit 1; }
+	@$(PY) -c "import sys; assert sys.version_info >= (3, 11), sys.version" 2>/dev/null || { echo "error: Python 3.11+ is required (found: $(PY))"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

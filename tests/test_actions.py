@@ -34,6 +34,7 @@ from agentcluster.agents.actions import (
     snake_case,
 )
 from agentcluster.clock import SimClock
+from agentcluster.testing import advance
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -349,7 +350,7 @@ async def test_timeout_raises_action_timeout_at_the_deadline() -> None:
     # Our cancellation was consumed: the task is not left with a pending cancel.
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
-    await asyncio.sleep(1)
+    await advance(1)
     assert await execute(Slow, timeout=None) == "done" and now() == 12.0
 
 
@@ -365,7 +366,7 @@ async def test_timeouts_are_retried_on_schedule() -> None:
 
         async def run(self, params: NoParams, ctx: ActionContext) -> None:
             starts.append(now())
-            await asyncio.sleep(5)
+            await advance(5)
 
     with pytest.raises(ActionTimeout) as info:
         await execute(SlowRetried)
@@ -524,10 +525,10 @@ async def test_outer_cancellation_is_not_retried_nor_converted() -> None:
         max_retries = 5
 
         async def run(self, params: NoParams, ctx: ActionContext) -> None:
-            await asyncio.sleep(50)
+            await advance(50)
 
     task = asyncio.create_task(execute(Patient))
-    await asyncio.sleep(1)
+    await advance(1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -961,7 +962,7 @@ async def test_outer_cancellation_of_a_workflow_propagates_without_compensation(
         [Step("a", recorder(j, "a")), Step("b", recorder(j, "b", seconds=5), depends_on=["a"])]
     )
     task = asyncio.create_task(wf.run())
-    await asyncio.sleep(1)
+    await advance(1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

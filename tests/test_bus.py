@@ -25,6 +25,7 @@ from agentcluster.signals.bus import (
     bench_bus,
 )
 from agentcluster.signals.router import RouteError
+from agentcluster.testing import advance, wait_until
 
 BUS_LOGGER = "agentcluster.signals.bus"
 
@@ -35,10 +36,7 @@ def now() -> float:
 
 async def until(cond: Callable[[], bool], within: float = 5.0) -> None:
     """Poll ``cond`` until it holds; fail after ``within`` (virtual) seconds."""
-    async with asyncio.timeout(within):
-        # Polling with a deadline is the point: the effects come from tasks we do not own.
-        while not cond():  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
+    await wait_until(cond, timeout=within)
 
 
 def drain(sub: Subscription) -> list[Signal]:
@@ -115,7 +113,7 @@ async def test_sync_and_async_handlers_receive_in_order() -> None:
     got_async: list[tuple[int, float]] = []
 
     async def slow(sig: Signal) -> None:
-        await asyncio.sleep(1)
+        await advance(1)
         got_async.append((sig.data, now()))
 
     async with Bus() as bus:
@@ -227,7 +225,7 @@ async def test_block_overflow_applies_backpressure() -> None:
         await bus.publish(sigs[0])
         await bus.publish(sigs[1])
         blocked = asyncio.create_task(bus.publish_many(sigs[2:]))
-        await asyncio.sleep(60)
+        await advance(60)
         assert not blocked.done()
         assert sub.qsize() == 2
         got = [await sub.get() for _ in range(4)]
@@ -242,7 +240,7 @@ async def test_blocked_publisher_is_released_by_unsubscribe() -> None:
         sub = bus.subscribe("a", queue_size=1)
         await bus.publish(Signal(type="a"))
         blocked = asyncio.create_task(bus.publish(Signal(type="a")))
-        await asyncio.sleep(1)
+        await advance(1)
         assert not blocked.done()
         bus.unsubscribe(sub)
         assert await blocked == 0
@@ -255,7 +253,7 @@ async def test_cancelled_blocked_publisher_does_not_starve_the_next_one() -> Non
         await bus.publish(Signal(type="a", data=0))
         first = asyncio.create_task(bus.publish(Signal(type="a", data=1)))
         second = asyncio.create_task(bus.publish(Signal(type="a", data=2)))
-        await asyncio.sleep(1)
+        await advance(1)
         first.cancel()
         assert (await sub.get()).data == 0
         assert await second == 1
@@ -311,7 +309,7 @@ async def test_failing_handler_is_retried_with_exponential_backoff_then_dead_let
         )
         sig = Signal(type="job.run")
         await bus.publish(sig)
-        await asyncio.sleep(100)
+        await advance(100)
         assert times == pytest.approx([0.0, 1.0, 3.0, 7.0])
         [entry] = bus.dlq.entries()
         assert entry.signal == sig
@@ -336,7 +334,7 @@ async def test_backoff_is_capped_at_backoff_max() -> None:
     async with Bus(jitter=0.0) as bus:
         bus.subscribe("a", handler, persistent=True, max_attempts=6, backoff_max=3.0)
         await bus.publish(Signal(type="a"))
-        await asyncio.sleep(100)
+        await advance(100)
     # delays 1, 2, then capped at 3
     assert times == pytest.approx([0.0, 1.0, 3.0, 6.0, 9.0, 12.0])
 
@@ -352,7 +350,7 @@ async def test_backoff_jitter_comes_from_the_bus_rng() -> None:
     async with Bus(rng=random.Random(7), jitter=0.5) as bus:
         bus.subscribe("a", handler, persistent=True, max_attempts=4, backoff_base=2.0)
         await bus.publish(Signal(type="a"))
-        await asyncio.sleep(100)
+        await advance(100)
     mirror = random.Random(7)
     expected = [0.0]
     for attempt in (1, 2, 3):
@@ -377,7 +375,7 @@ async def test_unacked_pull_deliveries_time_out_and_are_redelivered() -> None:
             tg.create_task(consume())
             sig = Signal(type="a")
             await bus.publish(sig)
-            await asyncio.sleep(100)
+            await advance(100)
             bus.unsubscribe(sub)
         assert times == pytest.approx([0.0, 12.0, 26.0])
         [entry] = bus.dlq.entries()
@@ -398,12 +396,12 @@ async def test_ack_settles_and_late_or_unknown_acks_return_false() -> None:
         assert sub.ack(s1.id) is False
         assert sub.ack("never-delivered") is False
         assert await sub.get() == s2
-        await asyncio.sleep(5.5)  # ack timeout of s2 passed; retry waits 1 s of backoff
+        await advance(5.5)  # ack timeout of s2 passed; retry waits 1 s of backoff
         assert sub.ack(s2.id) is False
-        await asyncio.sleep(1)
+        await advance(1)
         assert await sub.get() == s2
         assert sub.ack(s2.id) is True
-        await asyncio.sleep(100)
+        await advance(100)
         assert sub.qsize() == 0 and bus.dlq.entries() == []
         stats = sub.stats()
         assert (stats.acked, stats.redelivered, stats.delivered) == (2, 1, 3)
@@ -418,9 +416,9 @@ async def test_nack_redelivers_after_backoff_with_the_given_error() -> None:
         await sub.get()
         assert sub.nack(sig.id, ValueError("parse failed")) is True
         assert sub.qsize() == 0
-        await asyncio.sleep(3.9)
+        await advance(3.9)
         assert sub.qsize() == 0
-        await asyncio.sleep(0.2)
+        await advance(0.2)
         assert sub.qsize() == 1
         again = await sub.get()
         assert again == sig
@@ -442,7 +440,7 @@ async def test_handler_that_recovers_is_acked_without_dead_letter() -> None:
     async with Bus(jitter=0.0) as bus:
         sub = bus.subscribe("a", flaky, persistent=True, backoff_base=0.5)
         await bus.publish(Signal(type="a"))
-        await asyncio.sleep(10)
+        await advance(10)
         assert calls == pytest.approx([0.0, 0.5, 1.5])
         assert sub.acked == 1 and bus.dlq.entries() == []
 
@@ -454,12 +452,12 @@ async def test_slow_handler_exceeding_ack_timeout_is_redelivered() -> None:
     async def slow(sig: Signal) -> None:
         starts.append(now())
         if len(starts) == 1:
-            await asyncio.sleep(10)  # longer than the 3 s ack timeout
+            await advance(10)  # longer than the 3 s ack timeout
 
     async with Bus(jitter=0.0) as bus:
         sub = bus.subscribe("a", slow, persistent=True, ack_timeout=3.0, backoff_base=1.0)
         await bus.publish(Signal(type="a"))
-        await asyncio.sleep(30)
+        await advance(30)
         # timed out at 3, requeued at 4, picked up when the first run returned at 10
         assert starts == pytest.approx([0.0, 10.0])
         assert sub.acked == 1 and sub.redelivered == 1
@@ -512,17 +510,17 @@ async def test_dlq_redrive_resets_attempts() -> None:
         sub = await _dead_letter_one(bus, fail, "worker")
         sig = Signal(type="job.a")
         await bus.publish(sig)
-        await asyncio.sleep(10)
+        await advance(10)
         assert len(bus.dlq) == 1
         # Still failing: a redrive gets max_attempts fresh deliveries, then lands back here.
         assert await bus.dlq.redrive() == 1
         assert len(bus.dlq) == 0
-        await asyncio.sleep(10)
+        await advance(10)
         [entry] = bus.dlq.entries()
         assert entry.attempts == 2 and entry.signal == sig
         fail[0] = False
         assert await bus.dlq.redrive([entry.id]) == 1
-        await asyncio.sleep(10)
+        await advance(10)
         assert len(bus.dlq) == 0
         assert sub.acked == 1
         assert bus.stats().dead_lettered == 2
@@ -534,7 +532,7 @@ async def test_dlq_redrive_selected_ids_unknown_ids_and_clear() -> None:
         await _dead_letter_one(bus, [True], "w")
         sigs = [Signal(type="job.a", data=i) for i in range(3)]
         await bus.publish_many(sigs)
-        await asyncio.sleep(10)
+        await advance(10)
         # Retries due at the same instant may run in any order: look entries up by data.
         entries = sorted(bus.dlq.entries(), key=lambda e: e.signal.data)
         assert [e.signal.data for e in entries] == [0, 1, 2]
@@ -553,7 +551,7 @@ async def test_dlq_is_bounded_and_keeps_entries_of_closed_subscriptions() -> Non
         sub = await _dead_letter_one(bus, [True], "w")
         for i in range(3):  # one at a time, so they are dead-lettered in this order
             await bus.publish(Signal(type="job.a", data=i))
-            await asyncio.sleep(10)
+            await advance(10)
         assert [e.signal.data for e in bus.dlq.entries()] == [1, 2]
         assert bus.dlq.evicted == 1
         assert bus.stats().dlq_evicted == 1
@@ -603,7 +601,7 @@ async def test_middleware_can_drop_and_rewrite_signals() -> None:
         assert got[0].data == {"tagged": 1}
         assert audit.qsize() == 1
         pulled = asyncio.create_task(audit.get())
-        await asyncio.sleep(1)
+        await advance(1)
         assert not pulled.done()  # the only queued signal was dropped for "audit"
         pulled.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -665,7 +663,7 @@ async def test_raising_or_misbehaving_middleware_is_counted_and_ignored(
         sig = Signal(type="a")
         await bus.publish(sig)
         await until(lambda: len(got) == 1)
-        await asyncio.sleep(0.1)  # let after_dispatch run
+        await advance(0.1)  # let after_dispatch run
         assert got == [sig]
         assert bus.stats().middleware_errors == 5
     assert sum("middleware" in r.getMessage() for r in caplog.records) == 5
@@ -692,7 +690,7 @@ async def test_replay_by_id_pattern_and_time() -> None:
             sig = Signal(type=type_, data=i)
             sigs.append(sig)
             await bus.publish(sig)
-            await asyncio.sleep(10)  # published at t = 0, 10, 20, 30
+            await advance(10)  # published at t = 0, 10, 20, 30
         assert bus.replay() == sigs
         assert bus.replay(since_id=sigs[1].id) == sigs[2:]
         assert bus.replay(since_id=sigs[3].id) == []
@@ -721,11 +719,11 @@ async def test_journal_is_bounded_by_size_and_age() -> None:
         assert bus.replay() == sigs[2:]
         with pytest.raises(SignalNotFound, match="evicted"):
             bus.replay(since_id=sigs[0].id)
-        await asyncio.sleep(50)
+        await advance(50)
         late = Signal(type="a", data="late")
         await bus.publish(late)
         assert bus.replay() == [*sigs[3:], late]  # publishing trimmed nothing by age yet
-        await asyncio.sleep(20)  # now 70: the first three are older than 60 s
+        await advance(20)  # now 70: the first three are older than 60 s
         assert bus.replay() == [late]
         assert bus.stats().journal_size == 1
 
@@ -817,7 +815,7 @@ async def test_unsubscribe_stops_delivery_and_wakes_consumers() -> None:
         with pytest.raises(SubscriptionClosed, match="'p' is closed"):
             await pulled.get()
         assert await bus.publish(Signal(type="a")) == 0
-        await asyncio.sleep(1)
+        await advance(1)
         assert got == [first]
         assert handled._task is not None and handled._task.done()
         assert bus.stats().subscriptions == {}
@@ -832,7 +830,7 @@ async def test_exiting_the_bus_cancels_tasks_and_closes_subscriptions() -> None:
 
     async def stuck(sig: Signal) -> None:
         started.set()
-        await asyncio.sleep(10_000)
+        await advance(10_000)
 
     async with Bus() as bus:
         sub = bus.subscribe("a", stuck)
@@ -854,7 +852,7 @@ async def test_timers_of_persistent_subscriptions_do_not_fire_after_unsubscribe(
         await bus.publish(Signal(type="a"))
         await sub.get()
         bus.unsubscribe(sub)
-        await asyncio.sleep(100)
+        await advance(100)
         assert bus.dlq.entries() == [] and sub.qsize() == 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +39,8 @@ from agentcluster.agents import (
 )
 from agentcluster.agents.sensors import HeartbeatSensor
 from agentcluster.signals import Signal
-
-
-async def until(predicate: Callable[[], bool], *, timeout: float = 5.0) -> None:
-    """Poll a condition with a deadline (virtual or real)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110 - polling a condition is the point here
-            await asyncio.sleep(0.001)
+from agentcluster.testing import advance
+from agentcluster.testing import wait_until as until
 
 
 class Log(msgspec.Struct):
@@ -252,7 +246,7 @@ async def test_transient_agent_is_not_restarted_after_normal_stop() -> None:
         script(Stop())
         await server.call(Signal(type="test.go"))
         assert await server.wait() is None
-        await asyncio.sleep(1)
+        await advance(1)
         assert rt.get("director") is None
 
 

@@ -23,6 +23,7 @@ from agentcluster.agents.supervisor import (
     supervisor_spec,
 )
 from agentcluster.clock import SimClock
+from agentcluster.testing import advance
 
 
 class Boom(Exception):
@@ -267,7 +268,7 @@ async def test_three_crashes_within_five_seconds_escalate() -> None:
     for _ in range(2):
         await w.end("b", Boom())
         await w.ready("b")
-        await asyncio.sleep(2.0)
+        await advance(2.0)
     assert sup.running and sup.count_restarts() == 2
     mark = log.mark()
     await w.end("b", Boom("third"))  # at t0 + 4: 3 restarts within 5 s > max_restarts=2
@@ -301,7 +302,7 @@ async def test_three_crashes_spread_over_twenty_seconds_do_not_escalate() -> Non
     for _ in range(3):
         await w.end("a", Boom())
         await w.ready("a")
-        await asyncio.sleep(10.0)
+        await advance(10.0)
     assert sup.running and sup.count_restarts() == 3
     await sup.stop()
     assert await sup.wait() is None
@@ -321,7 +322,7 @@ async def test_intensity_window_slides_and_is_inclusive() -> None:
     await w.ready("a")
     assert sup.running and sup.count_restarts() == 3
     # t=9: the window [4, 9] includes the restart exactly 5 s ago -> 3 restarts -> give up.
-    await asyncio.sleep(3.0)
+    await advance(3.0)
     await w.end("a", Boom())
     assert isinstance(await sup.wait(), SupervisorEscalation)
 
@@ -518,7 +519,7 @@ def stubborn(log: list[str], id: str, shutdown_timeout: float) -> ChildSpec:
         try:
             await stopping.wait()
             log.append(f"{id}:asked")
-            await asyncio.sleep(3600)
+            await advance(3600)
         except asyncio.CancelledError:
             log.append(f"{id}:forced")
             raise
@@ -534,7 +535,7 @@ def slow_cleanup(log: list[str], id: str, cleanup: float, shutdown_timeout: floa
 
     async def run() -> None:
         try:
-            await asyncio.sleep(3600)
+            await advance(3600)
         finally:
             log.append(f"{id}:cleanup")
             await asyncio.sleep(cleanup)
@@ -772,7 +773,7 @@ async def test_task_child_reports_crash_normal_exit_and_foreign_cancel() -> None
         return None
 
     async def forever() -> None:
-        await asyncio.sleep(3600)
+        await advance(3600)
 
     crashed, ended, cancelled = (TaskChild.spawn(f) for f in (crash, normal, forever))
     assert isinstance(await crashed.wait(), Boom)
@@ -792,7 +793,7 @@ async def test_task_child_that_swallows_cancellation_is_abandoned_after_grace() 
     async def deaf() -> None:
         while not release.is_set():
             try:
-                await asyncio.sleep(3600)
+                await advance(3600)
             except asyncio.CancelledError:
                 continue
 

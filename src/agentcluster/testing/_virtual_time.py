@@ -15,7 +15,7 @@ import selectors
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["VirtualTimeLoop", "run_virtual"]
+__all__ = ["VirtualTimeLoop", "advance", "run_virtual", "wait_until"]
 
 T = TypeVar("T")
 
@@ -71,3 +71,21 @@ def run_virtual(main: Callable[[], Awaitable[T]] | Coroutine[Any, Any, T]) -> T:
     coro = main() if callable(main) else main
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
         return runner.run(coro)  # type: ignore[arg-type]
+
+
+async def advance(seconds: float) -> None:
+    """Let ``seconds`` of loop time pass.
+
+    Under :class:`VirtualTimeLoop` this returns as soon as every timer due in that span has
+    fired, so tests read as a timeline ("advance 30 s, then check") without real waiting.
+    """
+    await asyncio.sleep(seconds)
+
+
+async def wait_until(
+    predicate: Callable[[], bool], *, timeout: float = 5.0, interval: float = 0.001
+) -> None:
+    """Poll ``predicate`` until it is true; ``TimeoutError`` after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - polling a condition with a deadline
+            await asyncio.sleep(interval)

@@ -1,0 +1,92 @@
+"""The command line, run as a real process (the way the README runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import agentcluster
+
+CLI = [sys.executable, "-m", "agentcluster.cli"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_version() -> None:
+    out = run("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"agentcluster {agentcluster.__version__}"
+
+
+@pytest.mark.slow
+def test_up_runs_the_demo_and_stops_cleanly_with_duration() -> None:
+    started = time.monotonic()
+    out = run("up", "--duration", "3.5", "--interval", "0.2")
+    elapsed = time.monotonic() - started
+    assert out.returncode == 0, out.stderr
+    assert 3.0 < elapsed < 30
+    assert "app.demo.ping" in out.stdout and "app.demo.pong" in out.stdout
+    # The flaky agent crashed on its third beat and the supervisor restarted it.
+    assert "runtime.supervisor.child_restarted" in out.stdout
+    assert "supervisor restarts: 1" in out.stdout
+    assert "stopped cleanly" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_up_stops_cleanly_on_sigterm() -> None:
+    proc = subprocess.Popen([*CLI, "up"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        for line in proc.stdout:  # wait until the demo is visibly running
+            if "app.demo.pong" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped cleanly" in out
+
+
+def test_up_rejects_a_negative_duration() -> None:
+    out = run("up", "--duration", "-1")
+    assert out.returncode == 2
+    assert "duration" in (out.stderr + out.stdout).lower()
+
+
+@pytest.mark.slow
+def test_bench_runtime_prints_one_json_object() -> None:
+    out = run("bench", "runtime", "--json", "--quick", timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    for key in (
+        "router_matches_per_s",
+        "bus_signals_per_s",
+        "agent_call_p50_us",
+        "agent_call_p99_us",
+        "agents_started_per_s",
+        "idle_agent_bytes",
+    ):
+        assert isinstance(result[key], int | float) and result[key] > 0, key
+    assert result["agent_call_p50_us"] <= result["agent_call_p99_us"]
+
+
+def test_cli_module_entry_point_exists() -> None:
+    assert os.path.exists(
+        os.path.join(os.path.dirname(agentcluster.__file__), "cli", "__main__.py")
+    )
