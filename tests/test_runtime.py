@@ -411,3 +411,30 @@ async def test_shutdown_stops_agents_in_reverse_order() -> None:
             s.stop = stop  # type: ignore[method-assign]
     assert stopped == ["t2", "t1", "t0"]
     assert all(not s.running for s in servers)
+
+
+@pytest.mark.virtual_time
+async def test_agent_subtree_one_for_all_restarts_its_siblings() -> None:
+    async with Runtime("n1") as rt:
+        events = rt.bus.subscribe("runtime.supervisor.child_restarted")
+        policy = ErrorPolicy(on_error="stop")
+        await rt.start_supervisor(
+            "pipeline",
+            [rt.agent_spec(Recorder, id=f"stage{i}", error_policy=policy) for i in range(3)],
+            strategy="one_for_all",
+        )
+        before = {i: rt.lookup(f"stage{i}") for i in range(3)}
+        await before[0].call(Signal(type="test.note.x"))
+        await before[1].cast(Signal(type="test.fail"))
+        await until(lambda: all(rt.get(f"stage{i}") not in (None, before[i]) for i in range(3)))
+        assert all(rt.lookup(f"stage{i}").agent.state.seen == [] for i in range(3))
+        assert rt.subtree("pipeline").count_restarts() == 1
+        restarted = {(await events.get()).subject for _ in range(3)}
+        assert restarted == {"stage0", "stage1", "stage2"}
+        # Stopping one agent of the subtree for good: it is not restarted, siblings keep running.
+        await rt.stop_agent("stage2")
+        await advance(1)
+        assert rt.get("stage2") is None
+        assert rt.get("stage0") is not None and rt.get("stage1") is not None
+        with pytest.raises(LookupError, match="nope"):
+            rt.subtree("nope")

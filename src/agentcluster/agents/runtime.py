@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -86,7 +87,9 @@ class Runtime:
         self._directive_handlers: dict[type[Directive], DirectiveHandler] = {}
         self._table: dict[str, AgentServer] = {}
         self._by_name: dict[str, dict[str, None]] = {}
-        self._supervised: set[str] = set()
+        # Which supervisor (the root or a subtree) restarts each supervised agent.
+        self._supervisor_of: dict[str, Supervisor] = {}
+        self._subtrees: dict[str, Supervisor] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._sensor_tasks: dict[str, asyncio.Task[None]] = {}
         # Supervisor events become bus signals through one pump task; bounded, so a storm of
@@ -176,32 +179,107 @@ class Runtime:
         supervised). An agent spawned by another agent (``parent``) is linked to it instead.
         Restarts begin again from the initial state given here.
         """
-        initial = agent if isinstance(agent, Agent) else agent(id=id, state=state)
-        if isinstance(agent, Agent) and (id is not None or state is not None):
-            raise AgentError("pass id/state to the agent instance, not to spawn()")
-        if initial.id in self._table:
-            raise AgentError(f"an agent with id {initial.id!r} is already running")
-        size = mailbox_size if mailbox_size is not None else self.mailbox_size
         if parent is not None or restart is None:
+            initial = self._initial(agent, id, state)
+            size = mailbox_size if mailbox_size is not None else self.mailbox_size
             return self._start_server(
                 initial, parent=parent, mailbox_size=size, error_policy=error_policy
             )
+        spec = self.agent_spec(
+            agent,
+            id=id,
+            state=state,
+            restart=restart,
+            mailbox_size=mailbox_size,
+            error_policy=error_policy,
+            shutdown_timeout=shutdown_timeout,
+        )
+        self._supervisor_of[spec.id] = self.supervisor
+        try:
+            await self.supervisor.start_child(spec)
+        except BaseException:
+            self._supervisor_of.pop(spec.id, None)
+            raise
+        return self._table[spec.id]
+
+    def _initial(self, agent: type[Agent] | Agent, id: str | None, state: Any) -> Agent:
+        if isinstance(agent, Agent):
+            if id is not None or state is not None:
+                raise AgentError("pass id/state to the agent instance, not to spawn()")
+            initial = agent
+        else:
+            initial = agent(id=id, state=state)
+        if initial.id in self._table:
+            raise AgentError(f"an agent with id {initial.id!r} is already running")
+        return initial
+
+    def agent_spec(
+        self,
+        agent: type[Agent] | Agent,
+        *,
+        id: str | None = None,
+        state: Any = None,
+        restart: Literal["permanent", "transient", "temporary"] = "permanent",
+        mailbox_size: int | None = None,
+        error_policy: ErrorPolicy | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> ChildSpec:
+        """A supervisor child spec that starts this agent (fresh from its initial state)."""
+        initial = self._initial(agent, id, state)
+        size = mailbox_size if mailbox_size is not None else self.mailbox_size
 
         async def start() -> AgentServer:
             return self._start_server(
                 initial, parent=None, mailbox_size=size, error_policy=error_policy
             )
 
-        spec = ChildSpec(
+        return ChildSpec(
             id=initial.id, start=start, restart=restart, shutdown_timeout=shutdown_timeout
         )
-        self._supervised.add(initial.id)
-        try:
-            await self.supervisor.start_child(spec)
-        except BaseException:
-            self._supervised.discard(initial.id)
-            raise
-        return self._table[initial.id]
+
+    async def start_supervisor(
+        self,
+        id: str,
+        children: Sequence[ChildSpec],
+        *,
+        strategy: Literal["one_for_one", "one_for_all", "rest_for_one"] = "one_for_one",
+        max_restarts: int = 3,
+        max_seconds: float = 5.0,
+        restart: Literal["permanent", "transient", "temporary"] = "permanent",
+    ) -> None:
+        """Start a nested supervisor (a subtree of agents) under the root supervisor.
+
+        Build the children with :meth:`agent_spec`. When the subtree exceeds its restart
+        intensity it escalates to the root, which restarts the whole subtree.
+        """
+        ids = [spec.id for spec in children]
+
+        async def start() -> Supervisor:
+            sup = Supervisor(
+                children,
+                strategy=strategy,
+                max_restarts=max_restarts,
+                max_seconds=max_seconds,
+                clock=self.clock,
+                name=f"{self.node_id}/{id}",
+                on_event=self._on_supervisor_event,
+            )
+            await sup.start()
+            for child_id in ids:
+                self._supervisor_of[child_id] = sup
+            self._subtrees[id] = sup
+            return sup
+
+        await self.supervisor.start_child(
+            ChildSpec(id=id, start=start, restart=restart, shutdown_timeout=math.inf)
+        )
+
+    def subtree(self, id: str) -> Supervisor:
+        """The running nested supervisor started with :meth:`start_supervisor`."""
+        sup = self._subtrees.get(id)
+        if sup is None or not sup.running:
+            raise LookupError(f"no running supervisor {id!r} on {self.node_id}")
+        return sup
 
     def _start_server(
         self,
@@ -236,10 +314,10 @@ class Runtime:
         if server._task is asyncio.current_task():
             server._stopping = True  # an agent stopping itself: finish the current instruction
             return
-        if server.id in self._supervised:
-            self._supervised.discard(server.id)
-            await self.supervisor.terminate_child(server.id)
-            await self.supervisor.delete_child(server.id)
+        sup = self._supervisor_of.pop(server.id, None)
+        if sup is not None and sup.running:
+            await sup.terminate_child(server.id)
+            await sup.delete_child(server.id)
         else:
             await server.stop()
         log.info("agent %s stopped (%s)", server.id, reason)
@@ -275,7 +353,7 @@ class Runtime:
                 mailbox=s.mailbox_depth,
                 processed=s.processed,
                 errors=s.errors,
-                supervised=s.id in self._supervised,
+                supervised=s.id in self._supervisor_of,
             )
             for s in self._table.values()
         ]
