@@ -29,9 +29,9 @@ def test_version() -> None:
 
 
 @pytest.mark.slow
-def test_up_runs_the_demo_and_stops_cleanly_with_duration() -> None:
+def test_demo_runs_and_stops_cleanly_with_duration() -> None:
     started = time.monotonic()
-    out = run("up", "--duration", "3.5", "--interval", "0.2")
+    out = run("demo", "--duration", "3.5", "--interval", "0.2")
     elapsed = time.monotonic() - started
     assert out.returncode == 0, out.stderr
     assert 3.0 < elapsed < 30
@@ -44,8 +44,10 @@ def test_up_runs_the_demo_and_stops_cleanly_with_duration() -> None:
 
 
 @pytest.mark.slow
-def test_up_stops_cleanly_on_sigterm() -> None:
-    proc = subprocess.Popen([*CLI, "up"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_demo_stops_cleanly_on_sigterm() -> None:
+    proc = subprocess.Popen(
+        [*CLI, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 30
@@ -61,8 +63,8 @@ def test_up_stops_cleanly_on_sigterm() -> None:
     assert "stopped cleanly" in out
 
 
-def test_up_rejects_a_negative_duration() -> None:
-    out = run("up", "--duration", "-1")
+def test_demo_rejects_a_negative_duration() -> None:
+    out = run("demo", "--duration", "-1")
     assert out.returncode == 2
     assert "duration" in (out.stderr + out.stdout).lower()
 

@@ -1,8 +1,9 @@
 """``agentcluster``: the command line (typer + rich).
 
-Theory of operation: each command is a thin face over the public API. ``up`` runs a local
-node hosting the runtime and the bundled demo, printing every bus signal and supervisor event
-as it happens, until ``--duration`` elapses or the process gets SIGINT / SIGTERM, then stops
+Theory of operation: each command is a thin face over the public API. ``up`` (in
+:mod:`agentcluster.cli.cluster`) runs N node processes on loopback; ``demo`` runs the agent
+runtime alone with the bundled demo agents, printing every bus signal and supervisor event as
+it happens, until ``--duration`` elapses or the process gets SIGINT / SIGTERM, then stops
 every agent in order. ``bench <name> --json`` prints exactly one JSON object on stdout.
 """
 
@@ -33,6 +34,17 @@ bench_app = typer.Typer(
     help="Benchmarks; each prints one JSON object with --json.", no_args_is_help=True
 )
 app.add_typer(bench_app, name="bench")
+
+
+def _register_cluster_commands() -> None:
+    from agentcluster.cli.cluster import members, node_app, up
+
+    app.add_typer(node_app, name="node")
+    app.command()(up)
+    app.command()(members)
+
+
+_register_cluster_commands()
 
 
 def _version(value: bool) -> None:
@@ -110,7 +122,7 @@ async def _up(duration: float | None, interval: float, console: Console) -> int:
 
 
 @app.command()
-def up(
+def demo(
     duration: Annotated[
         float | None, typer.Option("--duration", min=0.0, help="Stop after this many seconds.")
     ] = None,
@@ -122,7 +134,7 @@ def up(
     ] = "warning",
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Logs as JSON lines.")] = False,
 ) -> None:
-    """Run a local agentcluster node with the bundled demo agents, showing what happens live."""
+    """Run the agent runtime alone with the bundled demo agents, showing what happens live."""
     from agentcluster.logs import configure_logging
 
     configure_logging(log_level.upper(), json=json_logs)
@@ -146,6 +158,53 @@ def bench_runtime(
         sys.stdout.write(json.dumps(result) + "\n")
         return
     table = Table(title="bench runtime")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@bench_app.command("membership")
+def bench_membership(
+    mode: Annotated[str, typer.Option(help="sim (simulated network) or real (processes).")] = "sim",
+    nodes: Annotated[
+        int | None, typer.Option(min=2, help="Cluster size (default: 200 sim, 10 real).")
+    ] = None,
+    duration: Annotated[float, typer.Option(min=10.0, help="Simulated seconds (sim).")] = 600.0,
+    seed: Annotated[int, typer.Option(help="Seed of the simulation (sim).")] = 1,
+    loss: Annotated[
+        float, typer.Option(min=0.0, max=0.5, help="Packet loss per link (sim).")
+    ] = 0.05,
+    laggy: Annotated[
+        float, typer.Option(min=0.0, max=0.5, help="Share of nodes that stall now and then (sim).")
+    ] = 0.10,
+    crashes: Annotated[int, typer.Option(min=1, help="Crashes to time (sim).")] = 10,
+    trials: Annotated[int, typer.Option(min=1, help="Kill and stall rounds (real).")] = 5,
+    preset: Annotated[
+        str | None, typer.Option(help="Timing preset (default: lan sim, local real).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Join convergence, crash / stall detection, false positives, steady-state cost."""
+    from agentcluster.bench.membership import run_real, run_sim
+
+    logging.getLogger("agentcluster").setLevel(logging.ERROR)
+    if mode == "sim":
+        result = run_sim(
+            nodes or 200, duration=duration, seed=seed, loss=loss, laggy=laggy,
+            crashes=crashes, preset=preset or "lan",
+        )  # fmt: skip
+    elif mode == "real":
+        result = run_real(nodes or 10, trials=trials, preset=preset or "local")
+    else:
+        typer.echo(f"error: --mode must be sim or real, not {mode!r}", err=True)
+        raise typer.Exit(2)
+    result = {"bench": "membership", "mode": mode, **result}
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    table = Table(title=f"bench membership ({mode})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.items():

@@ -87,5 +87,5 @@ async def wait_until(
 ) -> None:
     """Poll ``predicate`` until it is true; ``TimeoutError`` after ``timeout`` seconds."""
     async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110 - polling a condition with a deadline
+        while not predicate():
             await asyncio.sleep(interval)

@@ -1,0 +1,200 @@
+"""Cluster commands: ``node run``, ``members`` and the multi-node ``up``.
+
+Theory of operation: ``node run`` is one node process (config from flags, ``--config`` TOML
+and ``AGENTCLUSTER_*`` variables); SIGTERM or Ctrl-C makes it leave gracefully, SIGKILL is a
+crash. ``members`` asks a node's control API for its view. ``up`` launches a
+:class:`~agentcluster.launcher.LocalCluster` on loopback, waits for convergence, then renders
+a live members table (as seen by the first running node) and a log of state changes;
+``--chaos`` kills a random node now and then and restarts it a few seconds later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal as os_signal
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+node_app = typer.Typer(help="Run a cluster node.", no_args_is_help=True)
+
+
+def _keyring(key_file: str | None) -> Any:
+    from agentcluster.wire import Keyring
+
+    path = key_file or os.environ.get("AGENTCLUSTER_KEY_FILE")
+    return Keyring.from_file(path) if path else None
+
+
+@node_app.command("run")
+def node_run(
+    name: Annotated[str | None, typer.Option(help="Node name (unique in the cluster).")] = None,
+    bind: Annotated[str | None, typer.Option(help="HOST:PORT for UDP and TCP.")] = None,
+    seed: Annotated[list[str] | None, typer.Option(help="Seed HOST:PORT (repeatable).")] = None,
+    zone: Annotated[str | None, typer.Option(help="Zone of this node.")] = None,
+    region: Annotated[str | None, typer.Option(help="Region of this node.")] = None,
+    key_file: Annotated[str | None, typer.Option(help="Cluster keyring file.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Timing preset: local, lan, wan.")] = None,
+    config: Annotated[str | None, typer.Option(help="TOML config file.")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="Logs as JSON lines.")] = False,
+) -> None:
+    """Run one node until SIGTERM / Ctrl-C (then it leaves the cluster gracefully)."""
+    from agentcluster.config import ConfigError, load_config
+    from agentcluster.logs import configure_logging
+
+    configure_logging(log_level.upper(), json=json_logs)
+    overrides = {
+        "name": name, "bind": bind, "seeds": seed or None, "zone": zone, "region": region,
+        "key_file": key_file, "preset": preset,
+    }  # fmt: skip
+    try:
+        cfg = load_config(config, overrides=overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    asyncio.run(_run_node(cfg))
+
+
+async def _run_node(cfg: Any) -> None:
+    from agentcluster.node import Node
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (os_signal.SIGINT, os_signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Node(cfg) as node:
+        await stop.wait()
+        await node.stop(leave=True)
+
+
+def _members_table(rows: list[dict[str, Any]], title: str, now: float | None = None) -> Table:
+    table = Table(title=title, expand=False)
+    for col in ("name", "addr", "state", "inc", "zone", "rtt ms", "last change"):
+        table.add_column(col, justify="right" if col in ("inc", "rtt ms") else "left")
+    now = time.time() if now is None else now
+    styles = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+    for m in rows:
+        rtt = "" if m.get("rtt_ms") is None else f"{m['rtt_ms']:.2f}"
+        ago = now - m["changed_at"]
+        table.add_row(
+            m["name"], m["addr"], Text(m["state"], style=styles.get(m["state"], "")),
+            str(m["incarnation"]), m.get("zone", ""), rtt, f"{ago:5.1f}s ago",
+        )  # fmt: skip
+    return table
+
+
+def members(
+    node: Annotated[str, typer.Option(help="HOST:PORT of any node.")],
+    key_file: Annotated[str | None, typer.Option(help="Cluster keyring file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the node.")] = 5.0,
+) -> None:
+    """Print a node's view of the cluster."""
+    from agentcluster.control import ControlError, request
+
+    try:
+        rows = asyncio.run(request(node, "members", keyring=_keyring(key_file), timeout=timeout))
+    except ControlError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    Console().print(_members_table(rows, f"members as seen by {node}"))
+
+
+async def _up(n: int, duration: float | None, chaos: bool, preset: str, console: Console) -> int:
+    from agentcluster.launcher import LocalCluster
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (os_signal.SIGINT, os_signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    rng = random.Random()
+    log: list[str] = []
+    last: dict[str, str] = {}
+    async with LocalCluster(n, preset=preset) as cluster:
+        console.print(f"started {n} nodes on loopback (logs in {cluster.workdir}); converging ...")
+        try:
+            took = await cluster.wait_converged(timeout=60)
+            console.print(f"converged in {took:.2f}s")
+        except TimeoutError:
+            console.print("[red]the cluster did not converge within 60 s; showing what it sees[/]")
+        deadline = None if duration is None else loop.time() + duration
+        next_chaos = loop.time() + rng.uniform(8, 15)
+        revive: dict[str, float] = {}
+
+        def render(rows: list[dict[str, Any]] | None, observer: str) -> Group:
+            table = (
+                _members_table(rows, f"members as seen by {observer}")
+                if rows is not None
+                else Text("no node answered")
+            )
+            footer = Text("\n".join(log[-8:]) or "no changes yet", style="dim")
+            hint = "Ctrl-C stops every node" + ("; chaos on" if chaos else "")
+            return Group(table, footer, Text(hint, style="italic"))
+
+        with Live(render(None, "-"), console=console, refresh_per_second=4) as live:
+            while not stop.is_set() and (deadline is None or loop.time() < deadline):
+                observer = next((p for p in cluster.nodes if p.running), None)
+                rows = None
+                if observer is not None:
+                    with contextlib.suppress(Exception):
+                        rows = await cluster.ask(observer.name, "members", timeout=1.0)
+                for m in rows or []:
+                    key = f"{m['state']}/{m['incarnation']}"
+                    if last.get(m["name"]) != key:
+                        stamp = time.strftime("%H:%M:%S")
+                        log.append(
+                            f"{stamp} {m['name']}: {m['state']} (incarnation {m['incarnation']})"
+                        )
+                        last[m["name"]] = key
+                live.update(render(rows, observer.name if observer else "-"))
+                now = loop.time()
+                if chaos and now >= next_chaos:
+                    victims = [p for p in cluster.nodes[1:] if p.running]
+                    if victims:
+                        victim = rng.choice(victims)
+                        await cluster.kill(victim.name)
+                        log.append(f"{time.strftime('%H:%M:%S')} chaos: kill -9 {victim.name}")
+                        revive[victim.name] = now + rng.uniform(4, 8)
+                    next_chaos = now + rng.uniform(10, 20)
+                for name, at in list(revive.items()):
+                    if now >= at:
+                        await cluster.spawn(cluster.node(name))
+                        log.append(f"{time.strftime('%H:%M:%S')} chaos: restarted {name}")
+                        del revive[name]
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await stop.wait()
+        console.print("stopping every node (graceful leave) ...")
+    console.print("all nodes stopped cleanly")
+    return 0
+
+
+def up(
+    nodes: Annotated[
+        int, typer.Option("--nodes", min=1, max=64, help="How many node processes.")
+    ] = 5,
+    duration: Annotated[
+        float | None, typer.Option("--duration", min=0.0, help="Stop after this many seconds.")
+    ] = None,
+    chaos: Annotated[
+        bool, typer.Option("--chaos", help="Kill -9 a random node now and then, then restart it.")
+    ] = False,
+    preset: Annotated[str, typer.Option(help="Membership timing preset.")] = "local",
+) -> None:
+    """Run a local cluster of N node processes on loopback with a live members view."""
+    console = Console(highlight=False)
+    raise typer.Exit(asyncio.run(_up(nodes, duration, chaos, preset, console)))

@@ -1,0 +1,89 @@
+"""FailureDetector: the clustering agent in front of the SWIM + Lifeguard core.
+
+Theory of operation: the core itself runs in the node's membership shell (it must answer
+packets within milliseconds, so it never waits on a mailbox); this agent is the part of
+failure detection that *decides what the rest of the node hears*. Every membership event from
+the core arrives as a ``membership.event`` signal; the agent keeps its own view of each
+member's liveness (state, incarnation, last change) and turns liveness changes into
+``cluster.member.suspect`` / ``cluster.member.alive`` / ``cluster.member.dead`` signals on the
+bus, carrying the incarnation, the accuser and the number of independent confirmations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from agentcluster.agents import Action, ActionContext, Agent, Emit, Result
+from agentcluster.clustering.base import ClusterAgentSkill, MemberEventData, MemberView
+from agentcluster.signals import Signal
+
+__all__ = ["FailureDetector", "FailureDetectorState"]
+
+# Which core events are liveness news, and the signal each becomes.
+_LIVENESS = {"suspect": "suspect", "alive": "alive", "dead": "dead", "left": "dead"}
+
+
+class FailureDetectorState(msgspec.Struct):
+    members: dict[str, MemberView] = {}
+    suspicions: int = 0
+    deaths: int = 0
+    refutations: int = 0
+
+
+class ApplyEvent(Action[MemberEventData]):
+    name = "apply_membership_event"
+    description = "Fold a SWIM event into the liveness view and publish liveness changes."
+
+    def run(self, ev: MemberEventData, ctx: ActionContext) -> Result:
+        state: FailureDetectorState = ctx.state
+        members = dict(state.members)
+        if ev.kind == "reaped":
+            members.pop(ev.name, None)
+        else:
+            members[ev.name] = MemberView(
+                addr=ev.addr,
+                state=ev.state,
+                incarnation=ev.incarnation,
+                zone=ev.zone,
+                region=ev.region,
+                changed_at=ev.at,
+                rtt=ev.rtt,
+            )
+        suspicions, deaths, refutations = state.suspicions, state.deaths, state.refutations
+        directives = []
+        kind = _LIVENESS.get(ev.kind)
+        if kind is not None:
+            suspicions += kind == "suspect"
+            deaths += kind == "dead"
+            refutations += kind == "alive"
+            data: dict[str, Any] = {
+                "name": ev.name,
+                "addr": ev.addr,
+                "incarnation": ev.incarnation,
+                "accuser": ev.accuser,
+                "confirmations": ev.confirmations,
+                "graceful": ev.kind == "left",
+                "at": ev.at,
+            }
+            source = f"/node/{ctx.agent_id}"
+            sig = Signal(type=f"cluster.member.{kind}", source=source, subject=ev.name, data=data)
+            if ctx.signal is not None:
+                sig = ctx.signal.caused(
+                    f"cluster.member.{kind}", data, source=source, subject=ev.name
+                )
+            directives.append(Emit(sig))
+        return Result(
+            state=FailureDetectorState(members, suspicions, deaths, refutations),
+            directives=directives,
+        )
+
+
+class FailureDetector(Agent):
+    name = "failure_detector"
+    description = "SWIM + Lifeguard liveness: publishes suspect / alive / dead with evidence."
+    State = FailureDetectorState
+    actions = (ApplyEvent,)
+    routes = (("membership.event", "apply_membership_event"),)
+    skills = (ClusterAgentSkill(),)

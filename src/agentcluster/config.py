@@ -1,0 +1,161 @@
+"""Node configuration: defaults, a TOML file, environment variables, command-line flags.
+
+Theory of operation: :class:`NodeConfig` is a msgspec Struct, so every source is validated the
+same way and errors name the offending field. Sources are layered, later ones winning:
+built-in defaults < TOML file (``[node]`` table or top level) < ``AGENTCLUSTER_*`` environment
+variables < explicit overrides (the CLI flags). List values in the environment are
+comma-separated. The node name defaults to the host name plus the port, so two nodes on one
+host never collide by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+__all__ = ["ENV_PREFIX", "ConfigError", "NodeConfig", "load_config"]
+
+ENV_PREFIX = "AGENTCLUSTER_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the source and the field."""
+
+
+class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Unique within the cluster; "" means "<hostname>-<port>" (filled in by load_config).
+    name: str = ""
+    # Where this node listens for UDP packets and TCP streams (one port for both, as memberlist).
+    bind: str = "127.0.0.1:7946"
+    # The address peers should use, when it differs from bind (NAT, 0.0.0.0 binds).
+    advertise: str = ""
+    # Addresses to join through at start (any one live member suffices).
+    seeds: list[str] = []
+    # Placement metadata gossiped with membership: used by balancing and partition handling.
+    zone: str = ""
+    region: str = ""
+    capabilities: list[str] = []
+    tags: dict[str, str] = {}
+    # The cluster keyring file (base64 keys, primary first). Without one the node runs
+    # unauthenticated, which is only acceptable on a development machine.
+    key_file: str = ""
+    # Membership timing preset: "local" (one host), "lan" (a data centre), "wan".
+    preset: str = "lan"
+    # A file of peer addresses to watch (discovery), and DNS names to resolve each round.
+    seeds_file: str = ""
+    dns_a: list[str] = []
+    dns_srv: list[str] = []
+    # Seconds between discovery rounds (each round revisits every candidate).
+    discovery_interval: float = 10.0
+
+    def meta_summary(self) -> str:
+        parts = [
+            f"zone={self.zone}" if self.zone else "",
+            f"region={self.region}" if self.region else "",
+        ]
+        return " ".join(p for p in parts if p)
+
+
+_LIST_FIELDS = {"seeds", "capabilities", "dns_a", "dns_srv"}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in NodeConfig.__struct_fields__:
+        raw = env.get(ENV_PREFIX + field.upper())
+        if raw is None:
+            continue
+        if field in _LIST_FIELDS:
+            out[field] = [item.strip() for item in raw.split(",") if item.strip()]
+        elif field == "tags":
+            tags: dict[str, str] = {}
+            for item in raw.split(","):
+                if item.strip():
+                    key, sep, value = item.partition("=")
+                    if not sep:
+                        raise ConfigError(
+                            f"{ENV_PREFIX}TAGS: expected key=value pairs, got {item.strip()!r}"
+                        )
+                    tags[key.strip()] = value.strip()
+            out[field] = tags
+        elif field == "discovery_interval":
+            try:
+                out[field] = float(raw)
+            except ValueError:
+                raise ConfigError(
+                    f"{ENV_PREFIX}DISCOVERY_INTERVAL: not a number: {raw!r}"
+                ) from None
+        else:
+            out[field] = raw
+    return out
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = data.get("node", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [node] must be a table")
+    return table
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Build a NodeConfig from defaults, a TOML file, the environment and overrides."""
+    merged: dict[str, Any] = {}
+    source = "defaults"
+    try:
+        if path is not None:
+            source = f"config file {path}"
+            merged.update(_from_file(Path(path)))
+        source = "environment"
+        merged.update(_from_env(os.environ if env is None else env))
+        source = "command line"
+        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        config = msgspec.convert(merged, NodeConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid node configuration ({source}): {exc}") from None
+    _check(config)
+    if not config.name:
+        port = config.bind.rsplit(":", 1)[-1]
+        config = msgspec.structs.replace(config, name=f"{socket.gethostname()}-{port}")
+    return config
+
+
+def _check(config: NodeConfig) -> None:
+    from agentcluster.membership.config import SwimConfig
+    from agentcluster.transport.base import parse_addr
+
+    for field in ("bind", "advertise"):
+        value = getattr(config, field)
+        if value:
+            try:
+                parse_addr(value)
+            except ValueError as exc:
+                raise ConfigError(f"invalid node configuration: {field}: {exc}") from None
+    for seed in config.seeds:
+        try:
+            parse_addr(seed if ":" in seed.rsplit("]", 1)[-1] else f"{seed}:7946")
+        except ValueError as exc:
+            raise ConfigError(f"invalid node configuration: seeds: {exc}") from None
+    if config.preset not in SwimConfig.PRESETS:
+        raise ConfigError(
+            f"invalid node configuration: preset {config.preset!r} is not one of "
+            f"{', '.join(SwimConfig.PRESETS)}"
+        )
+    if config.discovery_interval <= 0:
+        raise ConfigError("invalid node configuration: discovery_interval must be > 0")

@@ -1,0 +1,826 @@
+"""SWIM + Lifeguard group membership as a sans-I/O core.
+
+Theory of operation: :class:`Swim` is one node's membership protocol as a plain state
+machine. Inputs are method calls carrying ``now`` (``handle_packet``, ``handle_stream``,
+``stream_result``, ``tick``, ``join``, ``leave``, ``update_meta``); outputs pile up until the
+shell drains them with :meth:`Swim.ready` (packets to send, stream requests to open, events);
+:meth:`Swim.next_deadline` says when to call ``tick`` next. No sockets, no clocks, no global
+random: the same inputs and seed give the same outputs.
+
+*Failure detection* (SWIM, Das et al. 2002, as refined by hashicorp/memberlist). One probe
+round per probe interval: a direct :class:`Ping`; after the probe timeout, optionally a second
+direct ping; then ``k`` :class:`IndirectPing` through random members plus a stream ping (TCP
+fallback); no ack by the end of the round makes the target *suspect*. Each phase lasts its full
+length from when it actually started, so a node whose own event loop stalled never skips the
+indirect phase and blames a peer for its own slowness. Targets come from a shuffled round robin
+interleaved with probes of our successor on a hash ring (see ``_probe_order``).
+
+*Lifeguard* (Dadgar et al. 2018). LHA-Probe: a local health score (``_awareness``) stretches
+our probe interval and timeout when we fail probes, miss nacks from indirect helpers, or have
+to refute. LHA-Suspicion: a suspicion timer starts at its maximum and shrinks as distinct
+members confirm it (``_suspicion``); the suspect's next ring successors probe it at once when
+they hear of it, so confirmations -- or a refutation -- come within a round. Buddy system: a
+ping to a member we suspect carries the suspicion, and the member refutes on the spot.
+
+*State rules* (incarnation numbers). Alive(i) overrides Suspect/Dead only with i greater than
+what we hold; Suspect(i) applies to an alive member with i >= ours; Dead(i) with i >= ours is
+final for that incarnation (Dead by the member itself = "left"). A node that hears itself
+suspected or declared dead takes an incarnation above the accusation and gossips Alive --
+this is also how a restarted node wins back its name. A member that changes address may do so
+only once it is dead or left (``dead_node_reclaim_time``); a conflicting claim seen earlier is
+applied as soon as the old holder is declared dead.
+
+*Dissemination*. Every change is queued (``_broadcasts``) and piggybacked on every packet we
+send, up to ``packet_budget`` bytes; while the queue is not empty, a :class:`Gossip` packet goes
+to ``gossip_nodes`` random members every ``gossip_interval`` -- and nothing when it is empty.
+Periodic push-pull state exchange over a stream repairs whatever gossip missed.
+
+Bad input never raises: unknown members, stale sequence numbers, claims about ourselves from
+the wrong address and the like are dropped and counted in ``stats.dropped``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+from agentcluster.membership._awareness import Awareness
+from agentcluster.membership._broadcasts import PACKET_KINDS, BroadcastQueue, Outbox
+from agentcluster.membership._probe_order import ProbeOrder, Roster
+from agentcluster.membership._state import (
+    DIRECT,
+    INDIRECT,
+    NodeState,
+    PendingStream,
+    Probe,
+    Relay,
+    SwimStats,
+    Timers,
+)
+from agentcluster.membership._suspicion import Suspicion
+from agentcluster.membership.config import SwimConfig
+from agentcluster.membership.messages import (
+    Ack,
+    Alive,
+    Dead,
+    EventKind,
+    Gossip,
+    GossipEntry,
+    IndirectPing,
+    Member,
+    MemberEvent,
+    MemberSnapshot,
+    MemberState,
+    Message,
+    Nack,
+    NodeMeta,
+    Ping,
+    PushPull,
+    Ready,
+    StreamAck,
+    StreamMessage,
+    StreamPing,
+    StreamRequest,
+    Suspect,
+    validate_meta,
+)
+from agentcluster.membership.vivaldi import Coordinate, Vivaldi
+
+__all__ = ["Member", "MemberEvent", "Ready", "StreamRequest", "Swim", "SwimStats"]
+
+_INF = math.inf
+# Timer kinds in the heap.
+_T_SUSPECT, _T_NACK, _T_RELAY_END, _T_REAP = range(4)
+# Bounds on what peers can make us hold.
+_MAX_RELAYS = 1024
+_MAX_MEMBERS = 65_536
+_MAX_CLAIMS = 256
+
+
+class Swim:
+    """One node's SWIM + Lifeguard membership state machine (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        addr: str,
+        *,
+        config: SwimConfig,
+        rng: random.Random,
+        now: float,
+        meta: NodeMeta = NodeMeta(),  # noqa: B008 - frozen, immutable default
+        vivaldi: Vivaldi | None = None,
+    ) -> None:
+        if not name or len(name) > 128:
+            raise ValueError("name must be 1-128 characters")
+        if not addr or len(addr) > 262:
+            raise ValueError("addr must be 1-262 characters")
+        validate_meta(meta, config.max_meta_size)
+        self.name = name
+        self.addr = addr
+        self.config = config
+        self.stats = SwimStats()
+        self._rng = rng
+        self._vivaldi = vivaldi
+        self._now = now
+        self._incarnation = 0
+        self._meta = meta
+        self._left = False
+        self._me = NodeState(name, addr, "alive", 0, meta, now)
+        self._nodes: dict[str, NodeState] = {name: self._me}
+        self._roster = Roster(rng)
+        self._order = ProbeOrder(rng, name)
+        self._bq = BroadcastQueue()
+        self._out = Outbox(self._bq, config.packet_budget, config.retransmit_mult, self.stats)
+        self._awareness = Awareness(config.awareness_max_multiplier)
+        self._timers = Timers()
+        self._suspicion_seq = 0
+        self._seq = 0
+        self._probe: Probe | None = None
+        # Random phase, as memberlist staggers its tickers: nodes started together must not
+        # probe in lockstep.
+        self._next_probe_at = now + rng.uniform(0.0, config.probe_interval)
+        self._ring_credit = 0.0
+        self._urgent: dict[str, None] = {}
+        self._relays: dict[int, Relay] = {}
+        self._streams: dict[int, PendingStream] = {}
+        self._request_id = 0
+        self._gossip_at = _INF
+        self._last_gossip = -_INF
+        self._push_pull_at = now + rng.uniform(0.0, config.push_pull_interval)
+        self._claims: dict[str, Alive] = {}
+        self._stream_out: list[StreamRequest] = []
+        self._events: list[MemberEvent] = []
+        self._queue(name, Alive(name, addr, 0, meta), now)
+
+    # ================================================================== inputs
+    def join(self, seeds: Sequence[str], now: float) -> None:
+        """Exchange state with every seed (push-pull over a stream, ``join=True``)."""
+        self._now = now
+        if self._left:
+            # Rejoining after leave(): a new incarnation beats our own "left" record.
+            self._left = False
+            self._bump_incarnation(now)
+            self._me.state = "alive"
+            self._next_probe_at = now
+        message = PushPull(self.name, self.addr, True, self._snapshot())
+        for addr in dict.fromkeys(seeds):
+            if addr and addr != self.addr:
+                self._request_stream(addr, message, PendingStream("join"))
+
+    def handle_packet(self, src_addr: str, msg: Message, now: float) -> None:
+        """Process one decoded packet from ``src_addr``."""
+        self._now = now
+        kind = PACKET_KINDS.get(type(msg))
+        if kind is None:
+            self.stats.drop("unexpected_type")
+            return
+        received = self.stats.received
+        received[kind] = received.get(kind, 0) + 1
+        try:
+            if msg.gossip:
+                self._apply_gossip(msg.gossip, now)
+            if isinstance(msg, Ping):
+                self._on_ping(src_addr, msg)
+            elif isinstance(msg, Ack):
+                self._on_ack(msg, now)
+            elif isinstance(msg, IndirectPing):
+                self._on_indirect_ping(src_addr, msg, now)
+            elif isinstance(msg, Nack):
+                self._on_nack(msg)
+        except Exception:  # a malformed hand-built message must not kill the node
+            self.stats.drop("internal_error")
+
+    def handle_stream(self, src_addr: str, msg: StreamMessage, now: float) -> StreamMessage | None:
+        """Answer a stream request synchronously (``None``: close without a reply)."""
+        self._now = now
+        try:
+            if isinstance(msg, PushPull) and not msg.reply:
+                self.stats.push_pulls_handled += 1
+                reply = PushPull(self.name, self.addr, False, self._snapshot(), reply=True)
+                self._merge(msg.states, msg.source, now)
+                return reply
+            if isinstance(msg, StreamPing):
+                if msg.target != self.name:
+                    self.stats.drop("wrong_target")
+                    return None
+                return StreamAck(msg.seq, self.name)
+            self.stats.drop("unexpected_stream")
+        except Exception:
+            self.stats.drop("internal_error")
+        return None
+
+    def stream_result(self, request_id: int, reply: StreamMessage | None, now: float) -> None:
+        """The outcome of a :class:`StreamRequest` (``None``: failed or timed out)."""
+        self._now = now
+        pending = self._streams.pop(request_id, None)
+        if pending is None:
+            self.stats.drop("unknown_stream")
+            return
+        try:
+            if pending.kind == "ping":
+                self._on_stream_ack(pending, reply, now)
+            elif isinstance(reply, PushPull) and reply.reply:
+                self._merge(reply.states, reply.source, now)
+            elif pending.kind == "join":
+                self.stats.join_failures += 1
+            else:
+                self.stats.push_pull_failures += 1
+        except Exception:
+            self.stats.drop("internal_error")
+
+    def tick(self, now: float) -> None:
+        """Run everything that is due at ``now``."""
+        self._now = now
+        self._run_timers(now)
+        self._run_probe(now)
+        if now >= self._gossip_at:
+            self._gossip(now)
+        if now >= self._push_pull_at:
+            self._push_pull(now)
+
+    def next_deadline(self) -> float:
+        """When :meth:`tick` must be called next (never infinite)."""
+        deadline = min(self._gossip_at, self._timers.next_at)
+        if not self._left:
+            deadline = min(deadline, self._push_pull_at)
+        if self._probe is not None:
+            # The next round waits for this one to finish, however late that is.
+            deadline = min(deadline, self._probe.deadline)
+        elif not self._left:
+            deadline = min(deadline, self._next_probe_at)
+        if deadline == _INF:
+            deadline = self._now + self.config.probe_interval
+        return deadline
+
+    def leave(self, now: float) -> None:
+        """Announce a graceful departure (Dead about ourselves, accuser = ourselves). We keep
+        answering probes and relaying until the shell stops, but probe nobody."""
+        self._now = now
+        if self._left:
+            return
+        self._left = True
+        self._urgent.clear()
+        self._me.state = "left"
+        self._me.changed_at = now
+        self._queue(self.name, Dead(self.name, self._incarnation, self.name), now)
+        self._gossip_at = now
+
+    def update_meta(self, meta: NodeMeta, now: float) -> None:
+        """Change our metadata: a new incarnation, gossiped as Alive. ``ValueError`` if the
+        encoded metadata exceeds ``config.max_meta_size``."""
+        validate_meta(meta, self.config.max_meta_size)
+        self._now = now
+        self._meta = meta
+        self._me.meta = meta
+        self._bump_incarnation(now)
+
+    def ready(self) -> Ready:
+        """Drain the outputs accumulated since the last call."""
+        out = Ready(self._out.drain(), self._stream_out, self._events)
+        self._stream_out, self._events = [], []
+        return out
+
+    # ================================================================== views
+    def members(self) -> list[Member]:
+        return [self._view(st) for st in self._nodes.values()]
+
+    def member(self, name: str) -> Member | None:
+        st = self._nodes.get(name)
+        return None if st is None else self._view(st)
+
+    def health_score(self) -> int:
+        return self._awareness.score
+
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    @property
+    def num_live(self) -> int:
+        """Alive or suspect members, ourselves included (the n of the formulas)."""
+        return len(self._roster) + 1
+
+    def estimate_rtt(self, name: str) -> float | None:
+        st = self._nodes.get(name)
+        if self._vivaldi is None or st is None or st.coord is None:
+            return None
+        try:
+            return self._vivaldi.estimate_rtt(st.coord)
+        except ValueError:
+            return None
+
+    def suspicion_timeouts(self) -> tuple[float, float, int]:
+        """(min, max, k) a suspicion started now would get (for tests and dashboards)."""
+        return self.config.suspicion_bounds(self.num_live, self._awareness.multiplier)
+
+    # ================================================================== probing
+    def _run_probe(self, now: float) -> None:
+        while True:
+            probe = self._probe
+            if probe is not None:
+                if now < probe.deadline:
+                    return
+                self._advance_probe(probe, now)
+                continue
+            if self._left or now < self._next_probe_at:
+                return
+            if not self._start_probe(now):
+                return
+
+    def _probeable(self, name: str) -> bool:
+        st = self._nodes.get(name)
+        return st is not None and name != self.name and st.state in ("alive", "suspect")
+
+    def _pick_target(self) -> str | None:
+        while self._urgent:
+            name = next(iter(self._urgent))
+            del self._urgent[name]
+            if self._probeable(name):
+                self.stats.urgent_probes += 1
+                return name
+        self._ring_credit += self.config.ring_probe_ratio
+        if self._ring_credit >= 1.0:
+            self._ring_credit -= 1.0
+            successor = self._order.successor()
+            if successor is not None and self._probeable(successor):
+                return successor
+        return self._order.next_round_robin(self._roster.live, self._probeable)
+
+    def _start_probe(self, now: float) -> bool:
+        cfg = self.config
+        target = self._pick_target()
+        if target is None:
+            self._next_probe_at = now + cfg.probe_interval
+            return False
+        st = self._nodes[target]
+        interval = self._awareness.scale(cfg.probe_interval)
+        timeout = self._awareness.scale(cfg.probe_timeout)
+        probe = Probe(self._next_seq(), st, now, interval, timeout, cfg.direct_retries)
+        self._probe = probe
+        self._next_probe_at = now + interval
+        self.stats.probes += 1
+        self._send_ping(probe.seq, st)
+        return True
+
+    def _send_ping(self, seq: int, st: NodeState) -> None:
+        # Buddy system: a suspect learns of its suspicion from the very ping that probes it.
+        buddy: GossipEntry | None = None
+        if st.suspicion is not None:
+            buddy = Suspect(st.name, st.incarnation, st.suspicion.accuser)
+        self._send(st.addr, Ping(seq, st.name, self.name, self.addr), first=buddy)
+
+    def _advance_probe(self, probe: Probe, now: float) -> None:
+        cfg = self.config
+        if probe.phase == DIRECT and probe.retries_left > 0:
+            probe.retries_left -= 1
+            probe.retried = True
+            probe.deadline = now + probe.timeout
+            st = self._nodes.get(probe.target)
+            if st is not None:
+                self._send_ping(probe.seq, st)
+            return
+        if probe.phase == INDIRECT:
+            self._finish_probe(probe, now, ok=False)
+            return
+        probe.phase = INDIRECT
+        helpers = self._pick_members(cfg.indirect_checks, probe.target)
+        for helper in helpers:
+            req = IndirectPing(probe.seq, probe.target, probe.addr, self.name, self.addr, True)
+            self._send(self._nodes[helper].addr, req)
+        probe.helpers = dict.fromkeys(helpers)
+        self.stats.indirect_sent += len(helpers)
+        remaining = max(probe.interval - probe.timeout * (1 + cfg.direct_retries), probe.timeout)
+        probe.deadline = now + remaining
+        if cfg.stream_fallback:
+            self.stats.stream_pings += 1
+            ping = StreamPing(probe.seq, probe.target, self.name, self.addr)
+            pending = PendingStream("ping", probe.seq, probe.target)
+            self._request_stream(probe.addr, ping, pending, timeout=remaining)
+
+    def _finish_probe(self, probe: Probe, now: float, *, ok: bool) -> None:
+        self._probe = None
+        if self._urgent:
+            self._next_probe_at = min(self._next_probe_at, now)
+        if ok:
+            self._awareness.apply(-1)
+            return
+        self.stats.probe_failures += 1
+        # Lifeguard: with helpers that nack, only the nacks that never came count against our
+        # own health (the helpers are presumed fine); without helpers any failure does.
+        if probe.helpers:
+            missing = len(probe.helpers) - len(probe.nacks)
+            self.stats.nacks_missing += missing
+            self._awareness.apply(missing)
+        else:
+            self._awareness.apply(1)
+        st = self._nodes.get(probe.target)
+        if st is not None and st.state in ("alive", "suspect") and st.addr == probe.addr:
+            self._on_suspect(Suspect(probe.target, probe.incarnation, self.name), now)
+
+    def _on_ping(self, src_addr: str, msg: Ping) -> None:
+        if msg.target != self.name:
+            self.stats.drop("wrong_target")
+            return
+        coord = self._vivaldi.coordinate if self._vivaldi is not None else None
+        self._send(msg.source_addr or src_addr, Ack(msg.seq, self.name, coord))
+
+    def _on_ack(self, msg: Ack, now: float) -> None:
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None:
+            self.stats.acks_relayed += 1
+            self._send(relay.addr, Ack(relay.seq, relay.target))
+            return
+        probe = self._probe
+        if probe is None or msg.seq != probe.seq:
+            self.stats.drop("stale_ack")
+            return
+        if msg.source != probe.target:
+            self.stats.drop("ack_wrong_source")
+            return
+        self.stats.acks += 1
+        if msg.coord is not None and not probe.retried:
+            self._observe_rtt(probe.target, msg.coord, now - probe.sent_at)
+        self._finish_probe(probe, now, ok=True)
+
+    def _observe_rtt(self, name: str, coord: Coordinate, rtt: float) -> None:
+        st = self._nodes.get(name)
+        if st is None:
+            return
+        st.coord = coord
+        if self._vivaldi is None:
+            return
+        try:
+            self._vivaldi.observe(name, coord, rtt)
+            self.stats.rtt_samples += 1
+        except ValueError:
+            self.stats.drop("bad_coordinate")
+
+    def _on_nack(self, msg: Nack) -> None:
+        probe = self._probe
+        if probe is None or msg.seq != probe.seq or msg.source not in probe.helpers:
+            self.stats.drop("stale_nack")
+            return
+        if msg.source not in probe.nacks:
+            probe.nacks[msg.source] = None
+            self.stats.nacks_received += 1
+
+    def _on_indirect_ping(self, src_addr: str, msg: IndirectPing, now: float) -> None:
+        reply_to = msg.source_addr or src_addr
+        self.stats.indirect_handled += 1
+        if msg.target == self.name:
+            coord = self._vivaldi.coordinate if self._vivaldi is not None else None
+            self._send(reply_to, Ack(msg.seq, self.name, coord))
+            return
+        if len(self._relays) >= _MAX_RELAYS:
+            self.stats.drop("relay_overflow")
+            return
+        seq = self._next_seq()
+        self._relays[seq] = Relay(msg.seq, reply_to, msg.target, msg.nack)
+        st = self._nodes.get(msg.target)
+        if st is not None and st.addr == msg.target_addr:
+            self._send_ping(seq, st)
+        else:
+            self._send(msg.target_addr, Ping(seq, msg.target, self.name, self.addr))
+        self._timers.push(now + self.config.probe_timeout, _T_NACK, seq, 0)
+        # Keep relaying a late ack for the rest of the requester's round.
+        self._timers.push(now + self.config.probe_interval, _T_RELAY_END, seq, 0)
+
+    def _on_stream_ack(
+        self, pending: PendingStream, reply: StreamMessage | None, now: float
+    ) -> None:
+        probe = self._probe
+        ok = isinstance(reply, StreamAck) and reply.source == pending.target
+        if ok and probe is not None and probe.seq == pending.seq == reply.seq:  # type: ignore[union-attr]
+            self.stats.tcp_only_acks += 1
+            self._finish_probe(probe, now, ok=True)
+
+    # ================================================================== state rules
+    def _apply_gossip(self, entries: Sequence[GossipEntry], now: float) -> None:
+        for entry in entries:
+            if isinstance(entry, Alive):
+                self._on_alive(entry, now)
+            elif isinstance(entry, Suspect):
+                self._on_suspect(entry, now)
+            elif isinstance(entry, Dead):
+                self._on_dead(entry, now)
+            else:
+                self.stats.drop("unknown_gossip")
+
+    def _on_alive(self, a: Alive, now: float) -> None:
+        st = self._nodes.get(a.name)
+        if st is None:
+            if len(self._nodes) >= _MAX_MEMBERS:
+                self.stats.drop("too_many_members")
+                return
+            st = NodeState(a.name, a.addr, "alive", a.incarnation, a.meta, now)
+            self._nodes[a.name] = st
+            self._make_live(st, now)
+            self._queue(a.name, a, now)
+            self._emit("joined", st, None, 0, now)
+            return
+        moved = st.addr != a.addr
+        if moved and not self._can_reclaim(st, now):
+            self.stats.conflicts += 1
+            self.stats.drop("addr_conflict")
+            if st is self._me:
+                if a.incarnation >= self._incarnation and not self._left:
+                    self._refute(a.incarnation, None, now)
+            elif a.name in self._claims or len(self._claims) < _MAX_CLAIMS:
+                self._claims[a.name] = a
+            return
+        if st is self._me:
+            if a.incarnation < self._incarnation or self._left:
+                return
+            if a.incarnation == self._incarnation and a.meta == self._meta:
+                return  # our own Alive, echoed back
+            self._refute(a.incarnation, None, now)
+            return
+        if a.incarnation <= st.incarnation and not moved:
+            return
+        old_state, old_meta = st.state, st.meta
+        st.suspicion = None
+        st.incarnation = a.incarnation
+        st.meta = a.meta
+        st.addr = a.addr
+        self._claims.pop(a.name, None)
+        if old_state != "alive":
+            self._set_state(st, "alive", now)
+        if old_state in ("dead", "left"):
+            self._make_live(st, now)
+        self._queue(a.name, a, now)
+        if old_state in ("dead", "left"):
+            self._emit("joined", st, None, 0, now)
+            return
+        if old_state == "suspect":
+            self._emit("alive", st, None, 0, now)
+        if old_meta != a.meta or moved:
+            self._emit("updated", st, None, 0, now)
+
+    def _on_suspect(self, s: Suspect, now: float) -> None:
+        st = self._nodes.get(s.name)
+        if st is None:
+            self.stats.drop("unknown_member")
+            return
+        if s.incarnation < st.incarnation:
+            # The accuser has not heard of a newer incarnation: tell it, or it may declare a
+            # live member dead on its own.
+            if st.state == "alive" and s.accuser != self.name:
+                self._tell(s.accuser, Alive(st.name, st.addr, st.incarnation, st.meta))
+            return
+        susp = st.suspicion
+        if susp is not None:
+            if susp.confirm(s.accuser):
+                self.stats.confirmations += 1
+                st.incarnation = s.incarnation
+                self._timers.push(susp.deadline, _T_SUSPECT, s.name, susp.token)
+                if s.accuser == self.name:
+                    self._announce(st, s)
+            return
+        if st.state != "alive":
+            return
+        if st is self._me:
+            if not self._left:
+                self._refute(s.incarnation, s.accuser, now)
+            return
+        minimum, maximum, k = self.suspicion_timeouts()
+        st.incarnation = s.incarnation
+        self._set_state(st, "suspect", now)
+        self._suspicion_seq += 1
+        susp = Suspicion(s.accuser, k, minimum, maximum, now, self._suspicion_seq)
+        st.suspicion = susp
+        self._timers.push(susp.deadline, _T_SUSPECT, s.name, susp.token)
+        self._emit("suspect", st, s.accuser, 0, now)
+        if s.accuser == self.name:
+            self.stats.suspicions += 1
+            self._announce(st, s)
+        elif self.name in self._witnesses(s.name) and not self._left:
+            # We are one of the suspect's witnesses: check it ourselves, right away.
+            self._urgent[s.name] = None
+            if self._probe is None:
+                self._next_probe_at = min(self._next_probe_at, now)
+
+    def _witnesses(self, name: str) -> list[str]:
+        """The members that check a suspicion of ``name``: its next alive ring successors."""
+        nodes = self._nodes
+        return self._order.successors_of(
+            name, self.config.suspicion_probers, lambda other: nodes[other].state != "alive"
+        )
+
+    def _announce(self, st: NodeState, s: Suspect) -> None:
+        """Our own probe failed: tell the suspect (buddy system), its witnesses and the other
+        accusers directly. Suspicions are not gossiped cluster-wide: only these few members
+        hold timers, and a refutation has to reach only them (plus the Dead, if it comes, is
+        gossiped to everyone)."""
+        targets = dict.fromkeys(self._witnesses(st.name))
+        if st.suspicion is not None:
+            targets.update(st.suspicion.accusers)
+        targets[st.name] = None
+        targets.pop(self.name, None)
+        for name in targets:
+            self._tell(name, s)
+
+    def _tell(self, name: str, entry: GossipEntry) -> None:
+        st = self._nodes.get(name)
+        if st is not None and st is not self._me and st.state in ("alive", "suspect"):
+            self._send(st.addr, Gossip(self.name), first=entry)
+
+    def _on_dead(self, d: Dead, now: float) -> None:
+        st = self._nodes.get(d.name)
+        if st is None:
+            self.stats.drop("unknown_member")
+            return
+        if d.incarnation < st.incarnation:
+            return
+        susp = st.suspicion
+        st.suspicion = None
+        if st.state in ("dead", "left"):
+            return
+        if st is self._me:
+            self._refute(d.incarnation, d.accuser, now)
+            return
+        st.incarnation = d.incarnation
+        gone: MemberState = "left" if d.accuser == d.name else "dead"
+        self._set_state(st, gone, now)
+        self._make_dead(st, now)
+        self._queue(d.name, d, now)
+        self._emit(gone, st, d.accuser, susp.confirmations if susp is not None else 0, now)
+        claim = self._claims.pop(d.name, None)
+        if claim is not None and self._can_reclaim(st, now):
+            self._on_alive(claim, now)
+
+    def _refute(self, accused: int, accuser: str | None, now: float) -> None:
+        self._incarnation = max(self._incarnation, accused)
+        self._awareness.apply(1)
+        self.stats.refutations += 1
+        self._bump_incarnation(now)
+        # The accuser and our witnesses hold the suspicion timers: tell them directly, not
+        # only through gossip.
+        alive = Alive(self.name, self.addr, self._incarnation, self._meta)
+        targets = dict.fromkeys(self._witnesses(self.name))
+        if accuser is not None:
+            targets[accuser] = None
+        for name in targets:
+            self._tell(name, alive)
+
+    def _bump_incarnation(self, now: float) -> None:
+        self._incarnation += 1
+        self._me.incarnation = self._incarnation
+        self._queue(self.name, Alive(self.name, self.addr, self._incarnation, self._meta), now)
+        self._gossip_at = min(self._gossip_at, now)
+
+    def _can_reclaim(self, st: NodeState, now: float) -> bool:
+        if st.state == "left":
+            return True
+        reclaim = self.config.dead_node_reclaim_time
+        return st.state == "dead" and reclaim is not None and now - st.changed_at >= reclaim
+
+    def _merge(self, states: Sequence[MemberSnapshot], source: str, now: float) -> None:
+        for s in states:
+            if s.state == "alive":
+                self._on_alive(Alive(s.name, s.addr, s.incarnation, s.meta), now)
+            elif s.state == "left":
+                self._on_dead(Dead(s.name, s.incarnation, s.name), now)
+            else:
+                # A remote "dead" only makes us suspect: the member gets its chance to refute.
+                self._on_suspect(Suspect(s.name, s.incarnation, source), now)
+
+    # ================================================================== bookkeeping
+    def _set_state(self, st: NodeState, state: MemberState, now: float) -> None:
+        st.state = state
+        st.changed_at = now
+        st.version += 1
+
+    def _make_live(self, st: NodeState, now: float) -> None:
+        if st is self._me or not self._roster.add(st.name):
+            return
+        self._order.add(st.name)
+        if self._bq:
+            self._gossip_at = min(self._gossip_at, max(now, self._last_gossip))
+
+    def _make_dead(self, st: NodeState, now: float) -> None:
+        self._roster.remove(st.name, now)
+        self._order.remove(st.name)
+        self._urgent.pop(st.name, None)
+        self._timers.push(now + self.config.reap_after, _T_REAP, st.name, st.version)
+
+    def _run_timers(self, now: float) -> None:
+        while (due := self._timers.pop_due(now)) is not None:
+            kind, key, token = due
+            if kind == _T_SUSPECT:
+                self._suspicion_expired(str(key), token, now)
+            elif kind == _T_NACK:
+                relay = self._relays.get(int(key))
+                if relay is not None and relay.nack:
+                    relay.nack = False
+                    self.stats.nacks_sent += 1
+                    self._send(relay.addr, Nack(relay.seq, self.name))
+            elif kind == _T_RELAY_END:
+                self._relays.pop(int(key), None)
+            else:
+                self._reap(str(key), token, now)
+
+    def _suspicion_expired(self, name: str, token: int, now: float) -> None:
+        st = self._nodes.get(name)
+        susp = st.suspicion if st is not None else None
+        if st is None or susp is None or susp.token != token or st.state != "suspect":
+            return
+        if now < susp.deadline:  # an earlier entry for a deadline that has since moved
+            self._timers.push(susp.deadline, _T_SUSPECT, name, token)
+            return
+        self.stats.deaths_declared += 1
+        self._on_dead(Dead(name, st.incarnation, self.name), now)
+
+    def _reap(self, name: str, version: int, now: float) -> None:
+        st = self._nodes.get(name)
+        if st is None or st.version != version or st.state not in ("dead", "left"):
+            return
+        del self._nodes[name]
+        self._roster.forget(name)
+        self._claims.pop(name, None)
+        if self._vivaldi is not None:
+            self._vivaldi.forget(name)
+        self._emit("reaped", st, None, 0, now)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _emit(
+        self, kind: EventKind, st: NodeState, accuser: str | None, confirmations: int, now: float
+    ) -> None:
+        member = self._view(st)
+        self._events.append(MemberEvent(kind, member, st.incarnation, accuser, confirmations, now))
+
+    def _view(self, st: NodeState) -> Member:
+        return Member(st.name, st.addr, st.state, st.incarnation, st.meta, st.changed_at, st.coord)
+
+    def _snapshot(self) -> tuple[MemberSnapshot, ...]:
+        return tuple(
+            MemberSnapshot(st.name, st.addr, st.state, st.incarnation, st.meta)
+            for st in self._nodes.values()
+        )
+
+    def _pick_members(self, k: int, exclude: str) -> list[str]:
+        nodes = self._nodes
+        return self._roster.sample(k, lambda name: name != exclude and nodes[name].state == "alive")
+
+    # ================================================================== dissemination
+    def _queue(self, key: str, entry: GossipEntry, now: float) -> None:
+        self._bq.queue(key, entry)
+        # News leaves at once (each hop costs a network delay, not a gossip interval); the
+        # interval only paces the retransmissions that follow.
+        if self._roster:
+            self._gossip_at = now
+
+    def _send(
+        self,
+        addr: str,
+        msg: Message,
+        *,
+        first: GossipEntry | None = None,
+        need_gossip: bool = False,
+    ) -> bool:
+        n = len(self._roster) + 1
+        return self._out.send(addr, msg, n, first=first, need_gossip=need_gossip)
+
+    def _gossip(self, now: float) -> None:
+        self._gossip_at = _INF
+        if not self._bq:
+            return
+        cfg = self.config
+        targets = self._roster.gossip_targets(cfg.gossip_nodes, now - cfg.gossip_to_the_dead_time)
+        if not targets:
+            return  # re-armed when a member appears
+        for name in targets:
+            if not self._send(self._nodes[name].addr, Gossip(self.name), need_gossip=True):
+                break
+            self.stats.gossip_packets += 1
+        self._last_gossip = now
+        if self._bq:
+            self._gossip_at = now + cfg.gossip_interval
+
+    def _push_pull(self, now: float) -> None:
+        cfg = self.config
+        self._push_pull_at = now + cfg.push_pull_interval_for(self.num_live)
+        if self._left:
+            return
+        picks = self._pick_members(1, self.name)
+        if not picks:
+            return
+        self.stats.push_pulls += 1
+        message = PushPull(self.name, self.addr, False, self._snapshot())
+        self._request_stream(self._nodes[picks[0]].addr, message, PendingStream("push_pull"))
+
+    def _request_stream(
+        self,
+        addr: str,
+        message: StreamMessage,
+        pending: PendingStream,
+        timeout: float | None = None,
+    ) -> None:
+        self._request_id += 1
+        self._streams[self._request_id] = pending
+        wait = self.config.stream_timeout if timeout is None else timeout
+        self._stream_out.append(StreamRequest(self._request_id, addr, message, wait))

@@ -1,0 +1,81 @@
+"""Real node processes on loopback: crash detection, rejoin, the members command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agentcluster.launcher import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+
+async def test_five_processes_detect_a_kill_and_rejoin() -> None:
+    async with LocalCluster(5, preset="local") as cluster:
+        await cluster.wait_converged(timeout=60)
+        killed_at = time.time()
+        await cluster.kill("n4")
+        others = ["n1", "n2", "n3", "n5"]
+
+        async def all_dead() -> dict[str, float]:
+            views = await cluster.views()
+            out = {}
+            for name in others:
+                for m in views[name] or []:
+                    if m["name"] == "n4" and m["state"] == "dead":
+                        out[name] = m["changed_at"]
+            return out
+
+        async with asyncio.timeout(30):
+            while len(seen := await all_dead()) < len(others):
+                await asyncio.sleep(0.05)
+        detection = max(seen.values()) - killed_at
+        assert detection < 2.5, f"crash detection took {detection:.2f}s"
+        await cluster.spawn(cluster.node("n4"))
+        await cluster.wait_converged(timeout=30)
+
+        # The members command shows the same view, authenticated with the cluster key.
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "agentcluster.cli", "members", "--node", cluster.node("n1").addr,
+             "--key-file", str(cluster.key_file), "--json"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout)
+        assert {r["name"]: r["state"] for r in rows} == {f"n{i}": "alive" for i in range(1, 6)}
+        assert {r["zone"] for r in rows} == {"z1", "z2", "z3"}
+
+        # Without the key, the control API stays shut.
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "agentcluster.cli", "members", "--node", cluster.node("n1").addr],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert out.returncode == 1
+        assert "error" in out.stderr
+
+
+async def test_sigterm_leaves_gracefully() -> None:
+    async with LocalCluster(3, preset="local") as cluster:
+        await cluster.wait_converged(timeout=60)
+        code = await cluster.terminate("n3")
+        assert code == 0
+        views = await cluster.views()
+        async with asyncio.timeout(10):
+            while True:
+                views = await cluster.views()
+                states = [
+                    m["state"]
+                    for v in (views["n1"], views["n2"])
+                    for m in v or []
+                    if m["name"] == "n3"
+                ]
+                if states == ["left", "left"]:
+                    break
+                await asyncio.sleep(0.05)
