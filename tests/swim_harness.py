@@ -15,6 +15,11 @@ blocking call. Packets are round-tripped through msgpack so the wire types are e
 
 Everything random comes from seeded ``random.Random`` instances and nothing iterates a set, so
 the same seed gives the same event log, byte for byte.
+
+The second half is for synchronous core tests: :class:`Wire` connects cores by an
+instantaneous network (cuttable per link or node) and ticks each core exactly at its
+``next_deadline()``, so times in assertions are exact; :func:`lonely` makes a core that knows
+peers which never answer, to isolate one rule.
 """
 
 from __future__ import annotations
@@ -29,21 +34,41 @@ import msgspec
 
 from agentcluster.membership.config import SwimConfig
 from agentcluster.membership.messages import (
+    Alive,
+    Dead,
+    Gossip,
+    MemberEvent,
     Message,
     NodeMeta,
     StreamMessage,
     StreamRequest,
+    Suspect,
 )
 from agentcluster.membership.swim import Swim
 from agentcluster.membership.vivaldi import Vivaldi
+
+__all__ = [
+    "PLAIN",
+    "LogEntry",
+    "Sim",
+    "SimNode",
+    "Wire",
+    "addr",
+    "build_cluster",
+    "cluster",
+    "inject",
+    "lonely",
+    "percentile",
+    "start_stalls",
+]
 
 # What the real wire adds to each packet payload: a (timestamp, message) msgpack tuple,
 # a 15-byte frame header and a 16-byte AES-GCM tag.
 FRAME_OVERHEAD = 41
 
 _ENCODER = msgspec.msgpack.Encoder()
-_PACKET_DECODER: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]
-_STREAM_DECODER: msgspec.msgpack.Decoder[StreamMessage] = msgspec.msgpack.Decoder(StreamMessage)  # type: ignore[arg-type]
+_PACKET_DECODER: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+_STREAM_DECODER: msgspec.msgpack.Decoder[StreamMessage] = msgspec.msgpack.Decoder(StreamMessage)
 
 
 @dataclass
@@ -105,6 +130,9 @@ class Sim:
         self._seq = 0
         self._link_loss: dict[tuple[str, str], float] = {}
         self._gone: dict[tuple[str, str], list[float]] = {}
+        self._cut: dict[tuple[str, str], None] = {}
+        # Past lives of restarted nodes: (crashed at, restarted at, last incarnation).
+        self._lives: dict[str, list[tuple[float, float, int]]] = {}
 
     # ------------------------------------------------------------------ scheduling
     def at(self, when: float, fn: Callable[[], None]) -> None:
@@ -160,8 +188,11 @@ class Sim:
     def restart(self, name: str, seeds: Iterable[str]) -> SimNode:
         """A new process under the same name and address (state lost, incarnation 0)."""
         old = self.nodes[name]
-        old.crashed = True
-        self.crashes.pop(name, None)
+        if not old.crashed:
+            self.crash(name)
+        self._lives.setdefault(name, []).append(
+            (self.crashes.pop(name), self.now, old.core.incarnation)
+        )
         return self.add_node(name, seeds)
 
     def stall(self, name: str, seconds: float) -> None:
@@ -175,6 +206,19 @@ class Sim:
     def set_link_loss(self, src: str, dst: str, loss: float) -> None:
         """Loss on one direction of one link (overrides the global loss)."""
         self._link_loss[(self.nodes[src].addr, self.nodes[dst].addr)] = loss
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Cut every link (packets and streams, both ways) between the groups."""
+        sides = [[self.nodes[n].addr for n in g] for g in groups]
+        for i, side in enumerate(sides):
+            for other in sides[i + 1 :]:
+                for a in side:
+                    for b in other:
+                        self._cut[(a, b)] = None
+                        self._cut[(b, a)] = None
+
+    def heal(self) -> None:
+        self._cut.clear()
 
     def _unstall(self, node: SimNode, until: float) -> None:
         if node.crashed or node.stalled_until != until:
@@ -223,6 +267,19 @@ class Sim:
         if self.now < node.stalled_until:
             return  # _unstall ticks
         node.core.tick(self.now)
+        # A tick must do everything that is due: otherwise a shell would spin.
+        c = node.core
+        assert c.next_deadline() > self.now, (
+            "tick left work due",
+            self.now,
+            c._gossip_at,
+            c._timers.next_at,
+            c._push_pull_at,
+            c._next_probe_at,
+            c._probe and c._probe.deadline,
+            len(c._bq),
+            len(c._roster),
+        )
         self._flush(node)
 
     def _send_packet(self, src: SimNode, addr: str, msg: Message) -> None:
@@ -231,6 +288,8 @@ class Sim:
         src.bytes_sent += len(data) + FRAME_OVERHEAD
         loss = self._link_loss.get((src.addr, addr), self.loss)
         if loss > 0 and self.rng.random() < loss:
+            return
+        if (src.addr, addr) in self._cut:
             return
         dst = self.by_addr.get(addr)
         if dst is None:
@@ -268,6 +327,8 @@ class Sim:
         self.at(self.now + req.timeout, lambda: finish(None))
         dst = self.by_addr.get(req.addr)
         hop = self.delay + self.rng.random() * self.jitter
+        if (src.addr, req.addr) in self._cut:
+            return  # a partition: the request times out
         if dst is None or dst.crashed:
             self.at(self.now + hop, lambda: finish(None))  # connection refused
             return
@@ -321,14 +382,19 @@ class Sim:
         return worst
 
     def false_positives(self) -> list[LogEntry]:
-        """ "dead" events about a node that had not crashed at that time."""
+        """Dead events about a running process: neither after a crash of the current process
+        nor about an incarnation of an earlier (crashed) life of that name."""
         out = []
         for e in self.log:
             if e.kind != "dead":
                 continue
             crashed_at = self.crashes.get(e.member)
-            if crashed_at is None or e.at < crashed_at:
-                out.append(e)
+            if crashed_at is not None and e.at >= crashed_at:
+                continue
+            lives = self._lives.get(e.member, ())
+            if any(c <= e.at and (e.at < r or e.incarnation <= inc) for c, r, inc in lives):
+                continue
+            out.append(e)
         return out
 
     def traffic(self) -> tuple[int, int]:
@@ -387,3 +453,150 @@ def percentile(values: list[float], q: float) -> float:
         return math.nan
     rank = max(1, math.ceil(q / 100.0 * len(ordered)))
     return ordered[rank - 1]
+
+
+# ---------------------------------------------------------------------------- synchronous wiring
+
+# A config with round numbers and no randomness-sensitive extras, for exact timing tests.
+PLAIN = SwimConfig(
+    probe_interval=1.0,
+    probe_timeout=0.2,
+    direct_retries=0,
+    indirect_checks=2,
+    ring_probe_ratio=0.0,
+    suspicion_mult=2.0,
+    suspicion_max_timeout_mult=3.0,
+    suspicion_confirmations=2,
+    suspicion_probers=0,
+    awareness_scales_suspicion=False,
+    gossip_interval=0.2,
+    push_pull_interval=1000.0,
+    reap_after=30.0,
+)
+
+
+def addr(name: str) -> str:
+    return f"{name}:7946"
+
+
+class Wire:
+    """Cores connected by an instantaneous network that can be cut per link or per node."""
+
+    def __init__(self, config: SwimConfig = PLAIN, *, seed: int = 1) -> None:
+        self.config = config
+        self.seed = seed
+        self.now = 0.0
+        self.cores: dict[str, Swim] = {}
+        self.down: set[str] = set()  # crashed: receive and send nothing
+        self.cut: set[tuple[str, str]] = set()  # (src, dst): packets dropped one way
+        self.streams_cut: set[str] = set()  # streams to these nodes fail
+        self.events: list[tuple[str, MemberEvent]] = []
+        self.sent: list[tuple[str, str, Message]] = []
+        self.keep: Callable[[str, str, Message], bool] = lambda src, dst, msg: True
+
+    def add(self, name: str, seeds: tuple[str, ...] = (), **kw: object) -> Swim:
+        core = Swim(
+            name,
+            addr(name),
+            config=kw.pop("config", self.config),  # type: ignore[arg-type]
+            rng=random.Random(f"{self.seed}:{name}"),
+            now=self.now,
+            **kw,  # type: ignore[arg-type]
+        )
+        self.cores[name] = core
+        if seeds:
+            core.join([addr(s) for s in seeds], self.now)
+        self.pump()
+        return core
+
+    def by_addr(self, a: str) -> Swim | None:
+        return self.cores.get(a.split(":")[0])
+
+    def pump(self) -> None:
+        """Deliver everything until no core has output left."""
+        for _ in range(10_000):
+            busy = False
+            for name, core in list(self.cores.items()):
+                out = core.ready()
+                self.events.extend((name, ev) for ev in out.events)
+                if name in self.down:
+                    continue
+                for dst_addr, msg in out.packets:
+                    busy = True
+                    self.sent.append((name, dst_addr, msg))
+                    dst = self.by_addr(dst_addr)
+                    if dst is None or dst.name in self.down or (name, dst.name) in self.cut:
+                        continue
+                    if not self.keep(name, dst.name, msg):
+                        continue
+                    dst.handle_packet(core.addr, msg, self.now)
+                for req in out.streams:
+                    busy = True
+                    dst = self.by_addr(req.addr)
+                    reply: StreamMessage | None = None
+                    if dst is not None and dst.name not in self.down | self.streams_cut:
+                        reply = dst.handle_stream(core.addr, req.message, self.now)
+                    core.stream_result(req.request_id, reply, self.now)
+            if not busy:
+                return
+        raise AssertionError("the cores never went quiet")
+
+    def run_until(self, until: float) -> None:
+        """Tick every (live) core at each of its deadlines up to ``until``."""
+        while True:
+            live = [c for n, c in self.cores.items() if n not in self.down]
+            due = min((c.next_deadline() for c in live), default=math.inf)
+            if due > until:
+                break
+            self.now = max(self.now, due)
+            for core in live:
+                if core.next_deadline() <= self.now:
+                    core.tick(self.now)
+                    assert core.next_deadline() > self.now, "tick left work due"
+            self.pump()
+        self.now = until
+
+    def run(self, seconds: float) -> None:
+        self.run_until(self.now + seconds)
+
+    def run_until_true(self, cond: Callable[[], bool], limit: float, step: float = 0.05) -> float:
+        end = self.now + limit
+        while not cond():
+            if self.now >= end:
+                raise AssertionError("condition not reached in time")
+            self.run(step)
+        return self.now
+
+    def state(self, observer: str, member: str) -> str | None:
+        m = self.cores[observer].member(member)
+        return None if m is None else m.state
+
+    def kinds(self, observer: str, member: str) -> list[str]:
+        return [ev.kind for o, ev in self.events if o == observer and ev.member.name == member]
+
+
+def cluster(names: str, config: SwimConfig = PLAIN, **kw: object) -> Wire:
+    wire = Wire(config, **kw)  # type: ignore[arg-type]
+    first, *rest = list(names)
+    wire.add(first)
+    for name in rest:
+        wire.add(name, (first,))
+    wire.run(2.0)
+    for o in names:
+        for m in names:
+            assert wire.state(o, m) == "alive", (o, m)
+    return wire
+
+
+def lonely(config: SwimConfig, members: tuple[str, ...], now: float = 0.0) -> Swim:
+    """A core that knows ``members`` (all at incarnation 0) but hears nothing from them."""
+    core = Swim("me", addr("me"), config=config, rng=random.Random(7), now=now)
+    gossip = tuple(Alive(m, addr(m), 0) for m in members)
+    core.handle_packet(addr("src"), Gossip("src", gossip), now)
+    core.ready()
+    return core
+
+
+def inject(core: Swim, *entries: Alive | Suspect | Dead, now: float) -> list[MemberEvent]:
+    core.handle_packet(addr("src"), Gossip("src", entries), now)
+    return core.ready().events

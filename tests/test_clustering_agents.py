@@ -28,7 +28,7 @@ def event(kind: str, name: str = "n2", state: str | None = None, **kw: object) -
         at=float(kw.pop("at", 10.0)),  # type: ignore[call-overload]
         **kw,  # type: ignore[arg-type]
     )
-    return Signal(type="membership.event", data=data)
+    return Signal(type="membership.events", data={"events": [data]})
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_node_discovery_topology_and_history() -> None:
     types = [d.signal.type for d in d1 if isinstance(d, Emit)]
     assert types == ["cluster.member.joined", "cluster.topology.changed"]
     topo = [d.signal for d in d1 if isinstance(d, Emit)][1]
-    assert topo.data == {"change": "joined", "name": "n2", "members": 1}
+    assert topo.data == {"changes": [{"change": "joined", "name": "n2"}], "members": 1}
     agent, d2 = run_cmd(agent, event("suspect"))
     assert [d.signal.type for d in d2 if isinstance(d, Emit)] == []
     agent, d3 = run_cmd(agent, event("dead"))
@@ -83,6 +83,21 @@ def test_node_discovery_topology_and_history() -> None:
         "cluster.topology.changed",
     ]
     assert [h.kind for h in agent.state.history] == ["joined", "dead"]
+
+
+def test_a_batch_is_applied_in_order_with_one_topology_signal() -> None:
+    batch = [event(k, name=f"m{i}").data["events"][0] for i, k in enumerate(("joined",) * 5)]
+    batch.append(event("dead", name="m0").data["events"][0])
+    agent, directives = run_cmd(
+        NodeDiscovery(), Signal(type="membership.events", data={"events": batch})
+    )
+    emitted = [d.signal for d in directives if isinstance(d, Emit)]
+    assert [s.type for s in emitted].count("cluster.topology.changed") == 1
+    assert emitted[-1].data["members"] == 4
+    assert [s.type for s in emitted[:-1]] == ["cluster.member.joined"] * 5 + ["cluster.member.left"]
+    fd, out = run_cmd(FailureDetector(), Signal(type="membership.events", data={"events": batch}))
+    assert [d.signal.type for d in out] == ["cluster.member.dead"]  # type: ignore[attr-defined]
+    assert len(fd.state.members) == 5
 
 
 def test_history_is_bounded() -> None:

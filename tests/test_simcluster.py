@@ -113,3 +113,22 @@ def test_same_seed_same_history() -> None:
     other = run_virtual(scenario(22))
     assert first == again
     assert first != other
+
+
+@pytest.mark.virtual_time
+async def test_metadata_updates_reach_every_node() -> None:
+    async with SimCluster(4, seed=19) as c:
+        await c.wait_until(c.converged, timeout=30)
+        c.nodes["n2"].update_meta(capacity={"gpu": 2.0}, tags={"role": "trainer"})
+
+        def everyone_knows() -> bool:
+            for name in c.names:
+                meta = next(m.meta for m in c.nodes[name].members() if m.name == "n2")
+                if meta.capacity != {"gpu": 2.0} or meta.tags != {"role": "trainer"}:
+                    return False
+            return True
+
+        await c.wait_until(everyone_knows, timeout=30)
+        assert c.first_seen("updated", "n2")
+        with pytest.raises(ValueError, match="limit"):
+            c.nodes["n2"].update_meta(tags={f"k{i}": "v" * 200 for i in range(10)})

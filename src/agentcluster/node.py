@@ -9,8 +9,8 @@ shell around the SWIM core, then joins the seeds.
 Inbound bytes are dispatched here: packets go to the membership shell; stream requests are
 decoded once and routed by type — SWIM push-pull / stream pings to the shell, control
 requests to :mod:`agentcluster.control`, agent envelopes to the local runtime (so a ``Send``
-directive reaches an agent on another node). Membership events become ``membership.event``
-signals cast to the clustering agents, which decide what the rest of the node hears.
+directive reaches an agent on another node). Membership events become ``membership.events``
+batches cast to the clustering agents, which decide what the rest of the node hears.
 
 Everything is authenticated with the cluster keyring when there is one (a node without the key
 can neither join nor inject); a node without a keyring logs a warning at start.
@@ -29,7 +29,7 @@ import msgspec
 from agentcluster.agents import AgentServer, MailboxFull, Runtime
 from agentcluster.agents.runtime import UnknownAgent
 from agentcluster.clock import Clock, MonotonicClock
-from agentcluster.clustering.base import Discover, JoinPeers, MemberEventData
+from agentcluster.clustering.base import Discover, JoinPeers, MemberEventData, MemberEvents
 from agentcluster.clustering.failure_detector import FailureDetector
 from agentcluster.clustering.node_discovery import NodeDiscovery, NodeDiscoveryState
 from agentcluster.config import NodeConfig
@@ -43,7 +43,7 @@ from agentcluster.control import (
 from agentcluster.discovery import AddressFile, DnsA, DnsSrv, StaticSeeds, Strategy, discover_all
 from agentcluster.logs import log_context
 from agentcluster.membership.config import preset
-from agentcluster.membership.messages import MemberEvent, Message, NodeMeta
+from agentcluster.membership.messages import MemberEvent, Message, NodeMeta, validate_meta
 from agentcluster.membership.service import MembershipService
 from agentcluster.membership.swim import Swim
 from agentcluster.membership.vivaldi import Vivaldi
@@ -288,21 +288,21 @@ class Node:
                     listener(ev)
                 except Exception:
                     log.exception("membership listener failed")
-            signal = Signal(
-                type="membership.event",
-                source=f"/node/{self.name}",
-                subject=ev.member.name,
-                data=self._event_data(ev),
-            )
-            for agent in CLUSTERING_AGENTS:
-                server = self.runtime.get(agent)
-                if server is None:
-                    self.events_dropped += 1
-                    continue
-                try:
-                    server.cast_nowait(signal)
-                except Exception:
-                    self.events_dropped += 1
+        # One signal per core step: a join's hundreds of events cost one message per agent.
+        signal = Signal(
+            type="membership.events",
+            source=f"/node/{self.name}",
+            data=MemberEvents([self._event_data(ev) for ev in events]),
+        )
+        for agent in CLUSTERING_AGENTS:
+            server = self.runtime.get(agent)
+            if server is None:
+                self.events_dropped += len(events)
+                continue
+            try:
+                server.cast_nowait(signal)
+            except Exception:
+                self.events_dropped += len(events)
 
     # ------------------------------------------------------------------ directives
     async def _run_discover(self, server: AgentServer, d: Discover) -> None:
@@ -335,6 +335,27 @@ class Node:
             raise UnknownAgent(f"node {node!r} sent no valid reply")
         if not reply.ok:
             raise UnknownAgent(f"node {node!r}: {reply.error}")
+
+    def update_meta(
+        self,
+        *,
+        zone: str | None = None,
+        region: str | None = None,
+        capabilities: tuple[str, ...] | None = None,
+        capacity: dict[str, float] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> NodeMeta:
+        """Change this node's metadata; the cluster hears it through gossip (``updated``)."""
+        current = self.core.member(self.name)
+        meta = current.meta if current is not None else self.meta()
+        changes: dict[str, Any] = {
+            "zone": zone, "region": region, "capabilities": capabilities,
+            "capacity": capacity, "tags": tags,
+        }  # fmt: skip
+        new = msgspec.structs.replace(meta, **{k: v for k, v in changes.items() if v is not None})
+        validate_meta(new, self.swim_config.max_meta_size)
+        self.membership.update_meta(new)
+        return new
 
     # ------------------------------------------------------------------ views
     def members(self) -> list[Any]:

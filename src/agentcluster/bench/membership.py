@@ -198,6 +198,7 @@ async def _sim(
         "crash_detection_p50_s": _r(percentile(detect, 0.50)),
         "crash_detection_p99_s": _r(percentile(detect, 0.99)),
         "stall_detection_p99_s": _r(percentile(stall_times, 0.99)),
+        "join_samples_s": [_r(j) for j in joins],
         "false_positive_deaths": false_positives,
         "undetected": undetected,
         "packets_per_node_per_s": round(packets_rate, 3),

@@ -5,8 +5,9 @@ issues add) are ordinary agents. They mount :class:`ClusterAgentSkill`, which ke
 health status under the ``cluster`` state key and refreshes it on a heartbeat schedule, so
 the node's control API can report each one's status and the age of its last heartbeat.
 
-The node feeds membership events to them as ``membership.event`` signals whose data is a
-:class:`MemberEventData`. When an agent wants the node to do I/O (run a discovery round,
+The node feeds membership events to them as ``membership.events`` signals whose data is a
+:class:`MemberEvents` batch (one per core step, so a join's hundreds of events cost one
+message and one state copy). When an agent wants the node to do I/O (run a discovery round,
 join peers) it returns a directive defined here; the node registers their executors — agents
 decide, the runtime acts.
 """
@@ -27,12 +28,13 @@ __all__ = [
     "Discover",
     "JoinPeers",
     "MemberEventData",
+    "MemberEvents",
     "MemberView",
 ]
 
 
 class MemberEventData(msgspec.Struct, frozen=True):
-    """A SWIM membership event as carried in a ``membership.event`` signal."""
+    """One SWIM membership event, as carried in a ``membership.events`` batch."""
 
     kind: str  # joined | updated | suspect | alive | dead | left | reaped
     name: str
@@ -45,6 +47,12 @@ class MemberEventData(msgspec.Struct, frozen=True):
     zone: str = ""
     region: str = ""
     rtt: float | None = None  # estimated by Vivaldi coordinates, seconds
+
+
+class MemberEvents(msgspec.Struct, frozen=True):
+    """The data of a ``membership.events`` signal: every event of one core step, in order."""
+
+    events: list[MemberEventData]
 
 
 class MemberView(msgspec.Struct, frozen=True):

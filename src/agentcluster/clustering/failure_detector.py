@@ -2,8 +2,8 @@
 
 Theory of operation: the core itself runs in the node's membership shell (it must answer
 packets within milliseconds, so it never waits on a mailbox); this agent is the part of
-failure detection that *decides what the rest of the node hears*. Every membership event from
-the core arrives as a ``membership.event`` signal; the agent keeps its own view of each
+failure detection that *decides what the rest of the node hears*. The membership events of
+each core step arrive as one ``membership.events`` signal; the agent keeps its own view of each
 member's liveness (state, incarnation, last change) and turns liveness changes into
 ``cluster.member.suspect`` / ``cluster.member.alive`` / ``cluster.member.dead`` signals on the
 bus, carrying the incarnation, the accuser and the number of independent confirmations.
@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from agentcluster.agents import Action, ActionContext, Agent, Emit, Result
-from agentcluster.clustering.base import ClusterAgentSkill, MemberEventData, MemberView
+from agentcluster.clustering.base import ClusterAgentSkill, MemberEvents, MemberView
 from agentcluster.signals import Signal
 
 __all__ = ["FailureDetector", "FailureDetectorState"]
@@ -32,29 +32,32 @@ class FailureDetectorState(msgspec.Struct):
     refutations: int = 0
 
 
-class ApplyEvent(Action[MemberEventData]):
-    name = "apply_membership_event"
-    description = "Fold a SWIM event into the liveness view and publish liveness changes."
+class ApplyEvents(Action[MemberEvents]):
+    name = "apply_membership_events"
+    description = "Fold SWIM events into the liveness view and publish liveness changes."
 
-    def run(self, ev: MemberEventData, ctx: ActionContext) -> Result:
+    def run(self, batch: MemberEvents, ctx: ActionContext) -> Result:
         state: FailureDetectorState = ctx.state
         members = dict(state.members)
-        if ev.kind == "reaped":
-            members.pop(ev.name, None)
-        else:
-            members[ev.name] = MemberView(
-                addr=ev.addr,
-                state=ev.state,
-                incarnation=ev.incarnation,
-                zone=ev.zone,
-                region=ev.region,
-                changed_at=ev.at,
-                rtt=ev.rtt,
-            )
         suspicions, deaths, refutations = state.suspicions, state.deaths, state.refutations
         directives = []
-        kind = _LIVENESS.get(ev.kind)
-        if kind is not None:
+        source = f"/node/{ctx.agent_id}"
+        for ev in batch.events:
+            if ev.kind == "reaped":
+                members.pop(ev.name, None)
+            else:
+                members[ev.name] = MemberView(
+                    addr=ev.addr,
+                    state=ev.state,
+                    incarnation=ev.incarnation,
+                    zone=ev.zone,
+                    region=ev.region,
+                    changed_at=ev.at,
+                    rtt=ev.rtt,
+                )
+            kind = _LIVENESS.get(ev.kind)
+            if kind is None:
+                continue
             suspicions += kind == "suspect"
             deaths += kind == "dead"
             refutations += kind == "alive"
@@ -67,12 +70,11 @@ class ApplyEvent(Action[MemberEventData]):
                 "graceful": ev.kind == "left",
                 "at": ev.at,
             }
-            source = f"/node/{ctx.agent_id}"
-            sig = Signal(type=f"cluster.member.{kind}", source=source, subject=ev.name, data=data)
+            kind_type = f"cluster.member.{kind}"
             if ctx.signal is not None:
-                sig = ctx.signal.caused(
-                    f"cluster.member.{kind}", data, source=source, subject=ev.name
-                )
+                sig = ctx.signal.caused(kind_type, data, source=source, subject=ev.name)
+            else:
+                sig = Signal(type=kind_type, source=source, subject=ev.name, data=data)
             directives.append(Emit(sig))
         return Result(
             state=FailureDetectorState(members, suspicions, deaths, refutations),
@@ -84,6 +86,6 @@ class FailureDetector(Agent):
     name = "failure_detector"
     description = "SWIM + Lifeguard liveness: publishes suspect / alive / dead with evidence."
     State = FailureDetectorState
-    actions = (ApplyEvent,)
-    routes = (("membership.event", "apply_membership_event"),)
+    actions = (ApplyEvents,)
+    routes = (("membership.events", "apply_membership_events"),)
     skills = (ClusterAgentSkill(),)

@@ -3,7 +3,7 @@
 Theory of operation: on a schedule the agent asks the node to run its discovery strategies
 (``Discover`` directive: the node does the I/O); the result comes back as a
 ``cluster.discovery.result`` signal and the agent decides whom to join (candidates that are
-not live members; ``JoinPeers``). Membership events (``membership.event``) maintain the
+not live members; ``JoinPeers``). Membership events (``membership.events`` batches) maintain the
 topology — who is a member, where, with which estimated RTT — and a bounded history of
 changes; joins, leaves and metadata updates are published as ``cluster.member.joined`` /
 ``left`` / ``updated`` and every change as ``cluster.topology.changed``.
@@ -27,7 +27,7 @@ from agentcluster.clustering.base import (
     ClusterAgentSkill,
     Discover,
     JoinPeers,
-    MemberEventData,
+    MemberEvents,
     MemberView,
 )
 from agentcluster.signals import Signal
@@ -147,71 +147,81 @@ _TOPOLOGY_KINDS = {
 }
 
 
-class Observe(Action[MemberEventData]):
-    name = "observe_membership_event"
+class Observe(Action[MemberEvents]):
+    name = "observe_membership_events"
 
-    def run(self, ev: MemberEventData, ctx: ActionContext) -> Result:
+    def run(self, batch: MemberEvents, ctx: ActionContext) -> Result:
         state: NodeDiscoveryState = ctx.state
+        # One copy per batch, not per event: a join brings hundreds of events in one batch.
         members = dict(state.members)
-        if ev.kind == "reaped":
-            members.pop(ev.name, None)
-        else:
-            members[ev.name] = MemberView(
-                ev.addr, ev.state, ev.incarnation, ev.zone, ev.region, ev.at, ev.rtt
-            )
         metrics = dict(state.metrics)
-        old = metrics.get(ev.name, PeerMetrics())
-        recent = old.recent
-        if ev.kind in ("suspect", "alive", "joined"):
-            recent = (*recent, "suspect" if ev.kind == "suspect" else "ok")[-LOSS_WINDOW:]
-        rtt = ev.rtt if ev.rtt is not None else old.rtt
-        peer = PeerMetrics(rtt=rtt, recent=recent)
-        peer = msgspec.structs.replace(peer, risk=failure_risk(rtt, peer.loss))
-        if ev.kind == "reaped":
-            metrics.pop(ev.name, None)
-        else:
-            metrics[ev.name] = peer
+        history = list(state.history)
+        predictions = list(state.predictions)
         directives: list[Any] = []
-        history = state.history
-        predictions = state.predictions
+        changes: list[dict[str, str]] = []
         source = f"/node/{ctx.agent_id}"
-        kind = _TOPOLOGY_KINDS.get(ev.kind)
-        if kind is not None:
-            change = TopologyChange(ev.at, ev.kind, ev.name, ev.addr, ev.zone)
-            history = [*history, change][-HISTORY_LIMIT:]
-            data = {"name": ev.name, "addr": ev.addr, "zone": ev.zone, "region": ev.region,
-                    "incarnation": ev.incarnation, "reason": ev.kind}  # fmt: skip
-            directives.append(
-                Emit(
-                    Signal(type=f"cluster.member.{kind}", source=source, subject=ev.name, data=data)
+        for ev in batch.events:
+            if ev.kind == "reaped":
+                members.pop(ev.name, None)
+            else:
+                members[ev.name] = MemberView(
+                    ev.addr, ev.state, ev.incarnation, ev.zone, ev.region, ev.at, ev.rtt
                 )
-            )
+            old = metrics.get(ev.name, PeerMetrics())
+            recent = old.recent
+            if ev.kind in ("suspect", "alive", "joined"):
+                recent = (*recent, "suspect" if ev.kind == "suspect" else "ok")[-LOSS_WINDOW:]
+            rtt = ev.rtt if ev.rtt is not None else old.rtt
+            peer = PeerMetrics(rtt=rtt, recent=recent)
+            peer = msgspec.structs.replace(peer, risk=failure_risk(rtt, peer.loss))
+            if ev.kind == "reaped":
+                metrics.pop(ev.name, None)
+            else:
+                metrics[ev.name] = peer
+            kind = _TOPOLOGY_KINDS.get(ev.kind)
+            if kind is not None:
+                history.append(TopologyChange(ev.at, ev.kind, ev.name, ev.addr, ev.zone))
+                changes.append({"change": ev.kind, "name": ev.name})
+                data = {"name": ev.name, "addr": ev.addr, "zone": ev.zone, "region": ev.region,
+                        "incarnation": ev.incarnation, "reason": ev.kind}  # fmt: skip
+                directives.append(
+                    Emit(
+                        Signal(
+                            type=f"cluster.member.{kind}", source=source, subject=ev.name, data=data
+                        )
+                    )
+                )
+            if peer.risk > RISK_THRESHOLD and ev.kind != "reaped":
+                pred = Prediction(ev.at, ev.name, peer.risk, peer.rtt, peer.loss)
+                predictions.append(pred)
+                directives.append(
+                    Emit(
+                        Signal(
+                            type="cluster.member.at_risk",
+                            source=source,
+                            subject=ev.name,
+                            data=msgspec.to_builtins(pred),
+                        )
+                    )
+                )
+        if changes:
             alive = sum(1 for v in members.values() if v.state in ("alive", "suspect"))
             directives.append(
                 Emit(
                     Signal(
                         type="cluster.topology.changed",
                         source=source,
-                        data={"change": ev.kind, "name": ev.name, "members": alive},
-                    )
-                )
-            )
-        if peer.risk > RISK_THRESHOLD and ev.kind != "reaped":
-            pred = Prediction(ev.at, ev.name, peer.risk, peer.rtt, peer.loss)
-            predictions = [*predictions, pred][-PREDICTION_LIMIT:]
-            directives.append(
-                Emit(
-                    Signal(
-                        type="cluster.member.at_risk",
-                        source=source,
-                        subject=ev.name,
-                        data=msgspec.to_builtins(pred),
+                        data={"changes": changes, "members": alive},
                     )
                 )
             )
         return Result(
             state=msgspec.structs.replace(
-                state, members=members, history=history, metrics=metrics, predictions=predictions
+                state,
+                members=members,
+                history=history[-HISTORY_LIMIT:],
+                metrics=metrics,
+                predictions=predictions[-PREDICTION_LIMIT:],
             ),
             directives=directives,
         )
@@ -225,7 +235,7 @@ class NodeDiscovery(Agent):
     routes = (
         ("cluster.discovery.tick", "discovery_round"),
         ("cluster.discovery.result", "discovery_result"),
-        ("membership.event", "observe_membership_event"),
+        ("membership.events", "observe_membership_events"),
     )
     skills = (ClusterAgentSkill(),)
 

@@ -16,6 +16,11 @@ from agentcluster.membership.vivaldi import Coordinate
 __all__ = [
     "DIRECT",
     "INDIRECT",
+    "T_LEARN",
+    "T_NACK",
+    "T_REAP",
+    "T_RELAY_END",
+    "T_SUSPECT",
     "NodeState",
     "PendingStream",
     "Probe",
@@ -26,6 +31,9 @@ __all__ = [
 
 # Probe phases.
 DIRECT, INDIRECT = range(2)
+# Kinds of timer in the core's heap: a suspicion expiring, a relayed probe owing its requester
+# a nack, a relay ending, a dead member to forget, a stranger to sync with.
+T_SUSPECT, T_NACK, T_RELAY_END, T_REAP, T_LEARN = range(5)
 
 
 @dataclass

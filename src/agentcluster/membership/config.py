@@ -61,8 +61,8 @@ class SwimConfig:
     # -- suspicion (Lifeguard LHA-Suspicion) --------------------------------------------------
     # min timeout = suspicion_mult * max(1, log10(n)) * probe_interval: 0.63 s at n = 200.
     # It only applies once k witnesses confirmed, and a witness can only confirm after its own
-    # full probe round failed -- i.e. the member stayed silent through two rounds (> 0.8 s), so
-    # a member that merely paused has already answered and refuted by then.
+    # full probe round failed -- the member stayed silent through two rounds (~1 s) -- so a
+    # member that merely paused (0.8 s) has answered the witnesses and refuted by then.
     suspicion_mult: float = 0.55
     # The timeout starts at 4x the minimum (2.5 s at n = 200) and shrinks as distinct members
     # confirm: a lone accuser -- maybe the unhealthy one -- must wait the longest.
@@ -86,10 +86,12 @@ class SwimConfig:
 
     # -- dissemination -------------------------------------------------------------------------
     # Each gossip entry is sent retransmit_mult * ceil(log10(n + 1)) times by every node that
-    # learns it (12 at n = 200): enough that all n members hear it w.h.p. under 5 % loss.
+    # learns it (12 at n = 200; the log factor is floored at 2; deaths and joins get twice
+    # that): a node misses an entry with probability ~exp(-limit), so all n hear it w.h.p.
     retransmit_mult: int = 4
-    # Gossip packets leave at most every 100 ms and only while something is pending; with 3
-    # targets an entry reaches 200 nodes in ~4-5 hops (< 0.5 s).
+    # Gossip packets go to 3 random members, only while something is pending: at once for a
+    # death or a refutation, otherwise at most every 100 ms (bursts fill packets). An entry
+    # reaches 200 nodes in ~4-5 hops.
     gossip_interval: float = 0.1
     gossip_nodes: int = 3
     # Keep gossiping to members we declared dead for a while: if they are in fact alive they
@@ -244,8 +246,6 @@ class SwimConfig:
             # Two witnesses, two confirmations: all a 5-10 node cluster can supply quickly.
             suspicion_confirmations=2,
             suspicion_probers=2,
-            # Small clusters: ceil(log10(n + 1)) is 1-2, so 3 transmits per hop are plenty.
-            retransmit_mult=3,
             # Joins must reach everyone within 0.5 s: gossip as often as every 50 ms.
             gossip_interval=0.05,
             gossip_to_the_dead_time=10.0,

@@ -7,20 +7,27 @@ shell drains them with :meth:`Swim.ready` (packets to send, stream requests to o
 :meth:`Swim.next_deadline` says when to call ``tick`` next. No sockets, no clocks, no global
 random: the same inputs and seed give the same outputs.
 
-*Failure detection* (SWIM, Das et al. 2002, as refined by hashicorp/memberlist). One probe
-round per probe interval: a direct :class:`Ping`; after the probe timeout, optionally a second
-direct ping; then ``k`` :class:`IndirectPing` through random members plus a stream ping (TCP
-fallback); no ack by the end of the round makes the target *suspect*. Each phase lasts its full
-length from when it actually started, so a node whose own event loop stalled never skips the
-indirect phase and blames a peer for its own slowness. Targets come from a shuffled round robin
-interleaved with probes of our successor on a hash ring (see ``_probe_order``).
+*Failure detection* (SWIM, Das et al. 2002, as refined by hashicorp/memberlist): one probe
+round per probe interval -- direct ping, optional retry, ``k`` indirect pings plus a stream ping
+-- and no ack by the end of the round makes the target *suspect*. The probe loop lives in
+``_probing`` (:class:`ProbeLoop`, our base class); targets come from a shuffled round robin
+interleaved with our successor on a hash ring (``_probe_order``).
 
 *Lifeguard* (Dadgar et al. 2018). LHA-Probe: a local health score (``_awareness``) stretches
-our probe interval and timeout when we fail probes, miss nacks from indirect helpers, or have
-to refute. LHA-Suspicion: a suspicion timer starts at its maximum and shrinks as distinct
-members confirm it (``_suspicion``); the suspect's next ring successors probe it at once when
-they hear of it, so confirmations -- or a refutation -- come within a round. Buddy system: a
-ping to a member we suspect carries the suspicion, and the member refutes on the spot.
+our probe interval and timeout when we fail probes, miss nacks or have to refute. LHA-Suspicion:
+a suspicion timer starts at its maximum and shrinks as distinct members confirm it
+(``_suspicion``). Buddy system: a ping to a member we suspect carries the suspicion, and the
+member refutes on the spot.
+
+*Witnesses instead of cluster-wide suspicion gossip.* The accuser sends its suspicion directly
+to the suspect (buddy system again) and to the suspect's next ``suspicion_probers`` alive ring
+successors, its *witnesses*; they probe the suspect at once and, if their own probe fails,
+confirm to the accusers and each other. Only these few members hold timers, so a refutation
+has to reach only them (it is sent to them directly, and gossiped), and a member that merely
+paused -- which has answered the witnesses' pings by the time their round ends -- is never at
+the mercy of 200 timers. The verdict, Dead, is gossiped to everyone. Another node's view that
+a member is dead (push-pull, or a Dead older than what we know) is *hearsay*: it starts no
+timer, we tell the member and probe it ourselves.
 
 *State rules* (incarnation numbers). Alive(i) overrides Suspect/Dead only with i greater than
 what we hold; Suspect(i) applies to an alive member with i >= ours; Dead(i) with i >= ours is
@@ -28,12 +35,16 @@ final for that incarnation (Dead by the member itself = "left"). A node that hea
 suspected or declared dead takes an incarnation above the accusation and gossips Alive --
 this is also how a restarted node wins back its name. A member that changes address may do so
 only once it is dead or left (``dead_node_reclaim_time``); a conflicting claim seen earlier is
-applied as soon as the old holder is declared dead.
+applied as soon as the old holder is declared dead. A node whose view is behind ours (a stale
+suspicion or Dead) is told what we know.
 
 *Dissemination*. Every change is queued (``_broadcasts``) and piggybacked on every packet we
-send, up to ``packet_budget`` bytes; while the queue is not empty, a :class:`Gossip` packet goes
+send, up to ``packet_budget`` bytes; while the queue is not empty, :class:`Gossip` packets go
 to ``gossip_nodes`` random members every ``gossip_interval`` -- and nothing when it is empty.
-Periodic push-pull state exchange over a stream repairs whatever gossip missed.
+Deaths and refutations leave at once and deaths are sent twice as often (everyone must hear of
+them); other news is paced so that bursts fill packets. Push-pull state exchange over a stream
+repairs what gossip missed: periodically (now and then with a member we hold dead, which heals
+partitions), a few rounds after joining, and with any member that talks to us while unknown.
 
 Bad input never raises: unknown members, stale sequence numbers, claims about ourselves from
 the wrong address and the like are dropped and counted in ``stats.dropped``.
@@ -48,9 +59,13 @@ from collections.abc import Sequence
 from agentcluster.membership._awareness import Awareness
 from agentcluster.membership._broadcasts import PACKET_KINDS, BroadcastQueue, Outbox
 from agentcluster.membership._probe_order import ProbeOrder, Roster
+from agentcluster.membership._probing import ProbeLoop
 from agentcluster.membership._state import (
-    DIRECT,
-    INDIRECT,
+    T_LEARN,
+    T_NACK,
+    T_REAP,
+    T_RELAY_END,
+    T_SUSPECT,
     NodeState,
     PendingStream,
     Probe,
@@ -85,20 +100,17 @@ from agentcluster.membership.messages import (
     Suspect,
     validate_meta,
 )
-from agentcluster.membership.vivaldi import Coordinate, Vivaldi
+from agentcluster.membership.vivaldi import Vivaldi
 
 __all__ = ["Member", "MemberEvent", "Ready", "StreamRequest", "Swim", "SwimStats"]
 
 _INF = math.inf
-# Timer kinds in the heap.
-_T_SUSPECT, _T_NACK, _T_RELAY_END, _T_REAP = range(4)
 # Bounds on what peers can make us hold.
-_MAX_RELAYS = 1024
 _MAX_MEMBERS = 65_536
 _MAX_CLAIMS = 256
 
 
-class Swim:
+class Swim(ProbeLoop):
     """One node's SWIM + Lifeguard membership state machine (see the module docstring)."""
 
     def __init__(
@@ -150,6 +162,7 @@ class Swim:
         self._last_gossip = -_INF
         self._push_pull_at = now + rng.uniform(0.0, config.push_pull_interval)
         self._claims: dict[str, Alive] = {}
+        self._strangers: dict[str, str] = {}
         self._stream_out: list[StreamRequest] = []
         self._events: list[MemberEvent] = []
         self._queue(name, Alive(name, addr, 0, meta), now)
@@ -181,6 +194,10 @@ class Swim:
         try:
             if msg.gossip:
                 self._apply_gossip(msg.gossip, now)
+            sender = self._nodes.get(msg.source)
+            if sender is None or sender.state in ("dead", "left"):
+                reply_addr = msg.source_addr if isinstance(msg, Ping | IndirectPing) else ""
+                self._stranger(sender, msg.source, reply_addr or src_addr, now)
             if isinstance(msg, Ping):
                 self._on_ping(src_addr, msg)
             elif isinstance(msg, Ack):
@@ -222,7 +239,12 @@ class Swim:
             if pending.kind == "ping":
                 self._on_stream_ack(pending, reply, now)
             elif isinstance(reply, PushPull) and reply.reply:
-                self._merge(reply.states, reply.source, now)
+                self._merge(reply.states, reply.source, now, quiet=pending.kind == "join")
+                if pending.kind == "join":
+                    # A follow-up sync a few rounds later picks up the members that joined
+                    # at the same time as us, whose gossip went to those who knew them.
+                    follow_up = now + 4 * self.config.probe_interval
+                    self._push_pull_at = min(self._push_pull_at, follow_up)
             elif pending.kind == "join":
                 self.stats.join_failures += 1
             else:
@@ -233,12 +255,17 @@ class Swim:
     def tick(self, now: float) -> None:
         """Run everything that is due at ``now``."""
         self._now = now
-        self._run_timers(now)
-        self._run_probe(now)
-        if now >= self._gossip_at:
-            self._gossip(now)
-        if now >= self._push_pull_at:
-            self._push_pull(now)
+        # One pass can make more work due at once (a failed probe confirming a suspicion whose
+        # shortened deadline has passed): loop until nothing is due, so the shell never spins.
+        for _ in range(8):
+            self._run_timers(now)
+            self._run_probe(now)
+            if now >= self._gossip_at:
+                self._gossip(now)
+            if now >= self._push_pull_at:
+                self._push_pull(now)
+            if self.next_deadline() > now:
+                break
 
     def next_deadline(self) -> float:
         """When :meth:`tick` must be called next (never infinite)."""
@@ -264,8 +291,7 @@ class Swim:
         self._urgent.clear()
         self._me.state = "left"
         self._me.changed_at = now
-        self._queue(self.name, Dead(self.name, self._incarnation, self.name), now)
-        self._gossip_at = now
+        self._queue(self.name, Dead(self.name, self._incarnation, self.name), now, urgent=True)
 
     def update_meta(self, meta: NodeMeta, now: float) -> None:
         """Change our metadata: a new incarnation, gossiped as Alive. ``ValueError`` if the
@@ -274,7 +300,8 @@ class Swim:
         self._now = now
         self._meta = meta
         self._me.meta = meta
-        self._bump_incarnation(now)
+        if not self._left:  # after leave() an Alive would undo it; join() announces it
+            self._bump_incarnation(now)
 
     def ready(self) -> Ready:
         """Drain the outputs accumulated since the last call."""
@@ -315,187 +342,6 @@ class Swim:
         """(min, max, k) a suspicion started now would get (for tests and dashboards)."""
         return self.config.suspicion_bounds(self.num_live, self._awareness.multiplier)
 
-    # ================================================================== probing
-    def _run_probe(self, now: float) -> None:
-        while True:
-            probe = self._probe
-            if probe is not None:
-                if now < probe.deadline:
-                    return
-                self._advance_probe(probe, now)
-                continue
-            if self._left or now < self._next_probe_at:
-                return
-            if not self._start_probe(now):
-                return
-
-    def _probeable(self, name: str) -> bool:
-        st = self._nodes.get(name)
-        return st is not None and name != self.name and st.state in ("alive", "suspect")
-
-    def _pick_target(self) -> str | None:
-        while self._urgent:
-            name = next(iter(self._urgent))
-            del self._urgent[name]
-            if self._probeable(name):
-                self.stats.urgent_probes += 1
-                return name
-        self._ring_credit += self.config.ring_probe_ratio
-        if self._ring_credit >= 1.0:
-            self._ring_credit -= 1.0
-            successor = self._order.successor()
-            if successor is not None and self._probeable(successor):
-                return successor
-        return self._order.next_round_robin(self._roster.live, self._probeable)
-
-    def _start_probe(self, now: float) -> bool:
-        cfg = self.config
-        target = self._pick_target()
-        if target is None:
-            self._next_probe_at = now + cfg.probe_interval
-            return False
-        st = self._nodes[target]
-        interval = self._awareness.scale(cfg.probe_interval)
-        timeout = self._awareness.scale(cfg.probe_timeout)
-        probe = Probe(self._next_seq(), st, now, interval, timeout, cfg.direct_retries)
-        self._probe = probe
-        self._next_probe_at = now + interval
-        self.stats.probes += 1
-        self._send_ping(probe.seq, st)
-        return True
-
-    def _send_ping(self, seq: int, st: NodeState) -> None:
-        # Buddy system: a suspect learns of its suspicion from the very ping that probes it.
-        buddy: GossipEntry | None = None
-        if st.suspicion is not None:
-            buddy = Suspect(st.name, st.incarnation, st.suspicion.accuser)
-        self._send(st.addr, Ping(seq, st.name, self.name, self.addr), first=buddy)
-
-    def _advance_probe(self, probe: Probe, now: float) -> None:
-        cfg = self.config
-        if probe.phase == DIRECT and probe.retries_left > 0:
-            probe.retries_left -= 1
-            probe.retried = True
-            probe.deadline = now + probe.timeout
-            st = self._nodes.get(probe.target)
-            if st is not None:
-                self._send_ping(probe.seq, st)
-            return
-        if probe.phase == INDIRECT:
-            self._finish_probe(probe, now, ok=False)
-            return
-        probe.phase = INDIRECT
-        helpers = self._pick_members(cfg.indirect_checks, probe.target)
-        for helper in helpers:
-            req = IndirectPing(probe.seq, probe.target, probe.addr, self.name, self.addr, True)
-            self._send(self._nodes[helper].addr, req)
-        probe.helpers = dict.fromkeys(helpers)
-        self.stats.indirect_sent += len(helpers)
-        remaining = max(probe.interval - probe.timeout * (1 + cfg.direct_retries), probe.timeout)
-        probe.deadline = now + remaining
-        if cfg.stream_fallback:
-            self.stats.stream_pings += 1
-            ping = StreamPing(probe.seq, probe.target, self.name, self.addr)
-            pending = PendingStream("ping", probe.seq, probe.target)
-            self._request_stream(probe.addr, ping, pending, timeout=remaining)
-
-    def _finish_probe(self, probe: Probe, now: float, *, ok: bool) -> None:
-        self._probe = None
-        if self._urgent:
-            self._next_probe_at = min(self._next_probe_at, now)
-        if ok:
-            self._awareness.apply(-1)
-            return
-        self.stats.probe_failures += 1
-        # Lifeguard: with helpers that nack, only the nacks that never came count against our
-        # own health (the helpers are presumed fine); without helpers any failure does.
-        if probe.helpers:
-            missing = len(probe.helpers) - len(probe.nacks)
-            self.stats.nacks_missing += missing
-            self._awareness.apply(missing)
-        else:
-            self._awareness.apply(1)
-        st = self._nodes.get(probe.target)
-        if st is not None and st.state in ("alive", "suspect") and st.addr == probe.addr:
-            self._on_suspect(Suspect(probe.target, probe.incarnation, self.name), now)
-
-    def _on_ping(self, src_addr: str, msg: Ping) -> None:
-        if msg.target != self.name:
-            self.stats.drop("wrong_target")
-            return
-        coord = self._vivaldi.coordinate if self._vivaldi is not None else None
-        self._send(msg.source_addr or src_addr, Ack(msg.seq, self.name, coord))
-
-    def _on_ack(self, msg: Ack, now: float) -> None:
-        relay = self._relays.pop(msg.seq, None)
-        if relay is not None:
-            self.stats.acks_relayed += 1
-            self._send(relay.addr, Ack(relay.seq, relay.target))
-            return
-        probe = self._probe
-        if probe is None or msg.seq != probe.seq:
-            self.stats.drop("stale_ack")
-            return
-        if msg.source != probe.target:
-            self.stats.drop("ack_wrong_source")
-            return
-        self.stats.acks += 1
-        if msg.coord is not None and not probe.retried:
-            self._observe_rtt(probe.target, msg.coord, now - probe.sent_at)
-        self._finish_probe(probe, now, ok=True)
-
-    def _observe_rtt(self, name: str, coord: Coordinate, rtt: float) -> None:
-        st = self._nodes.get(name)
-        if st is None:
-            return
-        st.coord = coord
-        if self._vivaldi is None:
-            return
-        try:
-            self._vivaldi.observe(name, coord, rtt)
-            self.stats.rtt_samples += 1
-        except ValueError:
-            self.stats.drop("bad_coordinate")
-
-    def _on_nack(self, msg: Nack) -> None:
-        probe = self._probe
-        if probe is None or msg.seq != probe.seq or msg.source not in probe.helpers:
-            self.stats.drop("stale_nack")
-            return
-        if msg.source not in probe.nacks:
-            probe.nacks[msg.source] = None
-            self.stats.nacks_received += 1
-
-    def _on_indirect_ping(self, src_addr: str, msg: IndirectPing, now: float) -> None:
-        reply_to = msg.source_addr or src_addr
-        self.stats.indirect_handled += 1
-        if msg.target == self.name:
-            coord = self._vivaldi.coordinate if self._vivaldi is not None else None
-            self._send(reply_to, Ack(msg.seq, self.name, coord))
-            return
-        if len(self._relays) >= _MAX_RELAYS:
-            self.stats.drop("relay_overflow")
-            return
-        seq = self._next_seq()
-        self._relays[seq] = Relay(msg.seq, reply_to, msg.target, msg.nack)
-        st = self._nodes.get(msg.target)
-        if st is not None and st.addr == msg.target_addr:
-            self._send_ping(seq, st)
-        else:
-            self._send(msg.target_addr, Ping(seq, msg.target, self.name, self.addr))
-        self._timers.push(now + self.config.probe_timeout, _T_NACK, seq, 0)
-        # Keep relaying a late ack for the rest of the requester's round.
-        self._timers.push(now + self.config.probe_interval, _T_RELAY_END, seq, 0)
-
-    def _on_stream_ack(
-        self, pending: PendingStream, reply: StreamMessage | None, now: float
-    ) -> None:
-        probe = self._probe
-        ok = isinstance(reply, StreamAck) and reply.source == pending.target
-        if ok and probe is not None and probe.seq == pending.seq == reply.seq:  # type: ignore[union-attr]
-            self.stats.tcp_only_acks += 1
-            self._finish_probe(probe, now, ok=True)
-
     # ================================================================== state rules
     def _apply_gossip(self, entries: Sequence[GossipEntry], now: float) -> None:
         for entry in entries:
@@ -508,7 +354,7 @@ class Swim:
             else:
                 self.stats.drop("unknown_gossip")
 
-    def _on_alive(self, a: Alive, now: float) -> None:
+    def _on_alive(self, a: Alive, now: float, *, gossip: bool = True) -> None:
         st = self._nodes.get(a.name)
         if st is None:
             if len(self._nodes) >= _MAX_MEMBERS:
@@ -517,7 +363,8 @@ class Swim:
             st = NodeState(a.name, a.addr, "alive", a.incarnation, a.meta, now)
             self._nodes[a.name] = st
             self._make_live(st, now)
-            self._queue(a.name, a, now)
+            if gossip:
+                self._queue(a.name, a, now, boost=2)
             self._emit("joined", st, None, 0, now)
             return
         moved = st.addr != a.addr
@@ -549,7 +396,8 @@ class Swim:
             self._set_state(st, "alive", now)
         if old_state in ("dead", "left"):
             self._make_live(st, now)
-        self._queue(a.name, a, now)
+        if gossip:
+            self._queue(a.name, a, now, boost=2 if old_state in ("dead", "left") else 1)
         if old_state in ("dead", "left"):
             self._emit("joined", st, None, 0, now)
             return
@@ -563,18 +411,22 @@ class Swim:
         if st is None:
             self.stats.drop("unknown_member")
             return
-        if s.incarnation < st.incarnation:
-            # The accuser has not heard of a newer incarnation: tell it, or it may declare a
-            # live member dead on its own.
-            if st.state == "alive" and s.accuser != self.name:
+        if s.accuser != self.name:
+            # The accuser's view is behind ours (it missed some gossip): tell it what we know,
+            # or it may declare a live member dead on its own -- or go on probing a dead one.
+            if st.state == "alive" and s.incarnation < st.incarnation:
                 self._tell(s.accuser, Alive(st.name, st.addr, st.incarnation, st.meta))
+            elif st.state in ("dead", "left") and s.incarnation <= st.incarnation:
+                by = st.name if st.state == "left" else self.name
+                self._tell(s.accuser, Dead(st.name, st.incarnation, by))
+        if s.incarnation < st.incarnation:
             return
         susp = st.suspicion
         if susp is not None:
             if susp.confirm(s.accuser):
                 self.stats.confirmations += 1
                 st.incarnation = s.incarnation
-                self._timers.push(susp.deadline, _T_SUSPECT, s.name, susp.token)
+                self._timers.push(susp.deadline, T_SUSPECT, s.name, susp.token)
                 if s.accuser == self.name:
                     self._announce(st, s)
             return
@@ -590,7 +442,7 @@ class Swim:
         self._suspicion_seq += 1
         susp = Suspicion(s.accuser, k, minimum, maximum, now, self._suspicion_seq)
         st.suspicion = susp
-        self._timers.push(susp.deadline, _T_SUSPECT, s.name, susp.token)
+        self._timers.push(susp.deadline, T_SUSPECT, s.name, susp.token)
         self._emit("suspect", st, s.accuser, 0, now)
         if s.accuser == self.name:
             self.stats.suspicions += 1
@@ -632,6 +484,12 @@ class Swim:
             self.stats.drop("unknown_member")
             return
         if d.incarnation < st.incarnation:
+            # Someone with an older view of the member found it unresponsive: check it (or,
+            # about us, tell the accuser who we are now).
+            if st is self._me:
+                self._tell(d.accuser, Alive(self.name, self.addr, self._incarnation, self._meta))
+            else:
+                self._hearsay(Suspect(d.name, st.incarnation, d.accuser), now)
             return
         susp = st.suspicion
         st.suspicion = None
@@ -644,7 +502,7 @@ class Swim:
         gone: MemberState = "left" if d.accuser == d.name else "dead"
         self._set_state(st, gone, now)
         self._make_dead(st, now)
-        self._queue(d.name, d, now)
+        self._queue(d.name, d, now, urgent=True)
         self._emit(gone, st, d.accuser, susp.confirmations if susp is not None else 0, now)
         claim = self._claims.pop(d.name, None)
         if claim is not None and self._can_reclaim(st, now):
@@ -667,8 +525,8 @@ class Swim:
     def _bump_incarnation(self, now: float) -> None:
         self._incarnation += 1
         self._me.incarnation = self._incarnation
-        self._queue(self.name, Alive(self.name, self.addr, self._incarnation, self._meta), now)
-        self._gossip_at = min(self._gossip_at, now)
+        alive = Alive(self.name, self.addr, self._incarnation, self._meta)
+        self._queue(self.name, alive, now, urgent=True)
 
     def _can_reclaim(self, st: NodeState, now: float) -> bool:
         if st.state == "left":
@@ -676,15 +534,54 @@ class Swim:
         reclaim = self.config.dead_node_reclaim_time
         return st.state == "dead" and reclaim is not None and now - st.changed_at >= reclaim
 
-    def _merge(self, states: Sequence[MemberSnapshot], source: str, now: float) -> None:
+    def _merge(
+        self, states: Sequence[MemberSnapshot], source: str, now: float, *, quiet: bool = False
+    ) -> None:
+        """Apply a push-pull state. ``quiet`` (the reply to our own join): what we learn is
+        old news to everyone else, so it is not re-gossiped -- a joiner would otherwise
+        broadcast the whole membership λ·log(n) times."""
         for s in states:
             if s.state == "alive":
-                self._on_alive(Alive(s.name, s.addr, s.incarnation, s.meta), now)
+                self._on_alive(Alive(s.name, s.addr, s.incarnation, s.meta), now, gossip=not quiet)
             elif s.state == "left":
                 self._on_dead(Dead(s.name, s.incarnation, s.name), now)
             else:
-                # A remote "dead" only makes us suspect: the member gets its chance to refute.
-                self._on_suspect(Suspect(s.name, s.incarnation, source), now)
+                self._hearsay(Suspect(s.name, s.incarnation, source), now)
+
+    def _stranger(self, st: NodeState | None, name: str, addr: str, now: float) -> None:
+        """A member we hold dead, or have never heard of, talks to us.
+
+        Dead: tell it so. If it is a new incarnation that we missed, it answers with its
+        Alive (a stale accusation); if not (a partition, a pause), it refutes. Unknown: its
+        Alive is probably on its way; if we still do not know it two rounds later, we missed
+        that gossip (we joined through a seed that did not know it yet) -- sync with it."""
+        if st is not None:
+            if st.state == "dead":  # a member that left and talks again will announce itself
+                dead = Dead(name, st.incarnation, self.name)
+                self._send(addr, Gossip(self.name), first=dead)
+            return
+        if name in self._strangers or len(self._strangers) >= _MAX_CLAIMS:
+            return
+        self._strangers[name] = addr
+        self._timers.push(now + 2 * self.config.probe_interval, T_LEARN, name)
+
+    def _hearsay(self, s: Suspect, now: float) -> None:
+        """Another node's view says ``s.name`` is suspect or dead. Unlike memberlist we start
+        no timer on hearsay (after a partition heals, one push-pull would otherwise start
+        timers for half the cluster): the member is told, so it refutes, and we probe it."""
+        st = self._nodes.get(s.name)
+        if st is None or st.state != "alive" or s.incarnation < st.incarnation:
+            return
+        if st is self._me:
+            self._on_suspect(s, now)
+            return
+        if s.name in self._urgent:
+            return  # already being checked
+        self._tell(s.name, s)
+        if not self._left:
+            self._urgent[s.name] = None
+            if self._probe is None:
+                self._next_probe_at = min(self._next_probe_at, now)
 
     # ================================================================== bookkeeping
     def _set_state(self, st: NodeState, state: MemberState, now: float) -> None:
@@ -697,27 +594,33 @@ class Swim:
             return
         self._order.add(st.name)
         if self._bq:
-            self._gossip_at = min(self._gossip_at, max(now, self._last_gossip))
+            paced = max(now, self._last_gossip + self.config.gossip_interval)
+            self._gossip_at = min(self._gossip_at, paced)
 
     def _make_dead(self, st: NodeState, now: float) -> None:
         self._roster.remove(st.name, now)
         self._order.remove(st.name)
         self._urgent.pop(st.name, None)
-        self._timers.push(now + self.config.reap_after, _T_REAP, st.name, st.version)
+        self._timers.push(now + self.config.reap_after, T_REAP, st.name, st.version)
 
     def _run_timers(self, now: float) -> None:
         while (due := self._timers.pop_due(now)) is not None:
             kind, key, token = due
-            if kind == _T_SUSPECT:
+            if kind == T_SUSPECT:
                 self._suspicion_expired(str(key), token, now)
-            elif kind == _T_NACK:
+            elif kind == T_NACK:
                 relay = self._relays.get(int(key))
                 if relay is not None and relay.nack:
                     relay.nack = False
                     self.stats.nacks_sent += 1
                     self._send(relay.addr, Nack(relay.seq, self.name))
-            elif kind == _T_RELAY_END:
+            elif kind == T_RELAY_END:
                 self._relays.pop(int(key), None)
+            elif kind == T_LEARN:
+                addr = self._strangers.pop(str(key), None)
+                if addr is not None and str(key) not in self._nodes and not self._left:
+                    message = PushPull(self.name, self.addr, False, self._snapshot())
+                    self._request_stream(addr, message, PendingStream("push_pull"))
             else:
                 self._reap(str(key), token, now)
 
@@ -727,7 +630,7 @@ class Swim:
         if st is None or susp is None or susp.token != token or st.state != "suspect":
             return
         if now < susp.deadline:  # an earlier entry for a deadline that has since moved
-            self._timers.push(susp.deadline, _T_SUSPECT, name, token)
+            self._timers.push(susp.deadline, T_SUSPECT, name, token)
             return
         self.stats.deaths_declared += 1
         self._on_dead(Dead(name, st.incarnation, self.name), now)
@@ -742,10 +645,6 @@ class Swim:
         if self._vivaldi is not None:
             self._vivaldi.forget(name)
         self._emit("reaped", st, None, 0, now)
-
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
 
     def _emit(
         self, kind: EventKind, st: NodeState, accuser: str | None, confirmations: int, now: float
@@ -762,28 +661,25 @@ class Swim:
             for st in self._nodes.values()
         )
 
-    def _pick_members(self, k: int, exclude: str) -> list[str]:
-        nodes = self._nodes
-        return self._roster.sample(k, lambda name: name != exclude and nodes[name].state == "alive")
-
     # ================================================================== dissemination
-    def _queue(self, key: str, entry: GossipEntry, now: float) -> None:
-        self._bq.queue(key, entry)
-        # News leaves at once (each hop costs a network delay, not a gossip interval); the
-        # interval only paces the retransmissions that follow.
-        if self._roster:
+    def _queue(
+        self, key: str, entry: GossipEntry, now: float, *, urgent: bool = False, boost: int = 1
+    ) -> None:
+        # Deaths and joins are sent twice as often (boost 2): a member that misses one
+        # (probability ~exp(-limit)) would keep a wrong view until it probes the member
+        # itself; refutations, the frequent kind, keep the normal limit.
+        self._bq.queue(key, entry, boost=2 if isinstance(entry, Dead) else boost)
+        if not self._roster:
+            return
+        if urgent:
+            # A death or a refutation leaves at once: each hop then costs a network delay,
+            # not a gossip interval, and detection / refutation races are won by time.
             self._gossip_at = now
-
-    def _send(
-        self,
-        addr: str,
-        msg: Message,
-        *,
-        first: GossipEntry | None = None,
-        need_gossip: bool = False,
-    ) -> bool:
-        n = len(self._roster) + 1
-        return self._out.send(addr, msg, n, first=first, need_gossip=need_gossip)
+        else:
+            # Other news is paced, so a burst (a wave of joins) fills packets instead of
+            # multiplying them.
+            paced = max(now, self._last_gossip + self.config.gossip_interval)
+            self._gossip_at = min(self._gossip_at, paced)
 
     def _gossip(self, now: float) -> None:
         self._gossip_at = _INF
@@ -806,21 +702,17 @@ class Swim:
         self._push_pull_at = now + cfg.push_pull_interval_for(self.num_live)
         if self._left:
             return
-        picks = self._pick_members(1, self.name)
-        if not picks:
+        # Now and then a member we hold dead (Serf's "reconnect"): if it is in fact alive --
+        # a healed partition -- the exchange makes both sides refute and merge again. O(n),
+        # but push-pulls are rare.
+        dead = [st.addr for st in self._nodes.values() if st.state == "dead"]
+        live = self._pick_members(1, self.name)
+        if dead and self._rng.random() * (len(dead) + len(self._roster)) < len(dead):
+            target = self._rng.choice(dead)
+        elif live:
+            target = self._nodes[live[0]].addr
+        else:
             return
         self.stats.push_pulls += 1
         message = PushPull(self.name, self.addr, False, self._snapshot())
-        self._request_stream(self._nodes[picks[0]].addr, message, PendingStream("push_pull"))
-
-    def _request_stream(
-        self,
-        addr: str,
-        message: StreamMessage,
-        pending: PendingStream,
-        timeout: float | None = None,
-    ) -> None:
-        self._request_id += 1
-        self._streams[self._request_id] = pending
-        wait = self.config.stream_timeout if timeout is None else timeout
-        self._stream_out.append(StreamRequest(self._request_id, addr, message, wait))
+        self._request_stream(target, message, PendingStream("push_pull"))
