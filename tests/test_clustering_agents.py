@@ -91,6 +91,7 @@ def test_a_batch_is_applied_in_order_with_one_topology_signal() -> None:
     agent, directives = run_cmd(
         NodeDiscovery(), Signal(type="membership.events", data={"events": batch})
     )
+    assert [h.name for h in agent.state.history] == ["m0", "m1", "m2", "m3", "m4", "m0"]
     emitted = [d.signal for d in directives if isinstance(d, Emit)]
     assert [s.type for s in emitted].count("cluster.topology.changed") == 1
     assert emitted[-1].data["members"] == 4
