@@ -600,3 +600,75 @@ def lonely(config: SwimConfig, members: tuple[str, ...], now: float = 0.0) -> Sw
 def inject(core: Swim, *entries: Alive | Suspect | Dead, now: float) -> list[MemberEvent]:
     core.handle_packet(addr("src"), Gossip("src", entries), now)
     return core.ready().events
+
+
+# ---------------------------------------------------------------------------- ad hoc runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python tests/swim_harness.py --n 200 --minutes 10``: the lossy/stalling scenario of
+    the issue with crash detection, false positives and traffic figures (too slow for CI)."""
+    import argparse
+    import time
+
+    from agentcluster.membership.config import preset
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--loss", type=float, default=0.05)
+    ap.add_argument("--stallers", type=float, default=0.10, help="share of stalling nodes")
+    ap.add_argument("--gap", type=float, nargs=2, default=(1.0, 4.0), help="s between stalls")
+    ap.add_argument("--crashes", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--preset", default="lan")
+    ap.add_argument("--delay", type=float, default=0.0005, help="one-way delay (+ as jitter)")
+    ap.add_argument("--streams", choices=("queue", "refuse"), default="refuse")
+    args = ap.parse_args(argv)
+    wall = time.monotonic()
+    sim = Sim(args.seed, preset(args.preset), delay=args.delay, jitter=args.delay)
+    sim.stall_streams = args.streams
+    names = build_cluster(sim, args.n, seeds=3, spread=0.01)
+    sim.run_for(5.0)
+    print(f"joined: converged={sim.converged()} at {sim.now:.1f}s")
+    p0, b0 = sim.traffic()
+    sim.run_for(10.0)
+    p1, b1 = sim.traffic()
+    print(
+        f"clean steady state: {(p1 - p0) / args.n / 10:.2f} packets/s/node, "
+        f"{(b1 - b0) / args.n / 10:.0f} bytes/s/node"
+    )
+    sim.loss = args.loss
+    rng = random.Random(args.seed)
+    stallers = rng.sample(names[1:], int(args.n * args.stallers))
+    end = sim.now + args.minutes * 60.0
+    start_stalls(sim, stallers, gap=(args.gap[0], args.gap[1]), until=end)
+    p0, b0, t0 = *sim.traffic(), sim.now
+    victims = rng.sample([x for x in names[1:] if x not in stallers], args.crashes)
+    step = (end - sim.now) / (args.crashes + 1)
+    for victim in victims:
+        sim.run_for(step)
+        sim.crash(victim)
+    sim.run_for(step)
+    p1, b1 = sim.traffic()
+    live = len(sim.live_nodes())
+    times = [sim.detection_time(v) for v in victims]
+    done = [t for t in times if t is not None]
+    print(
+        f"loss+stalls: {(p1 - p0) / live / (sim.now - t0):.2f} packets/s/node, "
+        f"{(b1 - b0) / live / (sim.now - t0):.0f} bytes/s/node"
+    )
+    print(
+        f"crash detection: {len(done)}/{len(times)} complete, p50={percentile(done, 50):.2f}s "
+        f"p99={percentile(done, 99):.2f}s max={max(done, default=math.nan):.2f}s"
+    )
+    stats = [n.core.stats for n in sim.nodes.values()]
+    print(
+        f"false positives: {len(sim.false_positives())}, refutations: "
+        f"{sum(s.refutations for s in stats)}, internal errors: {sim.internal_errors()}"
+    )
+    print(f"simulated {sim.now:.0f}s in {time.monotonic() - wall:.0f}s of wall time")
+
+
+if __name__ == "__main__":
+    main()

@@ -81,6 +81,8 @@ def test_rule_probe_direct_ack_is_success_and_feeds_vivaldi() -> None:
     member = a.member("b")
     assert member is not None and isinstance(member.coord, Coordinate)
     assert a.estimate_rtt("b") is not None and a.estimate_rtt("nobody") is None
+    me = a.member("a")
+    assert me is not None and me.coord == viv.coordinate  # our own coordinate, live
 
 
 def test_rule_probe_failure_suspect_then_dead_after_max_timeout() -> None:
@@ -207,11 +209,11 @@ def test_rule_lifeguard_suspicion_timeout_formula(
 def test_rule_suspicion_bounds_scale_with_log_n() -> None:
     lan = SwimConfig.lan()
     minimum, maximum, k = lan.suspicion_bounds(200)
-    assert minimum == pytest.approx(0.55 * math.log10(200) * 0.5)
+    assert minimum == pytest.approx(0.5 * math.log10(200) * 0.52)
     assert maximum == pytest.approx(4.0 * minimum)
     assert k == 2
     assert lan.suspicion_bounds(3)[2] == 1  # k capped at n - 2
-    assert lan.suspicion_bounds(5)[0] == pytest.approx(0.55 * 1.0 * 0.5)  # log10 floored at 1
+    assert lan.suspicion_bounds(5)[0] == pytest.approx(0.5 * 1.0 * 0.52)  # log10 floored at 1
     memberlist_rule = PLAIN.replace(suspicion_confirmations=None, suspicion_mult=4.0)
     assert memberlist_rule.suspicion_bounds(100)[2] == 2  # suspicion_mult - 2
 
@@ -578,6 +580,23 @@ def test_rule_gossip_packets_only_while_something_is_pending() -> None:
     wire.sent.clear()
     wire.run(5.0)
     assert not [m for _, _, m in wire.sent if isinstance(m, Gossip)]
+
+
+def test_rule_refutation_is_told_to_timer_holders_then_only_piggybacked() -> None:
+    wire = cluster("abcdef")
+    wire.sent.clear()
+    b = wire.cores["b"]
+    b.handle_packet(addr("c"), Gossip("c", (Suspect("b", 0, "c"),)), wire.now)
+    wire.pump()
+    gossip = [(s, d) for s, d, m in wire.sent if isinstance(m, Gossip)]
+    # The accuser twice, plus a burst of gossip_nodes random members; nobody re-gossips it.
+    assert [d for s, d in gossip if s == "b"].count(addr("c")) >= 2
+    assert len(gossip) <= 2 + PLAIN.gossip_nodes and all(s == "b" for s, _ in gossip)
+    wire.sent.clear()
+    wire.run(5.0)
+    assert not [m for _, _, m in wire.sent if isinstance(m, Gossip)]
+    # ...but it rides on the probes, so every member ends up with the new incarnation.
+    assert all(wire.cores[o].member("b").incarnation == 1 for o in "acdef")  # type: ignore[union-attr]
 
 
 def test_rule_push_pull_merge_applies_the_normal_rules() -> None:

@@ -53,6 +53,13 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dns_srv: list[str] = []
     # Seconds between discovery rounds (each round revisits every candidate).
     discovery_interval: float = 10.0
+    # Announce / listen on a UDP multicast group (authenticated with the keyring). Off by
+    # default: multicast rarely crosses routers and clouds often drop it.
+    multicast: bool = False
+    multicast_group: str = "239.255.86.76"
+    multicast_port: int = 7947
+    # The local interface address multicast is sent and received on.
+    multicast_interface: str = "127.0.0.1"
 
     def meta_summary(self) -> str:
         parts = [
@@ -84,6 +91,13 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
                         )
                     tags[key.strip()] = value.strip()
             out[field] = tags
+        elif field == "multicast":
+            out[field] = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif field == "multicast_port":
+            try:
+                out[field] = int(raw)
+            except ValueError:
+                raise ConfigError(f"{ENV_PREFIX}MULTICAST_PORT: not a number: {raw!r}") from None
         elif field == "discovery_interval":
             try:
                 out[field] = float(raw)

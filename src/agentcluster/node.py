@@ -40,7 +40,15 @@ from agentcluster.control import (
     NodeStream,
     handle_control,
 )
-from agentcluster.discovery import AddressFile, DnsA, DnsSrv, StaticSeeds, Strategy, discover_all
+from agentcluster.discovery import (
+    AddressFile,
+    DnsA,
+    DnsSrv,
+    Multicast,
+    StaticSeeds,
+    Strategy,
+    discover_all,
+)
 from agentcluster.logs import log_context
 from agentcluster.membership.config import preset
 from agentcluster.membership.messages import MemberEvent, Message, NodeMeta, validate_meta
@@ -158,6 +166,20 @@ class Node:
             await self._tg.__aenter__()
             await self.transport.start(self._on_packet, self._on_stream)
             self.started_at = self.clock.now()
+            if self.config.multicast:
+                # Built here: the announcement carries the address the transport bound.
+                self.strategies.append(
+                    Multicast(
+                        self.config.multicast_group,
+                        self.config.multicast_port,
+                        announce_addr=self.addr,
+                        keyring=self.keyring,
+                        interval=max(1.0, self.config.discovery_interval / 2),
+                        interface=self.config.multicast_interface,
+                        node_name=self.name,
+                        clock=self.clock,
+                    )
+                )
             self._core = Swim(
                 self.name,
                 self.addr,
@@ -249,7 +271,7 @@ class Node:
         else:
             if self._membership is None:
                 return None
-            reply = self._membership.on_stream_message(src, msg)
+            reply = await self._membership.on_stream_message(src, msg)
         if reply is None:
             return None
         return self.stream_codec.encode(reply)

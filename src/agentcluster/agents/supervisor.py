@@ -706,7 +706,10 @@ class Supervisor:
         if reason is None:
             logger.info("supervisor %r stopped", self._name)
         else:
-            logger.error("supervisor %r exited: %r", self._name, reason)
+            # Being cancelled is a shutdown from outside (the owner is going away), not a
+            # failure of this supervisor: it must not flood the logs when a whole node stops.
+            level = logging.INFO if isinstance(reason, asyncio.CancelledError) else logging.ERROR
+            logger.log(level, "supervisor %r exited: %r", self._name, reason)
         self._emit("stopped", None, reason)
 
     async def _start_entry(

@@ -56,13 +56,14 @@ def retransmit_limit(mult: int, n: int) -> int:
 
 
 class _Entry:
-    __slots__ = ("boost", "key", "msg", "size", "transmits")
+    __slots__ = ("active", "boost", "key", "msg", "size", "transmits")
 
-    def __init__(self, key: str, msg: GossipEntry, size: int, boost: int) -> None:
+    def __init__(self, key: str, msg: GossipEntry, size: int, boost: int, active: bool) -> None:
         self.key = key
         self.msg = msg
         self.size = size
         self.boost = boost
+        self.active = active
         self.transmits = 0
 
 
@@ -74,6 +75,9 @@ class BroadcastQueue:
         self._by_key: dict[str, _Entry] = {}
         self._max_entries = max_entries
         self.dropped = 0
+        # Entries worth dedicated gossip packets; the others only ride on packets that are
+        # sent anyway.
+        self.active = 0
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -89,25 +93,30 @@ class BroadcastQueue:
         entry = self._by_key.get(key)
         return None if entry is None else entry.transmits
 
-    def queue(self, key: str, msg: GossipEntry, *, boost: int = 1) -> None:
+    def queue(self, key: str, msg: GossipEntry, *, boost: int = 1, active: bool = True) -> None:
         """Queue ``msg`` about member ``key``, replacing what was queued about it. A
-        ``boost`` of k sends it k times the normal limit (for news everyone must get)."""
-        old = self._by_key.pop(key, None)
+        ``boost`` of k sends it k times the normal limit (for news everyone must get); a
+        passive entry (``active=False``) is only piggybacked, never a reason to gossip."""
+        old = self._by_key.get(key)
         if old is not None:
-            del self._tiers[old.transmits][key]
-        entry = _Entry(key, msg, encoded_size(msg), max(1, min(boost, MAX_BOOST)))
+            self._remove(old)
+        entry = _Entry(key, msg, encoded_size(msg), max(1, min(boost, MAX_BOOST)), active)
         self._by_key[key] = entry
         self._tiers[0][key] = entry
+        self.active += active
         if len(self._by_key) > self._max_entries:
             self._evict()
+
+    def _remove(self, entry: _Entry) -> None:
+        del self._tiers[entry.transmits][entry.key]
+        del self._by_key[entry.key]
+        self.active -= entry.active
 
     def _evict(self) -> None:
         # Over capacity (a storm of changes): drop the most transmitted, oldest entries.
         for tier in reversed(self._tiers):
             while tier and len(self._by_key) > self._max_entries:
-                key = next(iter(tier))
-                del tier[key]
-                del self._by_key[key]
+                self._remove(tier[next(iter(tier))])
                 self.dropped += 1
 
     def take(
@@ -136,11 +145,11 @@ class BroadcastQueue:
             if free < _MIN_ENTRY or scanned >= _MAX_SCAN:
                 break
         for entry in chosen:
+            if entry.transmits + 1 >= limit * entry.boost:
+                self._remove(entry)
+                continue
             del self._tiers[entry.transmits][entry.key]
             entry.transmits += 1
-            if entry.transmits >= limit * entry.boost:
-                del self._by_key[entry.key]
-                continue
             if entry.transmits == len(self._tiers):
                 self._tiers.append({})
             self._tiers[entry.transmits][entry.key] = entry
@@ -149,12 +158,14 @@ class BroadcastQueue:
     def _trim(self, limit: int) -> None:
         # The limit shrinks when members die; entries already sent that often are done.
         while len(self._tiers) > max(1, limit * MAX_BOOST):
-            for key in self._tiers.pop():
-                del self._by_key[key]
+            for entry in list(self._tiers[-1].values()):
+                self._remove(entry)
+            self._tiers.pop()
 
     def clear(self) -> None:
         self._tiers = [{}]
         self._by_key.clear()
+        self.active = 0
 
 
 PACKET_KINDS: dict[type, str] = {

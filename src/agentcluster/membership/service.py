@@ -116,10 +116,12 @@ class MembershipService:
             return
         self._run(self._step(lambda now: self.core.handle_packet(src, msg, now)))
 
-    def on_stream_message(self, src: str, msg: StreamMessage) -> StreamMessage | None:
+    async def on_stream_message(self, src: str, msg: StreamMessage) -> StreamMessage | None:
         """A decoded SWIM stream request (push-pull, stream ping); returns the reply."""
-        if self.stalled:
-            # A blocked process cannot answer; the peer's request times out as it would.
+        while self.stalled and not self._closed:
+            # A blocked process answers once it runs again (the peer may have timed out).
+            await self.clock.sleep(self._stalled_until - self.clock.now())
+        if self._closed:
             return None
         reply = self.core.handle_stream(src, msg, self.clock.now())
         self._flush()

@@ -23,9 +23,10 @@ member refutes on the spot.
 to the suspect (buddy system again) and to the suspect's next ``suspicion_probers`` alive ring
 successors, its *witnesses*; they probe the suspect at once and, if their own probe fails,
 confirm to the accusers and each other. Only these few members hold timers, so a refutation
-has to reach only them (it is sent to them directly, and gossiped), and a member that merely
-paused -- which has answered the witnesses' pings by the time their round ends -- is never at
-the mercy of 200 timers. The verdict, Dead, is gossiped to everyone. Another node's view that
+has to reach only them -- it is sent to them directly (plus one gossip burst, then it only rides
+on packets sent anyway) -- and a member that merely paused, which has answered the witnesses'
+pings by the time their round ends, is never at the mercy of 200 timers. Pauses are frequent,
+so suspicions and refutations cost a handful of packets, not a cluster-wide epidemic. The verdict, Dead, is gossiped to everyone. Another node's view that
 a member is dead (push-pull, or a Dead older than what we know) is *hearsay*: it starts no
 timer, we tell the member and probe it ourselves.
 
@@ -41,8 +42,9 @@ suspicion or Dead) is told what we know.
 *Dissemination*. Every change is queued (``_broadcasts``) and piggybacked on every packet we
 send, up to ``packet_budget`` bytes; while the queue is not empty, :class:`Gossip` packets go
 to ``gossip_nodes`` random members every ``gossip_interval`` -- and nothing when it is empty.
-Deaths and refutations leave at once and deaths are sent twice as often (everyone must hear of
-them); other news is paced so that bursts fill packets. Push-pull state exchange over a stream
+Deaths leave at once and are sent twice as often (everyone must hear of them), as are returns
+from the dead; other news leaves at once when nothing else is pending and is paced otherwise,
+so that bursts fill packets. Refutations are *passive*: piggybacked, never a reason to gossip. Push-pull state exchange over a stream
 repairs what gossip missed: periodically (now and then with a member we hold dead, which heals
 partitions), a few rounds after joining, and with any member that talks to us while unknown.
 
@@ -364,7 +366,7 @@ class Swim(ProbeLoop):
             self._nodes[a.name] = st
             self._make_live(st, now)
             if gossip:
-                self._queue(a.name, a, now, boost=2)
+                self._queue(a.name, a, now)
             self._emit("joined", st, None, 0, now)
             return
         moved = st.addr != a.addr
@@ -397,7 +399,12 @@ class Swim(ProbeLoop):
         if old_state in ("dead", "left"):
             self._make_live(st, now)
         if gossip:
-            self._queue(a.name, a, now, boost=2 if old_state in ("dead", "left") else 1)
+            # A return from the dead or new metadata is news for everyone; a refutation of a
+            # suspicion (same metadata, higher incarnation) only rides along (see _refute).
+            back = old_state in ("dead", "left")
+            self._queue(
+                a.name, a, now, boost=2 if back else 1, active=back or moved or old_meta != a.meta
+            )
         if old_state in ("dead", "left"):
             self._emit("joined", st, None, 0, now)
             return
@@ -512,21 +519,29 @@ class Swim(ProbeLoop):
         self._incarnation = max(self._incarnation, accused)
         self._awareness.apply(1)
         self.stats.refutations += 1
-        self._bump_incarnation(now)
-        # The accuser and our witnesses hold the suspicion timers: tell them directly, not
-        # only through gossip.
-        alive = Alive(self.name, self.addr, self._incarnation, self._meta)
+        alive = self._bump_incarnation(now, active=False)
+        # Only the accusers and our witnesses hold suspicion timers: they are told directly
+        # (the accuser twice: it holds the earliest timer and its round is over, so no ack of
+        # ours will reach it), plus one gossip burst; after that the news only rides on
+        # packets sent anyway -- for everyone else it is just a newer incarnation number, and
+        # a suspicion stale by it is answered when it arrives. Refutations are the frequent
+        # kind of news (every pause of a member), so they must cost a handful of packets.
         targets = dict.fromkeys(self._witnesses(self.name))
         if accuser is not None:
+            self._tell(accuser, alive)
             targets[accuser] = None
         for name in targets:
             self._tell(name, alive)
+        cfg = self.config
+        for name in self._roster.gossip_targets(cfg.gossip_nodes, now):
+            self._tell(name, alive)
 
-    def _bump_incarnation(self, now: float) -> None:
+    def _bump_incarnation(self, now: float, *, active: bool = True) -> Alive:
         self._incarnation += 1
         self._me.incarnation = self._incarnation
         alive = Alive(self.name, self.addr, self._incarnation, self._meta)
-        self._queue(self.name, alive, now, urgent=True)
+        self._queue(self.name, alive, now, urgent=True, active=active)
+        return alive
 
     def _can_reclaim(self, st: NodeState, now: float) -> bool:
         if st.state == "left":
@@ -593,7 +608,7 @@ class Swim(ProbeLoop):
         if st is self._me or not self._roster.add(st.name):
             return
         self._order.add(st.name)
-        if self._bq:
+        if self._bq.active:
             paced = max(now, self._last_gossip + self.config.gossip_interval)
             self._gossip_at = min(self._gossip_at, paced)
 
@@ -653,7 +668,10 @@ class Swim(ProbeLoop):
         self._events.append(MemberEvent(kind, member, st.incarnation, accuser, confirmations, now))
 
     def _view(self, st: NodeState) -> Member:
-        return Member(st.name, st.addr, st.state, st.incarnation, st.meta, st.changed_at, st.coord)
+        coord = st.coord
+        if st is self._me and self._vivaldi is not None:
+            coord = self._vivaldi.coordinate
+        return Member(st.name, st.addr, st.state, st.incarnation, st.meta, st.changed_at, coord)
 
     def _snapshot(self) -> tuple[MemberSnapshot, ...]:
         return tuple(
@@ -663,28 +681,36 @@ class Swim(ProbeLoop):
 
     # ================================================================== dissemination
     def _queue(
-        self, key: str, entry: GossipEntry, now: float, *, urgent: bool = False, boost: int = 1
+        self,
+        key: str,
+        entry: GossipEntry,
+        now: float,
+        *,
+        urgent: bool = False,
+        boost: int = 1,
+        active: bool = True,
     ) -> None:
-        # Deaths and joins are sent twice as often (boost 2): a member that misses one
-        # (probability ~exp(-limit)) would keep a wrong view until it probes the member
-        # itself; refutations, the frequent kind, keep the normal limit.
-        self._bq.queue(key, entry, boost=2 if isinstance(entry, Dead) else boost)
-        if not self._roster:
+        # Deaths and returns from the dead are sent twice as often (boost 2): a member that
+        # misses one (probability ~exp(-limit)) would keep a wrong view until it probes the
+        # member itself. New members (a missed one is caught when it talks to us, or by the
+        # follow-up sync) and refutations, the frequent kinds, keep the normal limit.
+        self._bq.queue(key, entry, boost=2 if isinstance(entry, Dead) else boost, active=active)
+        if not self._roster or not active:
             return
-        if urgent:
-            # A death or a refutation leaves at once: each hop then costs a network delay,
-            # not a gossip interval, and detection / refutation races are won by time.
+        if urgent or self._bq.active == 1:
+            # A death, or news when nothing else is pending, leaves at once: each hop then
+            # costs a network delay, not a gossip interval.
             self._gossip_at = now
         else:
-            # Other news is paced, so a burst (a wave of joins) fills packets instead of
+            # A backlog (a wave of joins) is paced, so that it fills packets instead of
             # multiplying them.
             paced = max(now, self._last_gossip + self.config.gossip_interval)
             self._gossip_at = min(self._gossip_at, paced)
 
     def _gossip(self, now: float) -> None:
         self._gossip_at = _INF
-        if not self._bq:
-            return
+        if not self._bq.active:
+            return  # passive entries only ride on packets sent anyway
         cfg = self.config
         targets = self._roster.gossip_targets(cfg.gossip_nodes, now - cfg.gossip_to_the_dead_time)
         if not targets:
@@ -694,7 +720,7 @@ class Swim(ProbeLoop):
                 break
             self.stats.gossip_packets += 1
         self._last_gossip = now
-        if self._bq:
+        if self._bq.active:
             self._gossip_at = now + cfg.gossip_interval
 
     def _push_pull(self, now: float) -> None:
