@@ -30,6 +30,7 @@ __all__ = [
     "MemberEventData",
     "MemberEvents",
     "MemberView",
+    "apply_to_view",
 ]
 
 
@@ -63,6 +64,16 @@ class MemberView(msgspec.Struct, frozen=True):
     region: str = ""
     changed_at: float = 0.0
     rtt: float | None = None
+
+
+def apply_to_view(members: dict[str, MemberView], ev: MemberEventData) -> None:
+    """Fold one event into a (copied) member view: reaped members are forgotten."""
+    if ev.kind == "reaped":
+        members.pop(ev.name, None)
+    else:
+        members[ev.name] = MemberView(
+            ev.addr, ev.state, ev.incarnation, ev.zone, ev.region, ev.at, ev.rtt
+        )
 
 
 class ClusterHealth(msgspec.Struct, frozen=True):

@@ -16,7 +16,12 @@ from typing import Any
 import msgspec
 
 from agentcluster.agents import Action, ActionContext, Agent, Emit, Result
-from agentcluster.clustering.base import ClusterAgentSkill, MemberEvents, MemberView
+from agentcluster.clustering.base import (
+    ClusterAgentSkill,
+    MemberEvents,
+    MemberView,
+    apply_to_view,
+)
 from agentcluster.signals import Signal
 
 __all__ = ["FailureDetector", "FailureDetectorState"]
@@ -43,18 +48,7 @@ class ApplyEvents(Action[MemberEvents]):
         directives = []
         source = f"/node/{ctx.agent_id}"
         for ev in batch.events:
-            if ev.kind == "reaped":
-                members.pop(ev.name, None)
-            else:
-                members[ev.name] = MemberView(
-                    addr=ev.addr,
-                    state=ev.state,
-                    incarnation=ev.incarnation,
-                    zone=ev.zone,
-                    region=ev.region,
-                    changed_at=ev.at,
-                    rtt=ev.rtt,
-                )
+            apply_to_view(members, ev)
             kind = _LIVENESS.get(ev.kind)
             if kind is None:
                 continue

@@ -29,6 +29,7 @@ from agentcluster.clustering.base import (
     JoinPeers,
     MemberEvents,
     MemberView,
+    apply_to_view,
 )
 from agentcluster.signals import Signal
 
@@ -161,12 +162,7 @@ class Observe(Action[MemberEvents]):
         changes: list[dict[str, str]] = []
         source = f"/node/{ctx.agent_id}"
         for ev in batch.events:
-            if ev.kind == "reaped":
-                members.pop(ev.name, None)
-            else:
-                members[ev.name] = MemberView(
-                    ev.addr, ev.state, ev.incarnation, ev.zone, ev.region, ev.at, ev.rtt
-                )
+            apply_to_view(members, ev)
             old = metrics.get(ev.name, PeerMetrics())
             recent = old.recent
             if ev.kind in ("suspect", "alive", "joined"):
