@@ -92,3 +92,16 @@ def test_cli_module_entry_point_exists() -> None:
     assert os.path.exists(
         os.path.join(os.path.dirname(agentcluster.__file__), "cli", "__main__.py")
     )
+
+
+@pytest.mark.slow
+def test_up_runs_a_multi_node_cluster_with_chaos_and_leaves_no_orphans() -> None:
+    out = run(
+        "up", "--nodes", "3", "--duration", "12", "--chaos", "--chaos-every", "3", timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "converged in" in out.stdout
+    assert "chaos: kill -9" in out.stdout and "chaos: restarted" in out.stdout
+    assert "all nodes stopped cleanly" in out.stdout
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    assert "agentcluster.cli node run --name n3" not in ps.stdout

@@ -5,7 +5,8 @@ and ``AGENTCLUSTER_*`` variables); SIGTERM or Ctrl-C makes it leave gracefully, 
 crash. ``members`` asks a node's control API for its view. ``up`` launches a
 :class:`~agentcluster.launcher.LocalCluster` on loopback, waits for convergence, then renders
 a live members table (as seen by the first running node) and a log of state changes;
-``--chaos`` kills a random node now and then and restarts it a few seconds later.
+``--chaos`` kills a random node every ``--chaos-every`` seconds or so (jittered) and restarts
+it a little later.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def members(
     Console().print(_members_table(rows, f"members as seen by {node}"))
 
 
-async def _up(n: int, duration: float | None, chaos: bool, preset: str, console: Console) -> int:
+async def _up(
+    n: int, duration: float | None, chaos: float | None, preset: str, console: Console
+) -> int:
     from agentcluster.launcher import LocalCluster
 
     stop = asyncio.Event()
@@ -132,7 +135,8 @@ async def _up(n: int, duration: float | None, chaos: bool, preset: str, console:
         except TimeoutError:
             console.print("[red]the cluster did not converge within 60 s; showing what it sees[/]")
         deadline = None if duration is None else loop.time() + duration
-        next_chaos = loop.time() + rng.uniform(8, 15)
+        every = chaos or 15.0
+        next_chaos = loop.time() + rng.uniform(0.5, 1.0) * every
         revive: dict[str, float] = {}
 
         def render(rows: list[dict[str, Any]] | None, observer: str) -> Group:
@@ -142,7 +146,7 @@ async def _up(n: int, duration: float | None, chaos: bool, preset: str, console:
                 else Text("no node answered")
             )
             footer = Text("\n".join(log[-8:]) or "no changes yet", style="dim")
-            hint = "Ctrl-C stops every node" + ("; chaos on" if chaos else "")
+            hint = "Ctrl-C stops every node" + ("; chaos on" if chaos else "") + "\n"
             return Group(table, footer, Text(hint, style="italic"))
 
         with Live(render(None, "-"), console=console, refresh_per_second=4) as live:
@@ -168,8 +172,8 @@ async def _up(n: int, duration: float | None, chaos: bool, preset: str, console:
                         victim = rng.choice(victims)
                         await cluster.kill(victim.name)
                         log.append(f"{time.strftime('%H:%M:%S')} chaos: kill -9 {victim.name}")
-                        revive[victim.name] = now + rng.uniform(4, 8)
-                    next_chaos = now + rng.uniform(10, 20)
+                        revive[victim.name] = now + rng.uniform(0.3, 0.5) * every
+                    next_chaos = now + rng.uniform(0.7, 1.3) * every
                 for name, at in list(revive.items()):
                     if now >= at:
                         await cluster.spawn(cluster.node(name))
@@ -193,8 +197,13 @@ def up(
     chaos: Annotated[
         bool, typer.Option("--chaos", help="Kill -9 a random node now and then, then restart it.")
     ] = False,
+    chaos_every: Annotated[
+        float, typer.Option(min=1.0, help="Mean seconds between chaos kills.")
+    ] = 15.0,
     preset: Annotated[str, typer.Option(help="Membership timing preset.")] = "local",
 ) -> None:
     """Run a local cluster of N node processes on loopback with a live members view."""
     console = Console(highlight=False)
-    raise typer.Exit(asyncio.run(_up(nodes, duration, chaos, preset, console)))
+    raise typer.Exit(
+        asyncio.run(_up(nodes, duration, chaos_every if chaos else None, preset, console))
+    )
