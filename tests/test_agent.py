@@ -302,3 +302,15 @@ def test_checkpoint_round_trip_and_mismatch() -> None:
         Other.restore(blob)
     with pytest.raises(CheckpointError, match="not an agent checkpoint"):
         WithSkill.restore(b"\x00garbage")
+
+
+def test_an_action_without_run_cannot_be_used() -> None:
+    class NoRun(Action[AddParams]):
+        name = "no_run"
+
+    class Broken(Agent):
+        name = "broken"
+        actions = (NoRun,)
+
+    with pytest.raises(TypeError, match="abstract"):
+        cmd(Broken(), "no_run")

@@ -143,7 +143,7 @@ class Hanging(Strategy):
 
     async def discover(self) -> list[Candidate]:
         try:
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3600)  # noqa: sleep - a strategy that hangs on purpose
         except asyncio.CancelledError:
             self.cancelled = True
             raise

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from agentcluster.launcher import LocalCluster
+from agentcluster.testing import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -22,18 +23,16 @@ async def test_five_processes_detect_a_kill_and_rejoin() -> None:
         await cluster.kill("n4")
         others = ["n1", "n2", "n3", "n5"]
 
-        async def all_dead() -> dict[str, float]:
+        async def all_dead() -> dict[str, float] | None:
             views = await cluster.views()
             out = {}
             for name in others:
                 for m in views[name] or []:
                     if m["name"] == "n4" and m["state"] == "dead":
                         out[name] = m["changed_at"]
-            return out
+            return out if len(out) == len(others) else None
 
-        async with asyncio.timeout(30):
-            while len(seen := await all_dead()) < len(others):
-                await asyncio.sleep(0.05)
+        seen = await eventually(all_dead, timeout=30)
         detection = max(seen.values()) - killed_at
         assert detection < 2.5, f"crash detection took {detection:.2f}s"
         await cluster.spawn(cluster.node("n4"))
@@ -66,16 +65,12 @@ async def test_sigterm_leaves_gracefully() -> None:
         await cluster.wait_converged(timeout=60)
         code = await cluster.terminate("n3")
         assert code == 0
-        views = await cluster.views()
-        async with asyncio.timeout(10):
-            while True:
-                views = await cluster.views()
-                states = [
-                    m["state"]
-                    for v in (views["n1"], views["n2"])
-                    for m in v or []
-                    if m["name"] == "n3"
-                ]
-                if states == ["left", "left"]:
-                    break
-                await asyncio.sleep(0.05)
+
+        async def left_everywhere() -> bool:
+            views = await cluster.views()
+            states = [
+                m["state"] for v in (views["n1"], views["n2"]) for m in v or [] if m["name"] == "n3"
+            ]
+            return states == ["left", "left"]
+
+        assert await eventually(left_everywhere, timeout=10)

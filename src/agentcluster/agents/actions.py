@@ -38,6 +38,7 @@ import inspect
 import random
 import re
 import typing
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, cast, overload
 
@@ -178,7 +179,7 @@ class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     """The parameter schema of an action that takes none."""
 
 
-class Action(Generic[P]):
+class Action(ABC, Generic[P]):
     """Base class of every action; see the module docstring for the execution model.
 
     ``Params`` may be given explicitly or inferred from the generic argument::
@@ -212,9 +213,12 @@ class Action(Generic[P]):
         cls.compensable = cls.compensate is not Action.compensate
         _check_config(cls)
 
+    @abstractmethod
     def run(self, params: P, ctx: ActionContext) -> Any:
-        """Do the work (sync, or return an awaitable); the result is the action's value."""
-        raise NotImplementedError(f"action {self.name!r} does not implement run()")
+        """Do the work (sync, or return an awaitable); the result is the action's value.
+
+        Abstract: an action class without ``run`` cannot be instantiated (a clear TypeError
+        at the first call rather than a silent no-op)."""
 
     def compensate(self, params: P, ctx: ActionContext, error: BaseException) -> Any:
         """Undo a completed run after a later failure; overriding marks the action compensable."""

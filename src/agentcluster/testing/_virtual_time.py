@@ -15,7 +15,7 @@ import selectors
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["VirtualTimeLoop", "advance", "run_virtual", "wait_until"]
+__all__ = ["VirtualTimeLoop", "advance", "eventually", "run_virtual", "wait_until"]
 
 T = TypeVar("T")
 
@@ -88,4 +88,17 @@ async def wait_until(
     """Poll ``predicate`` until it is true; ``TimeoutError`` after ``timeout`` seconds."""
     async with asyncio.timeout(timeout):
         while not predicate():
+            await asyncio.sleep(interval)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]], *, timeout: float = 10.0, interval: float = 0.05
+) -> T:
+    """Await ``probe()`` until it returns something truthy and return that; ``TimeoutError``
+    after ``timeout`` seconds. For conditions that take I/O to check (other processes)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = await probe()
+            if result:
+                return result
             await asyncio.sleep(interval)
