@@ -244,8 +244,8 @@ class Node:
                     log.exception("closing discovery strategy %s failed", strategy.name)
             await self.transport.close()
         finally:
-            for task in list(getattr(tg, "_tasks", ())):
-                task.cancel()
+            if self._membership is not None:
+                self._membership.close()  # idempotent; cancels in-flight stream requests
             await tg.__aexit__(None, None, None)
             self._stopped.set()
 

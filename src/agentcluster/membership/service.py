@@ -55,6 +55,7 @@ class MembershipService:
         self._backlog: deque[Callable[[], None]] = deque()
         self._stall_timer: TimerHandle | None = None
         self._closed = False
+        self._streams: set[asyncio.Task[None]] = set()
         self.packets_sent = 0
         self.bytes_sent = 0
         self.packets_received = 0
@@ -74,6 +75,8 @@ class MembershipService:
                 timer.cancel()
         self._timer = None
         self._backlog.clear()
+        for task in list(self._streams):  # in-flight stream requests end with the service
+            task.cancel()
 
     # ------------------------------------------------------------------ stalls
     @property
@@ -173,9 +176,11 @@ class MembershipService:
                     self.core.stream_result(req.request_id, None, self.clock.now())
             else:
                 for req in ready.streams:
-                    self._tg.create_task(
+                    task = self._tg.create_task(
                         self._stream(req.request_id, req.addr, req.message, req.timeout)
                     )
+                    self._streams.add(task)
+                    task.add_done_callback(self._streams.discard)
         if ready.events:
             try:
                 self.on_events(ready.events)
