@@ -1,0 +1,5 @@
+"""Consensus: the embedded Raft implementation (:mod:`agentcluster.consensus.raft`)."""
+
+from agentcluster.consensus import raft
+
+__all__ = ["raft"]

@@ -1,0 +1,156 @@
+"""Raft wire messages, log entries and the values the core hands to its shell.
+
+Theory of operation: everything that crosses the network is a frozen ``msgspec.Struct``
+encoded array-like with a short tag, forming the tagged union :data:`Message`. Every message
+names its sender (``src``) and receiver (``dst``) and carries the sender's ``term``, so the core
+can apply the term rules of the Raft paper (§5.1) before looking at anything else.
+
+* :class:`RequestVote` / :class:`RequestVoteResponse` -- elections (§5.2) and, with
+  ``pre_vote=True``, the pre-vote round of the thesis §9.6 that asks "would you vote for me?"
+  without anybody changing term.
+* :class:`AppendEntries` / :class:`AppendEntriesResponse` -- replication and heartbeats
+  (§5.3). A rejection carries ``reject_index`` (the ``prev_index`` that failed) and a hint
+  (``hint_index``, ``hint_term``: the follower's conflicting term and the first index it holds
+  of that term, or its last index + 1 when the log is too short) so the leader skips a whole
+  term per round trip instead of one entry.
+
+Peer-controlled sizes are bounded so a corrupt frame fails decoding instead of reaching the
+core. The second half holds what is *not* sent: :class:`HardState` (what must be on stable
+storage before a message that depends on it leaves) and :class:`Ready`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = [
+    "MAX_ENTRIES_PER_MESSAGE",
+    "AppendEntries",
+    "AppendEntriesResponse",
+    "Entry",
+    "EntryKind",
+    "HardState",
+    "Message",
+    "Ready",
+    "RequestVote",
+    "RequestVoteResponse",
+    "decode_message",
+    "encode_message",
+]
+
+# A hard cap on entries in one frame, far above any configured batch size.
+MAX_ENTRIES_PER_MESSAGE = 65_536
+
+NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Counter = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+EntryKind = Literal["normal", "noop"]
+
+
+class Entry(msgspec.Struct, frozen=True, array_like=True):
+    """One log entry; ``noop`` entries are appended by a new leader (§5.4.2, §8)."""
+
+    term: Counter
+    index: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+    data: bytes = b""
+    kind: EntryKind = "normal"
+
+
+class RequestVote(msgspec.Struct, frozen=True, array_like=True, tag="rv"):
+    """A vote (or pre-vote) request; for a pre-vote ``term`` is the term it *would* use."""
+
+    term: Counter
+    src: NodeId
+    dst: NodeId
+    last_index: Counter
+    last_term: Counter
+    pre_vote: bool = False
+
+
+class RequestVoteResponse(msgspec.Struct, frozen=True, array_like=True, tag="rvr"):
+    term: Counter
+    src: NodeId
+    dst: NodeId
+    granted: bool
+    pre_vote: bool = False
+
+
+class AppendEntries(msgspec.Struct, frozen=True, array_like=True, tag="ae"):
+    """Entries after ``prev_index`` (empty for a heartbeat); ``src`` is the leader."""
+
+    term: Counter
+    src: NodeId
+    dst: NodeId
+    prev_index: Counter
+    prev_term: Counter
+    entries: Annotated[tuple[Entry, ...], msgspec.Meta(max_length=MAX_ENTRIES_PER_MESSAGE)]
+    commit: Counter
+
+    @property
+    def leader(self) -> str:
+        return self.src
+
+
+class AppendEntriesResponse(msgspec.Struct, frozen=True, array_like=True, tag="aer"):
+    """``match_index`` on success; on rejection ``reject_index`` and the backtracking hint."""
+
+    term: Counter
+    src: NodeId
+    dst: NodeId
+    success: bool
+    match_index: Counter = 0
+    reject_index: Counter = 0
+    hint_index: Counter = 0
+    hint_term: Counter = 0
+
+
+Message = RequestVote | RequestVoteResponse | AppendEntries | AppendEntriesResponse
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+
+
+def encode_message(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_message(data: bytes) -> Message:
+    """Decode one frame; raises ``msgspec.DecodeError``/``ValidationError`` on bad input."""
+    return _decoder.decode(data)
+
+
+class HardState(msgspec.Struct, frozen=True, array_like=True):
+    """The state that must survive a crash: current term, vote in it, commit index."""
+
+    term: int = 0
+    vote: str | None = None
+    commit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """One batch of work for the shell, to be handled **in this order**:
+
+    1. write ``hard_state`` (if not None) and append ``entries`` (an entry at an index already
+       stored replaces it and everything after it) to stable storage, and sync;
+    2. only then send ``messages`` -- a vote grant or an append acknowledgement is never
+       handed out in a Ready earlier than the hard state / entries it promises are durable;
+    3. apply ``committed`` to the state machine, in order;
+    4. call :meth:`RaftNode.advance` with this Ready.
+    """
+
+    hard_state: HardState | None = None
+    entries: list[Entry] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    committed: list[Entry] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.hard_state is None
+            and not self.entries
+            and not self.messages
+            and not self.committed
+        )
