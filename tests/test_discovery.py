@@ -143,7 +143,7 @@ class Hanging(Strategy):
 
     async def discover(self) -> list[Candidate]:
         try:
-            await asyncio.sleep(3600)  # noqa: sleep - a strategy that hangs on purpose
+            await asyncio.sleep(3600)  # a strategy that hangs on purpose (noqa: sleep)
         except asyncio.CancelledError:
             self.cancelled = True
             raise

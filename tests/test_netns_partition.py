@@ -197,7 +197,7 @@ def udp_reaches(lab: NetnsLab, src: int, dst: int, *, port: int = 9000) -> bool:
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
         "for _ in range(60):\n"
         f"    s.sendto(b'probe', ({lab.addr(dst)!r}, {port}))\n"
-        "    time.sleep(0.05)\n",  # noqa: sleep - the probe sender paces itself
+        "    time.sleep(0.05)\n",  # the probe sender paces itself (noqa: sleep)
     )  # fmt: skip
     try:
         return listener.wait(timeout=10) == 0

@@ -304,7 +304,7 @@ async def test_crash_resets_streams_in_flight_and_fails_own_requests() -> None:
 
     async def slow(src: str, data: bytes) -> bytes:
         entered.set()
-        await asyncio.sleep(10)  # noqa: sleep - a handler that is slow on purpose
+        await asyncio.sleep(10)  # a handler that is slow on purpose (noqa: sleep)
         return b"late"
 
     await b.start(lambda s, d: None, slow)
