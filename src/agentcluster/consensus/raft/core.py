@@ -205,6 +205,11 @@ class RaftNode:
         else:
             self._on_vote_response(msg, now)
 
+    def match_index(self, peer: str) -> int:
+        """Leader only: the highest index known replicated on ``peer`` (0 otherwise)."""
+        pr = self._progress.get(peer)
+        return pr.match if pr is not None else 0
+
     # ----------------------------------------------------------------- outputs
 
     def ready(self) -> Ready:
@@ -424,6 +429,9 @@ class RaftNode:
             self._maybe_commit()
             return
         rejected = msg.reject_index
+        if rejected > self.log.last_index:
+            self.dropped += 1  # we never sent such a prev_index: a corrupt or hostile peer
+            return
         if rejected <= pr.match or (pr.state == "probe" and rejected != pr.next - 1):
             return  # stale: answers a message sent before we learned better
         if msg.hint_term == 0:
