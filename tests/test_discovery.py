@@ -36,7 +36,7 @@ from agentcluster.discovery import (
     format_addr,
     parse_addr,
 )
-from agentcluster.testing import advance, wait_until
+from agentcluster.testing import advance, eventually, wait_until
 from agentcluster.wire import Keyring, WireCodec
 
 # -- addresses ---------------------------------------------------------------------------------
@@ -520,9 +520,7 @@ async def _lacks(node: Multicast, addr: str) -> bool:
 
 
 async def _poll(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await predicate():
-            await asyncio.sleep(0.01)
+    await eventually(predicate, timeout=timeout, interval=0.01)
 
 
 def test_multicast_validation() -> None:

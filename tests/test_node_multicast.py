@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from agentcluster.config import NodeConfig
 from agentcluster.launcher import free_port
 from agentcluster.node import Node
+from agentcluster.testing import wait_until
 from agentcluster.wire import Keyring
 
 pytestmark = pytest.mark.slow
@@ -33,12 +32,14 @@ async def test_nodes_find_each_other_by_multicast_and_strangers_do_not() -> None
         Node(config("m2", port), keyring=key) as b,
         Node(config("stranger", port), keyring=Keyring.generate()) as c,
     ):
-        async with asyncio.timeout(20):
-            while not (
+        await wait_until(
+            lambda: (
                 {m.name for m in a.members() if m.state == "alive"} == {"m1", "m2"}
                 and {m.name for m in b.members() if m.state == "alive"} == {"m1", "m2"}
-            ):
-                await asyncio.sleep(0.05)
+            ),
+            timeout=20,
+            interval=0.05,
+        )
         assert {m.name for m in c.members()} == {"stranger"}
         mcast = next(s for s in a.strategies if s.name.startswith("multicast"))
         assert mcast.stats.dropped_auth > 0  # type: ignore[attr-defined]

@@ -216,7 +216,7 @@ async def test_bad_addresses_and_closed_transport_count_send_errors() -> None:
 
 async def test_stream_request_reply_and_concurrency() -> None:
     async def slow_echo(src: str, data: bytes) -> bytes:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a handler that takes a moment, on purpose (noqa: sleep)
         return data[::-1]
 
     async with running(slow_echo) as (b, _), running() as (a, _):
