@@ -61,13 +61,6 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # The local interface address multicast is sent and received on.
     multicast_interface: str = "127.0.0.1"
 
-    def meta_summary(self) -> str:
-        parts = [
-            f"zone={self.zone}" if self.zone else "",
-            f"region={self.region}" if self.region else "",
-        ]
-        return " ".join(p for p in parts if p)
-
 
 _LIST_FIELDS = {"seeds", "capabilities", "dns_a", "dns_srv"}
 
@@ -151,6 +144,7 @@ def load_config(
 
 
 def _check(config: NodeConfig) -> None:
+    from agentcluster.discovery import parse_addr as parse_seed
     from agentcluster.membership.config import SwimConfig
     from agentcluster.transport.base import parse_addr
 
@@ -163,7 +157,7 @@ def _check(config: NodeConfig) -> None:
                 raise ConfigError(f"invalid node configuration: {field}: {exc}") from None
     for seed in config.seeds:
         try:
-            parse_addr(seed if ":" in seed.rsplit("]", 1)[-1] else f"{seed}:7946")
+            parse_seed(seed)  # "host" alone means the default port
         except ValueError as exc:
             raise ConfigError(f"invalid node configuration: seeds: {exc}") from None
     if config.preset not in SwimConfig.PRESETS:

@@ -41,6 +41,7 @@ from agentcluster.control import (
     handle_control,
 )
 from agentcluster.discovery import (
+    DEFAULT_PORT,
     AddressFile,
     DnsA,
     DnsSrv,
@@ -48,7 +49,9 @@ from agentcluster.discovery import (
     StaticSeeds,
     Strategy,
     discover_all,
+    format_addr,
 )
+from agentcluster.discovery import parse_addr as parse_seed
 from agentcluster.logs import log_context
 from agentcluster.membership.config import preset
 from agentcluster.membership.messages import MemberEvent, Message, NodeMeta, validate_meta
@@ -66,11 +69,6 @@ log = logging.getLogger(__name__)
 
 CLUSTERING_AGENTS = ("failure_detector", "node_discovery")
 EventListener = Callable[[MemberEvent], None]
-
-
-def _with_port(addr: str, default_port: int = 7946) -> str:
-    host_part = addr.rsplit("]", 1)[-1]
-    return addr if ":" in host_part else f"{addr}:{default_port}"
 
 
 class Node:
@@ -117,7 +115,7 @@ class Node:
             out.append(StaticSeeds(self.config.seeds))
         if self.config.seeds_file:
             out.append(AddressFile(self.config.seeds_file))
-        out.extend(DnsA(name, 7946) for name in self.config.dns_a)
+        out.extend(DnsA(name, DEFAULT_PORT) for name in self.config.dns_a)
         out.extend(DnsSrv(name) for name in self.config.dns_srv)
         return out
 
@@ -213,7 +211,7 @@ class Node:
                 strategy="one_for_one",
             )
             await self._membership.start(self._tg)
-            seeds = [_with_port(s) for s in self.config.seeds]
+            seeds = [format_addr(*parse_seed(s)) for s in self.config.seeds]
             seeds = [s for s in seeds if s != self.addr]
             if seeds:
                 self._membership.join(seeds)
