@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -23,136 +22,15 @@ from agentcluster.consensus.raft import (
     AppendEntriesResponse,
     Entry,
     HardState,
-    MemoryStorage,
     Message,
     RaftConfig,
     RaftNode,
-    Ready,
     RequestVote,
     RequestVoteResponse,
     decode_message,
     encode_message,
 )
-
-CFG = RaftConfig(election_timeout=1.0, heartbeat_interval=0.1)
-
-
-class Cluster:
-    def __init__(
-        self,
-        n: int,
-        *,
-        seed: int = 0,
-        config: RaftConfig = CFG,
-        logs: dict[str, MemoryStorage] | None = None,
-    ) -> None:
-        self.ids = [f"n{i}" for i in range(1, n + 1)]
-        self.config = config
-        self.rng = random.Random(seed)
-        self.now = 0.0
-        self.storage = {i: (logs or {}).get(i) or MemoryStorage() for i in self.ids}
-        self.nodes: dict[str, RaftNode] = {}
-        self.applied: dict[str, list[Entry]] = {}
-        self.pending: list[Message] = []
-        self.group = dict.fromkeys(self.ids, 0)
-        self.leaders: dict[int, str] = {}
-        self.committed: dict[int, Entry] = {}
-        for i in self.ids:
-            self.restart(i)
-
-    # -- node lifecycle
-    def restart(self, i: str) -> None:
-        rng = random.Random(self.rng.random())
-        self.nodes[i] = RaftNode(
-            i, self.ids, config=self.config, rng=rng, now=self.now, storage=self.storage[i]
-        )
-        self.applied[i] = []
-
-    def crash(self, i: str) -> None:
-        del self.nodes[i]
-
-    def leader(self) -> RaftNode | None:
-        live = [n for n in self.nodes.values() if n.state == "leader"]
-        return max(live, key=lambda n: n.term) if live else None
-
-    # -- the shell's loop body, plus the safety checks
-    def process(self, i: str) -> Ready:
-        node = self.nodes[i]
-        rd = node.ready()
-        self.storage[i].persist(rd.hard_state, rd.entries)
-        self.pending.extend(rd.messages)
-        for e in rd.committed:
-            assert e.index == len(self.applied[i]) + 1, "applied out of order"
-            seen = self.committed.setdefault(e.index, e)
-            assert seen == e, f"state-machine safety: index {e.index} was {seen}, now {e}"
-            self.applied[i].append(e)
-        node.advance(rd)
-        self.check_leaders()
-        return rd
-
-    def check_leaders(self) -> None:
-        for n in self.nodes.values():
-            if n.state == "leader":
-                other = self.leaders.setdefault(n.term, n.id)
-                assert other == n.id, f"two leaders in term {n.term}: {other}, {n.id}"
-
-    def process_all(self) -> None:
-        for i in list(self.nodes):
-            self.process(i)
-
-    def can_reach(self, src: str, dst: str) -> bool:
-        return dst in self.nodes and self.group[src] == self.group[dst]
-
-    # -- manual delivery
-    def deliver(self, keep: Callable[[Message], bool] = lambda m: True, rounds: int = 1000) -> None:
-        """Deliver (in order) every pending message ``keep`` accepts until quiet."""
-        for _ in range(rounds):
-            self.process_all()
-            if not self.pending:
-                return
-            batch, self.pending = self.pending, []
-            for m in batch:
-                if keep(m) and self.can_reach(m.src, m.dst):
-                    self.nodes[m.dst].step(m, self.now)
-        raise AssertionError("did not quiesce")
-
-    def fire(self, i: str) -> None:
-        """Advance the clock to ``i``'s next deadline and tick only ``i``."""
-        self.now = max(self.now, self.nodes[i].next_deadline())
-        self.nodes[i].tick(self.now)
-
-    def advance_time(self, until: float, keep: Callable[[Message], bool] = lambda m: True) -> None:
-        """Tick every live node at its deadlines, delivering messages instantly between."""
-        while True:
-            due = min(n.next_deadline() for n in self.nodes.values())
-            if due > until:
-                self.now = until
-                return
-            self.now = max(self.now, due)
-            for n in list(self.nodes.values()):
-                if n.next_deadline() <= self.now:
-                    n.tick(self.now)
-            self.deliver(keep)
-
-    def elect(self, i: str) -> RaftNode:
-        self.fire(i)
-        self.deliver()
-        assert self.nodes[i].state == "leader"
-        return self.nodes[i]
-
-
-def make_storage(
-    terms: list[int], term: int, vote: str | None = None, commit: int = 0
-) -> MemoryStorage:
-    entries = [Entry(t, k, f"e{k}t{t}".encode()) for k, t in enumerate(terms, start=1)]
-    return MemoryStorage(HardState(term, vote, commit), entries)
-
-
-def lone_node(config: RaftConfig = CFG, storage: MemoryStorage | None = None) -> RaftNode:
-    return RaftNode(
-        "a", ["a", "b", "c"], config=config, rng=random.Random(1), now=0.0, storage=storage
-    )
-
+from raft_harness import CFG, Cluster, lone_node, make_storage
 
 # ----------------------------------------------------------------------------- elections
 
@@ -214,7 +92,8 @@ def test_vote_denied_to_less_up_to_date_log_5_4_1() -> None:
     cases = [((1, 5), False), ((2, 1), False), ((2, 2), True), ((3, 1), True)]
     for (last_term, last_index), expect in cases:
         node = lone_node(storage=make_storage([1, 2], term=2))
-        node.step(RequestVote(3, "b", "a", last_index, last_term), 0.0)
+        # A restarted node refuses votes for one election timeout (lease safety), so ask later.
+        node.step(RequestVote(3, "b", "a", last_index, last_term), CFG.election_timeout)
         (resp,) = node.ready().messages
         assert isinstance(resp, RequestVoteResponse) and resp.granted is expect, (
             last_term,
@@ -262,7 +141,7 @@ def test_pre_vote_rejoining_node_does_not_disrupt_leader_9_6() -> None:
 def test_without_pre_vote_rejoining_node_disrupts_leader_9_6() -> None:
     """Thesis §9.6 (the problem pre-vote solves): without it the rejoining node's inflated
     term deposes the leader."""
-    c = Cluster(3, seed=3, config=RaftConfig(pre_vote=False, check_quorum=False))
+    c = Cluster(3, seed=3, config=RaftConfig(pre_vote=False, check_quorum=False, lease_reads=False))
     leader = c.elect("n1")
     term = leader.term
     _isolate(c, "n3")
@@ -315,7 +194,7 @@ def test_check_quorum_isolated_leader_steps_down_6_2() -> None:
         cut + 2 * CFG.election_timeout + 0.01, keep=lambda m: m.src != "n1" and m.dst != "n1"
     )
     assert leader.state == "follower" and leader.leader_id is None
-    c2 = Cluster(3, seed=1, config=RaftConfig(check_quorum=False))
+    c2 = Cluster(3, seed=1, config=RaftConfig(check_quorum=False, lease_reads=False))
     leader2 = c2.elect("n1")
     _isolate(c2, "n1")
     c2.advance_time(c2.now + 10.0)
@@ -359,10 +238,13 @@ def test_follower_truncates_conflicting_suffix_5_3() -> None:
 
 
 def test_follower_never_truncates_committed_entries_5_3() -> None:
-    """§5.3/§5.4: a frame that would overwrite a committed entry is dropped and counted."""
+    """§5.3/§5.4: a frame that would overwrite a committed entry changes nothing; the follower
+    answers with its commit index (every leader holds that prefix, Leader Completeness)."""
     node = lone_node(storage=make_storage([1, 2, 2], term=2, commit=3))
     node.step(AppendEntries(3, "b", "a", 1, 1, (Entry(3, 2, b"x"),), 3), 0.0)
-    assert node.dropped == 1 and [e.term for e in node.log.entries] == [1, 2, 2]
+    assert [e.term for e in node.log.entries] == [1, 2, 2]
+    (resp,) = node.ready().messages
+    assert isinstance(resp, AppendEntriesResponse) and resp.success and resp.match_index == 3
 
 
 def test_consistency_check_and_fast_backtracking_5_3() -> None:
@@ -597,8 +479,10 @@ def test_messages_roundtrip_and_bad_input_dropped() -> None:
 
 def simulate(seed: int, n: int) -> Cluster:
     """Random faults for 15 s of simulated time (5% loss, 2% duplication, 1–20 ms delays that
-    reorder, random and leader-isolating partitions, crashes of up to a minority), then heal
-    everything, restart every node and demand that all apply the same log."""
+    reorder, random and leader-isolating partitions, crashes of up to a minority, snapshots
+    with compaction on random nodes), then heal everything, restart every node and demand that
+    all apply the same log. Every proposal comes with a ReadIndex read, which must not be
+    released below any index committed before it was asked (thesis §6.4)."""
     c = Cluster(n, seed=seed, config=RaftConfig(election_timeout=0.5, heartbeat_interval=0.05))
     rng = random.Random(seed ^ 0x5EED)
     queue: list[tuple[float, int, Message]] = []
@@ -608,6 +492,7 @@ def simulate(seed: int, n: int) -> Cluster:
     chaos_until, deadline = 15.0, 60.0
     crashed: list[str] = []
     final: int | None = None
+    read_floor: dict[int, int] = {}
 
     def send(msgs: list[Message]) -> None:
         nonlocal seq
@@ -638,6 +523,14 @@ def simulate(seed: int, n: int) -> Cluster:
             if leader is not None and now < chaos_until:
                 proposed += 1
                 leader.propose(b"%d:%d" % (seed, proposed), now)
+                # A linearizable read must reflect every index committed anywhere before it.
+                read_floor[proposed] = max(x.commit_index for x in c.nodes.values())
+                leader.read_index(proposed, now)
+            if rng.random() < 0.1:
+                # Snapshots + compaction, so lagging and restarted nodes need InstallSnapshot.
+                victim = rng.choice(sorted(c.nodes))
+                if c.nodes[victim].applied_index > 0:
+                    c.take_snapshot(victim, keep=rng.choice([0, 0, 3, 50]))
         if now >= next_fault:
             next_fault = now + rng.uniform(0.3, 1.5)
             if now < chaos_until:
@@ -671,6 +564,9 @@ def simulate(seed: int, n: int) -> Cluster:
             if final is not None and all(len(a) >= final for a in c.applied.values()):
                 break
     assert final is not None and now < deadline, f"seed {seed}: no convergence"
+    for i, reads in c.reads.items():
+        for rid, index in reads:
+            assert index >= read_floor[rid], f"seed {seed}: stale read {rid} on {i}"
     logs = [[e for e in a[:final]] for a in c.applied.values()]
     assert all(log == logs[0] for log in logs), f"seed {seed}: divergent applied sequences"
     assert logs[0][final - 1].data == b"final"
@@ -680,8 +576,9 @@ def simulate(seed: int, n: int) -> Cluster:
 @pytest.mark.parametrize("n", [3, 5])
 def test_simulation_safety_and_liveness_over_seeds(n: int) -> None:
     """§5.2 election safety (one leader per term), §5.4.3 state-machine safety (a committed
-    index never changes) and liveness once faults stop, under loss, duplication, reordering,
-    partitions and crashes -- over 30 seeds per cluster size."""
+    index never changes), §6.4 read linearizability, §7 snapshots, and liveness once faults
+    stop, under loss, duplication, reordering, partitions and crashes -- over 30 seeds per
+    cluster size."""
     committed = 0
     for seed in range(30):
         c = simulate(seed, n)

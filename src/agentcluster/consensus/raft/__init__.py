@@ -1,17 +1,23 @@
 """Raft consensus as a sans-I/O core: see :mod:`agentcluster.consensus.raft.core`."""
 
-from agentcluster.consensus.raft._log import MemoryStorage
+from agentcluster.consensus.raft._log import MemoryStorage, Storage
 from agentcluster.consensus.raft.core import RaftConfig, RaftNode, RaftState
+from agentcluster.consensus.raft.disk import DiskStorage, StorageCorruption, StorageLocked
 from agentcluster.consensus.raft.messages import (
     AppendEntries,
     AppendEntriesResponse,
+    ConfChange,
+    ConfState,
     Entry,
     EntryKind,
     HardState,
+    InstallSnapshot,
     Message,
     Ready,
     RequestVote,
     RequestVoteResponse,
+    Snapshot,
+    TimeoutNow,
     decode_message,
     encode_message,
 )
@@ -19,9 +25,13 @@ from agentcluster.consensus.raft.messages import (
 __all__ = [
     "AppendEntries",
     "AppendEntriesResponse",
+    "ConfChange",
+    "ConfState",
+    "DiskStorage",
     "Entry",
     "EntryKind",
     "HardState",
+    "InstallSnapshot",
     "MemoryStorage",
     "Message",
     "RaftConfig",
@@ -30,6 +40,11 @@ __all__ = [
     "Ready",
     "RequestVote",
     "RequestVoteResponse",
+    "Snapshot",
+    "Storage",
+    "StorageCorruption",
+    "StorageLocked",
+    "TimeoutNow",
     "decode_message",
     "encode_message",
 ]

@@ -36,27 +36,64 @@ conflicting suffix -- never below their commit index.
 
 **Commit (§5.4.2).** The leader commits the highest index held by a majority *only if* that
 entry is of its current term; earlier entries commit indirectly (the Figure 8 rule).
+
+**Snapshots (§7).** The shell takes a snapshot of its state machine at an applied index
+(:meth:`~RaftNode.snapshot_at`), stores it and compacts storage, then tells the core
+(:meth:`~RaftNode.compact`). A follower whose next entry is compacted away gets an
+InstallSnapshot; it either fast-forwards (it holds the snapshot's last entry) or replaces its
+log and hands the snapshot to the shell in ``Ready.snapshot``.
+
+**Membership (thesis §4.1, §4.2.3).** Single-server changes carried by ``conf`` entries; a
+change takes effect when committed (as in etcd), at most one is pending, and a leader proposes
+one only after it has committed an entry of its own term (the fix for the single-server bug
+Ongaro described in 2015). Learners receive the log but neither vote nor count for commit. A
+removed leader steps down once its removal commits. Vote requests from nodes outside the
+configuration are dropped, so a removed server cannot disrupt the cluster.
+
+**Linearizable reads (thesis §6.4).** :meth:`~RaftNode.read_index` returns (through
+``Ready.read_states``) an index after which the state machine may answer a read. Every
+heartbeat round has a sequence number echoed by the followers; a read waits for a quorum to
+acknowledge a round started after it arrived (ReadIndex). With ``lease_reads`` and
+check-quorum, a leader whose quorum acknowledged a round less than ``election_timeout * (1 -
+clock_drift)`` ago answers at once: until then no voter grants a vote to anybody else. A
+restarted node refuses votes for one election timeout too, since it forgot when it last heard
+from the leader. Reads wait until the leader has committed an entry of its term.
+
+**Leadership transfer (thesis §3.10).** The leader stops accepting proposals and lease reads,
+brings the target up to date and sends it TimeoutNow; the target starts an election at once,
+marked so that voters skip the live-leader check. The transfer is abandoned after an election
+timeout.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from agentcluster.consensus.raft._log import MemoryStorage, RaftLog
+import msgspec
+
+from agentcluster.consensus.raft._log import MemoryStorage, RaftLog, Storage
+from agentcluster.consensus.raft._progress import Progress, apply_conf_change
+from agentcluster.consensus.raft._reads import ReadsMixin
 from agentcluster.consensus.raft.messages import (
     AppendEntries,
     AppendEntriesResponse,
+    ConfChange,
+    ConfState,
     Entry,
     HardState,
+    InstallSnapshot,
     Message,
     Ready,
     RequestVote,
     RequestVoteResponse,
+    Snapshot,
+    TimeoutNow,
+    decode_conf_change,
+    encode_conf_change,
 )
 
 __all__ = ["RaftConfig", "RaftNode", "RaftState"]
@@ -72,25 +109,21 @@ class RaftConfig:
     max_inflight: int = 256
     pre_vote: bool = True
     check_quorum: bool = True
+    lease_reads: bool = True
+    clock_drift: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.election_timeout:
             raise ValueError("need 0 < heartbeat_interval < election_timeout")
         if self.max_entries_per_append < 1 or self.max_inflight < 1:
             raise ValueError("max_entries_per_append and max_inflight must be >= 1")
+        if not 0 <= self.clock_drift < 1:
+            raise ValueError("clock_drift must be in [0, 1)")
+        if self.lease_reads and not self.check_quorum:
+            raise ValueError("lease_reads needs check_quorum (followers must honour the lease)")
 
 
-@dataclass(slots=True)
-class _Progress:
-    match: int
-    next: int
-    state: Literal["probe", "replicate"] = "probe"
-    probe_sent: bool = False
-    inflight: deque[int] = field(default_factory=deque)
-    recent_active: bool = False
-
-
-class RaftNode:
+class RaftNode(ReadsMixin):
     def __init__(
         self,
         id: str,
@@ -99,98 +132,220 @@ class RaftNode:
         config: RaftConfig,
         rng: random.Random,
         now: float,
-        storage: MemoryStorage | None = None,
+        storage: Storage | None = None,
+        join: bool = False,
     ) -> None:
+        """``peers``: the initial voters besides ``id`` (ignored once a snapshot holds the
+        configuration). ``join=True`` starts with an empty configuration: the node waits to be
+        added by a leader instead of bootstrapping a cluster of its own."""
         self.id = id
         self.config = config
         self._rng = rng
-        self.peers: list[str] = list(dict.fromkeys(p for p in peers if p != id))
-        self._quorum = (len(self.peers) + 1) // 2 + 1
         storage = storage if storage is not None else MemoryStorage()
         hs = storage.hard_state
-        self.log = RaftLog(storage.entries)
-        if hs.commit > self.log.last_index:
-            raise ValueError(f"stored commit {hs.commit} beyond stored log {self.log.last_index}")
+        snap = storage.snapshot
+        stored = storage.entries
+        if snap is not None:
+            offset = stored[0].index - 1 if stored else snap.index
+            offset_term = snap.term if offset == snap.index else (0 if offset == 0 else None)
+            conf = snap.conf
+        else:
+            offset, offset_term = 0, 0
+            members = () if join else tuple(dict.fromkeys([id, *peers]))
+            conf = ConfState(members)
+        self.log = RaftLog(stored, offset, offset_term)
+        base = snap.index if snap is not None else 0
+        self.commit_index = max(hs.commit, base)
+        if self.commit_index > self.log.last_index:
+            raise ValueError(
+                f"stored commit {self.commit_index} beyond stored log {self.log.last_index}"
+            )
         self.term = hs.term
         self.vote = hs.vote
-        self.commit_index = hs.commit
-        # No snapshots: a rebuilt node re-applies its committed log from the start.
-        self.applied_index = 0
-        self._handed_index = 0
+        self.applied_index = base
+        self._handed_index = base
+        self._snapshot = snap
+        self._pending_snapshot: Snapshot | None = None
         self._persisted_hs = hs
+        self.voters: tuple[str, ...] = ()
+        self.learners: tuple[str, ...] = ()
+        self._conf_history: list[tuple[int, ConfState]] = []
+        self._conf_changed = False
+        self._pending_conf_index = 0
         self.state: RaftState = "follower"
         self.leader_id: str | None = None
         self.dropped = 0
         self._msgs: list[Message] = []
         self._votes: dict[str, bool] = {}
-        self._progress: dict[str, _Progress] = {}
+        self._progress: dict[str, Progress] = {}
         self._commit_broadcast = False
         self._last_leader_contact = -math.inf
+        # A restarted voter forgot when it last heard from a leader: it honours the lease of a
+        # leader it may have acknowledged by refusing votes for one election timeout. (A node
+        # still in term 0 never acknowledged anybody.)
+        restarted = config.lease_reads and hs.term > 0
+        self._vote_blackout_until = now + config.election_timeout if restarted else -math.inf
         self._election_deadline = math.inf
         self._heartbeat_deadline = math.inf
         self._check_quorum_deadline = math.inf
+        self._seq = 0
+        self._seq_sent: dict[int, float] = {}
+        self._seq_flush = False
+        self._reads: list[tuple[int, int, int]] = []  # (round, request id, read index)
+        self._reads_waiting: list[int] = []  # request ids waiting for a commit in this term
+        self._read_states: list[tuple[int, int]] = []
+        self._transferee: str | None = None
+        self._transfer_deadline = math.inf
+        self._set_conf(conf, base, notify=False)
+        for e in self.log.slice(base + 1, self.commit_index + 1):
+            if e.kind == "conf":
+                self._apply_conf_entry(e)
+        self._conf_changed = False
         self._reset_election_timer(now)
+
+    # ----------------------------------------------------------------- configuration
+
+    @property
+    def peers(self) -> list[str]:
+        """Every other member, voters first."""
+        return [p for p in (*self.voters, *self.learners) if p != self.id]
+
+    @property
+    def conf(self) -> ConfState:
+        return ConfState(self.voters, self.learners)
+
+    def _set_conf(self, conf: ConfState, index: int, *, notify: bool = True) -> None:
+        self.voters, self.learners = conf.voters, conf.learners
+        self._conf_history.append((index, conf))
+        del self._conf_history[:-64]
+        self._conf_changed = notify
+        if self.state != "leader":
+            return
+        members = self.peers
+        for p in members:
+            if p not in self._progress:
+                self._progress[p] = Progress(match=0, next=self.log.last_index + 1)
+        for p in [p for p in self._progress if p not in members]:
+            del self._progress[p]
+        if self._transferee is not None and self._transferee not in self.voters:
+            self._abort_transfer()
+
+    def _apply_conf_entry(self, entry: Entry) -> None:
+        try:
+            change = decode_conf_change(entry.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.dropped += 1  # only a corrupt leader writes one; the entry stays a no-op
+            return
+        conf = change.result if change.result is not None else apply_conf_change(self.conf, change)
+        self._set_conf(conf, entry.index)
+
+    def _conf_at(self, index: int) -> ConfState:
+        for at, conf in reversed(self._conf_history):
+            if at <= index:
+                return conf
+        raise ValueError(f"configuration at {index} is no longer known")
+
+    def propose_conf_change(self, change: ConfChange, now: float) -> int | None:
+        """Append a single-server membership change; its index, or None when this node is
+        not a leader that may change the configuration now (one change at a time, after the
+        leader committed an entry of its term, not during a leadership transfer)."""
+        if (
+            self.state != "leader"
+            or self._transferee is not None
+            or self._pending_conf_index > self.commit_index
+            or self.log.term(self.commit_index) != self.term
+        ):
+            return None
+        result = apply_conf_change(self.conf, change)
+        if result == self.conf:
+            raise ValueError(f"{change.op} {change.node!r} changes nothing in {self.conf}")
+        if not result.voters:
+            raise ValueError("cannot remove the last voter")
+        index = self.log.last_index + 1
+        data = encode_conf_change(ConfChange(change.op, change.node, result))
+        self.log.append(Entry(self.term, index, data, "conf"))
+        self._pending_conf_index = index
+        return index
 
     # ----------------------------------------------------------------- inputs
 
     def next_deadline(self) -> float:
         if self.state == "leader":
+            deadline = self._heartbeat_deadline
             if self.config.check_quorum:
-                return min(self._heartbeat_deadline, self._check_quorum_deadline)
-            return self._heartbeat_deadline
+                deadline = min(deadline, self._check_quorum_deadline)
+            return min(deadline, self._transfer_deadline)
         return self._election_deadline
 
     def tick(self, now: float) -> None:
         if self.state == "leader":
             if self.config.check_quorum and now >= self._check_quorum_deadline:
-                active = 1 + sum(1 for pr in self._progress.values() if pr.recent_active)
-                if active < self._quorum:
+                active = sum(
+                    1
+                    for v in self.voters
+                    if v == self.id or (v in self._progress and self._progress[v].recent_active)
+                )
+                if active < self._quorum():
                     self._become_follower(self.term, None, now)
                     return
                 for pr in self._progress.values():
                     pr.recent_active = False
                 self._check_quorum_deadline = now + self.config.election_timeout
+            if now >= self._transfer_deadline:
+                self._abort_transfer()
             if now >= self._heartbeat_deadline:
                 self._heartbeat_deadline = now + self.config.heartbeat_interval
+                self._new_round(now)
+                limit = self.config.election_timeout / self.config.heartbeat_interval
                 for peer, pr in self._progress.items():
+                    if pr.state == "snapshot":
+                        pr.snapshot_ticks += 1
+                        if pr.snapshot_ticks >= limit:
+                            pr.become_probe()  # the snapshot or its answer was lost
                     if pr.state == "probe":
                         pr.probe_sent = False
                         self._send_append(peer, pr, allow_empty=True)
                     else:
                         self._send_empty(peer, pr)
         elif now >= self._election_deadline:
-            self._campaign(now)
+            if self.is_voter:
+                self._campaign(now)
+            else:
+                self._reset_election_timer(now)
 
     def propose(self, data: bytes, now: float) -> int | None:
-        """Append ``data`` to the leader's log; its index, or None when not the leader."""
-        if self.state != "leader":
+        """Append ``data`` to the leader's log; its index, or None when not the leader (or
+        while it hands leadership over)."""
+        if self.state != "leader" or self._transferee is not None:
             return None
         index = self.log.last_index + 1
         self.log.append(Entry(self.term, index, data, "normal"))
         return index
 
     def step(self, msg: Message, now: float) -> None:
-        if msg.dst != self.id or msg.src not in self._peer_set():
+        if msg.dst != self.id or msg.src == self.id:
             self.dropped += 1
+            return
+        if isinstance(msg, RequestVote | RequestVoteResponse) and msg.src not in self.voters:
+            self.dropped += 1  # removed or unknown servers cannot disrupt (thesis §4.2.3)
             return
         if msg.term > self.term:
             if isinstance(msg, RequestVote):
-                if self._in_lease(now):
+                if not msg.transfer and self._in_lease(now):
                     return
                 if not msg.pre_vote:
                     self._become_follower(msg.term, None, now)
             elif isinstance(msg, RequestVoteResponse) and msg.pre_vote and msg.granted:
                 pass
             else:
-                leader = msg.src if isinstance(msg, AppendEntries) else None
+                leader = msg.src if isinstance(msg, AppendEntries | InstallSnapshot) else None
                 self._become_follower(msg.term, leader, now)
         elif msg.term < self.term:
             # Tell a stale leader or pre-candidate about the newer term; ignore the rest.
-            if isinstance(msg, AppendEntries):
+            if isinstance(msg, AppendEntries | InstallSnapshot):
+                reject = msg.prev_index if isinstance(msg, AppendEntries) else 0
                 self._send(
-                    AppendEntriesResponse(
-                        self.term, self.id, msg.src, False, reject_index=msg.prev_index
-                    )
+                    AppendEntriesResponse(self.term, self.id, msg.src, False, reject_index=reject)
                 )
             elif isinstance(msg, RequestVote) and msg.pre_vote:
                 self._send(RequestVoteResponse(self.term, self.id, msg.src, False, True))
@@ -199,16 +354,45 @@ class RaftNode:
             self._on_append(msg, now)
         elif isinstance(msg, AppendEntriesResponse):
             if self.state == "leader":
-                self._on_append_response(msg)
+                self._on_append_response(msg, now)
         elif isinstance(msg, RequestVote):
             self._on_vote_request(msg, now)
-        else:
+        elif isinstance(msg, RequestVoteResponse):
             self._on_vote_response(msg, now)
+        elif isinstance(msg, InstallSnapshot):
+            self._on_snapshot(msg, now)
+        elif self.state == "follower" and msg.src == self.leader_id and self.is_voter:
+            self._become_candidate(now, transfer=True)  # TimeoutNow from our leader
 
     def match_index(self, peer: str) -> int:
         """Leader only: the highest index known replicated on ``peer`` (0 otherwise)."""
         pr = self._progress.get(peer)
         return pr.match if pr is not None else 0
+
+    # ----------------------------------------------------------------- snapshots
+
+    def snapshot_at(self, index: int, data: bytes) -> Snapshot:
+        """Describe the state machine's ``data`` after applying ``index``; the shell stores the
+        result, then may compact storage and call :meth:`compact`."""
+        if not 0 < index <= self.applied_index:
+            raise ValueError(f"cannot snapshot at {index}: applied through {self.applied_index}")
+        term = self.log.term(index)
+        if term is None:
+            raise ValueError(f"cannot snapshot at {index}: the entry is compacted")
+        snap = Snapshot(index, term, self._conf_at(index), data)
+        self._snapshot = snap
+        return snap
+
+    def compact(self, through: int) -> None:
+        """Forget in-memory entries up to ``through`` (at most the latest snapshot's index)."""
+        limit = self._snapshot.index if self._snapshot is not None else 0
+        if through > limit:
+            raise ValueError(f"cannot compact through {through}: snapshot is at {limit}")
+        self.log.compact(through)
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
 
     # ----------------------------------------------------------------- outputs
 
@@ -221,17 +405,26 @@ class RaftNode:
             committed = self.log.slice(self._handed_index + 1, self.commit_index + 1)
             self._handed_index = self.commit_index
         msgs, self._msgs = self._msgs, []
+        reads, self._read_states = self._read_states, []
+        snap, self._pending_snapshot = self._pending_snapshot, None
+        conf = self.conf if self._conf_changed else None
+        self._conf_changed = False
         return Ready(
             hard_state=hs if hs != self._persisted_hs else None,
             entries=self.log.unstable(),
             messages=msgs,
             committed=committed,
+            snapshot=snap,
+            read_states=reads,
+            conf=conf,
         )
 
     def advance(self, ready: Ready) -> None:
         """The shell persisted, sent and applied ``ready``."""
         if ready.hard_state is not None:
             self._persisted_hs = ready.hard_state
+        if ready.snapshot is not None:
+            self.applied_index = max(self.applied_index, ready.snapshot.index)
         if ready.entries:
             last = ready.entries[-1]
             self.log.stable_to(last.index, last.term)
@@ -242,13 +435,10 @@ class RaftNode:
 
     # ----------------------------------------------------------------- elections
 
-    def _peer_set(self) -> dict[str, None]:
-        return dict.fromkeys(self.peers)
-
     def _in_lease(self, now: float) -> bool:
         if not self.config.check_quorum:
             return False
-        if self.state == "leader":
+        if self.state == "leader" or now < self._vote_blackout_until:
             return True
         return (
             self.leader_id is not None
@@ -260,39 +450,48 @@ class RaftNode:
         self._election_deadline = now + t + t * self._rng.random()
 
     def _campaign(self, now: float) -> None:
-        if self.config.pre_vote and self.peers:
+        if self.config.pre_vote and len(self.voters) > 1:
             self.state = "pre_candidate"
             self.leader_id = None
             self._votes = {self.id: True}
             self._reset_election_timer(now)
-            for peer in self.peers:
-                self._send(
-                    RequestVote(
-                        self.term + 1,
-                        self.id,
-                        peer,
-                        self.log.last_index,
-                        self.log.last_term,
-                        pre_vote=True,
+            for peer in self.voters:
+                if peer != self.id:
+                    self._send(
+                        RequestVote(
+                            self.term + 1,
+                            self.id,
+                            peer,
+                            self.log.last_index,
+                            self.log.last_term,
+                            pre_vote=True,
+                        )
                     )
-                )
         else:
             self._become_candidate(now)
 
-    def _become_candidate(self, now: float) -> None:
+    def _become_candidate(self, now: float, *, transfer: bool = False) -> None:
         self.term += 1
         self.vote = self.id
         self.state = "candidate"
         self.leader_id = None
         self._votes = {self.id: True}
         self._reset_election_timer(now)
-        if self._quorum == 1:
+        if self._quorum() == 1:
             self._become_leader(now)
             return
-        for peer in self.peers:
-            self._send(
-                RequestVote(self.term, self.id, peer, self.log.last_index, self.log.last_term)
-            )
+        for peer in self.voters:
+            if peer != self.id:
+                self._send(
+                    RequestVote(
+                        self.term,
+                        self.id,
+                        peer,
+                        self.log.last_index,
+                        self.log.last_term,
+                        transfer=transfer,
+                    )
+                )
 
     def _become_follower(self, term: int, leader: str | None, now: float) -> None:
         if term > self.term:
@@ -304,6 +503,11 @@ class RaftNode:
             self._last_leader_contact = now
         self._progress.clear()
         self._votes = {}
+        self._reads.clear()
+        self._reads_waiting.clear()
+        self._seq_sent.clear()
+        self._transferee = None
+        self._transfer_deadline = math.inf
         self._heartbeat_deadline = math.inf
         self._check_quorum_deadline = math.inf
         self._reset_election_timer(now)
@@ -313,11 +517,15 @@ class RaftNode:
         self.leader_id = self.id
         self._votes = {}
         nxt = self.log.last_index + 1
-        self._progress = {p: _Progress(match=0, next=nxt) for p in self.peers}
+        # A conf entry of an earlier leader may still be uncommitted in our log: no new
+        # change until everything up to here commits.
+        self._pending_conf_index = self.log.last_index
+        self._progress = {p: Progress(match=0, next=nxt) for p in self.peers}
         self.log.append(Entry(self.term, nxt, b"", "noop"))
         self._heartbeat_deadline = now + self.config.heartbeat_interval
         self._check_quorum_deadline = now + self.config.election_timeout
         self._election_deadline = math.inf
+        self._new_round(now)
 
     def _on_vote_request(self, msg: RequestVote, now: float) -> None:
         up_to_date = msg.last_term > self.log.last_term or (
@@ -346,7 +554,7 @@ class RaftNode:
         else:
             return
         self._votes[msg.src] = msg.granted
-        if sum(1 for g in self._votes.values() if g) < self._quorum:
+        if sum(1 for v, g in self._votes.items() if g and v in self.voters) < self._quorum():
             return
         if self.state == "pre_candidate":
             self._become_candidate(now)
@@ -355,17 +563,28 @@ class RaftNode:
 
     # ----------------------------------------------------------------- replication
 
+    def _leader_contact(self, src: str, now: float) -> None:
+        if self.state != "follower" or self.leader_id != src:
+            self._become_follower(self.term, src, now)
+        else:
+            self._last_leader_contact = now
+            self._reset_election_timer(now)
+
     def _on_append(self, msg: AppendEntries, now: float) -> None:
         if self.state == "leader":
             # Two leaders in one term cannot happen with correct peers: drop the frame.
             self.dropped += 1
             return
-        if self.state != "follower" or self.leader_id != msg.src:
-            self._become_follower(self.term, msg.src, now)
-        else:
-            self._last_leader_contact = now
-            self._reset_election_timer(now)
+        self._leader_contact(msg.src, now)
         log = self.log
+        if msg.prev_index < self.commit_index:
+            # Our committed prefix (perhaps compacted) matches any leader's: skip to it.
+            self._send(
+                AppendEntriesResponse(
+                    self.term, self.id, msg.src, True, match_index=self.commit_index, seq=msg.seq
+                )
+            )
+            return
         prev_term = log.term(msg.prev_index)
         if prev_term is None or prev_term != msg.prev_term:
             if prev_term is None:
@@ -381,6 +600,7 @@ class RaftNode:
                     reject_index=msg.prev_index,
                     hint_index=hint_index,
                     hint_term=hint_term,
+                    seq=msg.seq,
                 )
             )
             return
@@ -396,9 +616,7 @@ class RaftNode:
                 t = log.term(e.index)
                 if t is not None and t != e.term:
                     conflict = e.index
-        if conflict is not None and conflict <= self.commit_index:
-            self.dropped += 1
-            return
+        # A conflict lies after prev_index >= commit_index: committed entries are never touched.
         if conflict is not None:
             log.truncate_from(conflict)
         for e in msg.entries:
@@ -406,12 +624,51 @@ class RaftNode:
                 log.append(e)
         last_new = msg.prev_index + len(msg.entries)
         if msg.commit > self.commit_index:
-            self.commit_index = max(self.commit_index, min(msg.commit, last_new))
-        self._send(AppendEntriesResponse(self.term, self.id, msg.src, True, match_index=last_new))
+            self._commit_to(min(msg.commit, last_new))
+        self._send(
+            AppendEntriesResponse(
+                self.term, self.id, msg.src, True, match_index=last_new, seq=msg.seq
+            )
+        )
 
-    def _on_append_response(self, msg: AppendEntriesResponse) -> None:
-        pr = self._progress[msg.src]
+    def _on_snapshot(self, msg: InstallSnapshot, now: float) -> None:
+        if self.state == "leader":
+            self.dropped += 1
+            return
+        self._leader_contact(msg.src, now)
+        snap = msg.snapshot
+        if snap.index > self.commit_index:
+            if self.log.term(snap.index) == snap.term:
+                self._commit_to(snap.index)  # we hold its last entry: fast-forward (§7)
+            else:
+                self.log.restore(snap.index, snap.term)
+                self.commit_index = snap.index
+                self._handed_index = snap.index
+                self._snapshot = snap
+                self._pending_snapshot = snap
+                self._set_conf(snap.conf, snap.index)
+        self._send(
+            AppendEntriesResponse(
+                self.term, self.id, msg.src, True, match_index=self.commit_index, seq=msg.seq
+            )
+        )
+
+    def _commit_to(self, index: int) -> None:
+        old = self.commit_index
+        self.commit_index = index
+        for i in range(max(old + 1, self.log.first_index), index + 1):
+            e = self.log.entry(i)
+            if e.kind == "conf":
+                self._apply_conf_entry(e)
+
+    def _on_append_response(self, msg: AppendEntriesResponse, now: float) -> None:
+        pr = self._progress.get(msg.src)
+        if pr is None:
+            return  # from a member removed meanwhile
         pr.recent_active = True
+        if msg.seq > pr.acked_seq and msg.seq <= self._seq:
+            pr.acked_seq = msg.seq
+            self._release_reads()
         if msg.success:
             m = msg.match_index
             if m > self.log.last_index:
@@ -422,16 +679,20 @@ class RaftNode:
             pr.next = max(pr.next, m + 1)
             while pr.inflight and pr.inflight[0] <= m:
                 pr.inflight.popleft()
-            if pr.state == "probe":
+            if pr.state != "replicate":
+                pr.become_probe()
                 pr.state = "replicate"
                 pr.next = pr.match + 1
-                pr.inflight.clear()
             self._maybe_commit()
+            if msg.src == self._transferee and pr.match == self.log.last_index:
+                self._send(TimeoutNow(self.term, self.id, msg.src))
             return
         rejected = msg.reject_index
         if rejected > self.log.last_index:
             self.dropped += 1  # we never sent such a prev_index: a corrupt or hostile peer
             return
+        if pr.state == "snapshot":
+            return  # an answer to an append sent before the snapshot
         if rejected <= pr.match or (pr.state == "probe" and rejected != pr.next - 1):
             return  # stale: answers a message sent before we learned better
         if msg.hint_term == 0:
@@ -439,45 +700,67 @@ class RaftNode:
         else:
             found = self.log.last_index_of_term(msg.hint_term, rejected)
             candidate = found + 1 if found is not None else msg.hint_index
-        pr.state = "probe"
-        pr.probe_sent = False
-        pr.inflight.clear()
+        pr.become_probe()
         pr.next = max(pr.match + 1, min(candidate, rejected))
 
     def _maybe_commit(self) -> None:
-        matches = sorted([self.log.stable_index, *(p.match for p in self._progress.values())])
-        n = matches[len(matches) - self._quorum]
+        matches = sorted(
+            self.log.stable_index if v == self.id else self._progress[v].match
+            for v in self.voters
+            if v == self.id or v in self._progress
+        )
+        q = self._quorum()
+        if len(matches) < q:
+            return
+        n = matches[len(matches) - q]
         # §5.4.2: only an entry of the current term is committed by counting replicas.
         if n > self.commit_index and self.log.term(n) == self.term:
-            self.commit_index = n
+            first_in_term = self.log.term(self.commit_index) != self.term
+            self._commit_to(n)
             self._commit_broadcast = True
+            if first_in_term and self._reads_waiting:
+                waiting, self._reads_waiting = self._reads_waiting, []
+                for rid in waiting:
+                    self._admit_read(rid, self._seq_sent.get(self._seq, -math.inf))
+            if self.state == "leader" and self.id not in self.voters:
+                self._become_follower(self.term, None, -math.inf)  # our removal committed
 
     def _flush_appends(self) -> None:
+        # A read round started since the last flush is confirmed by one message per peer.
+        read_round, self._seq_flush = self._seq_flush, False
         if self.state != "leader":
             return
         for peer, pr in self._progress.items():
             sent = False
             while self._send_append(peer, pr, allow_empty=False):
                 sent = True
-            if self._commit_broadcast and not sent:
+            if (self._commit_broadcast or read_round) and not sent:
                 self._send_empty(peer, pr)
         self._commit_broadcast = False
 
-    def _send_append(self, peer: str, pr: _Progress, *, allow_empty: bool) -> bool:
-        if pr.state == "probe" and pr.probe_sent:
+    def _send_append(self, peer: str, pr: Progress, *, allow_empty: bool) -> bool:
+        if pr.state == "snapshot" or (pr.state == "probe" and pr.probe_sent):
             return False
         if pr.state == "replicate" and len(pr.inflight) >= self.config.max_inflight:
             return False
+        prev = pr.next - 1
+        prev_term = self.log.term(prev)
+        if prev_term is None:
+            return self._send_snapshot(peer, pr)
         hi = min(self.log.last_index + 1, pr.next + self.config.max_entries_per_append)
         entries = self.log.slice(pr.next, hi)
         if not entries and not allow_empty:
             return False
-        prev = pr.next - 1
-        prev_term = self.log.term(prev)
-        assert prev_term is not None
         self._send(
             AppendEntries(
-                self.term, self.id, peer, prev, prev_term, tuple(entries), self.commit_index
+                self.term,
+                self.id,
+                peer,
+                prev,
+                prev_term,
+                tuple(entries),
+                self.commit_index,
+                self._seq,
             )
         )
         if pr.state == "probe":
@@ -487,11 +770,25 @@ class RaftNode:
             pr.inflight.append(entries[-1].index)
         return True
 
-    def _send_empty(self, peer: str, pr: _Progress) -> None:
+    def _send_snapshot(self, peer: str, pr: Progress) -> bool:
+        snap = self._snapshot
+        if snap is None:
+            raise AssertionError("an entry was compacted without a snapshot")
+        self._send(InstallSnapshot(self.term, self.id, peer, snap, self._seq))
+        pr.become_probe()
+        pr.state = "snapshot"
+        pr.next = snap.index + 1
+        return False
+
+    def _send_empty(self, peer: str, pr: Progress) -> None:
         prev = pr.next - 1
         prev_term = self.log.term(prev)
-        assert prev_term is not None
-        self._send(AppendEntries(self.term, self.id, peer, prev, prev_term, (), self.commit_index))
-
-    def _send(self, msg: Message) -> None:
-        self._msgs.append(msg)
+        if prev_term is None:
+            if pr.state != "snapshot":
+                self._send_snapshot(peer, pr)
+            return
+        self._send(
+            AppendEntries(
+                self.term, self.id, peer, prev, prev_term, (), self.commit_index, self._seq
+            )
+        )

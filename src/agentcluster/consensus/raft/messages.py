@@ -30,14 +30,22 @@ __all__ = [
     "MAX_ENTRIES_PER_MESSAGE",
     "AppendEntries",
     "AppendEntriesResponse",
+    "ConfChange",
+    "ConfOp",
+    "ConfState",
     "Entry",
     "EntryKind",
     "HardState",
+    "InstallSnapshot",
     "Message",
     "Ready",
     "RequestVote",
     "RequestVoteResponse",
+    "Snapshot",
+    "TimeoutNow",
+    "decode_conf_change",
     "decode_message",
+    "encode_conf_change",
     "encode_message",
 ]
 
@@ -46,16 +54,34 @@ MAX_ENTRIES_PER_MESSAGE = 65_536
 
 NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Counter = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-EntryKind = Literal["normal", "noop"]
+EntryKind = Literal["normal", "noop", "conf"]
 
 
 class Entry(msgspec.Struct, frozen=True, array_like=True):
-    """One log entry; ``noop`` entries are appended by a new leader (§5.4.2, §8)."""
+    """One log entry; ``noop`` entries are appended by a new leader (§5.4.2, §8); ``conf``
+    entries carry an encoded configuration change (§4.1 of the thesis)."""
 
     term: Counter
     index: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
     data: bytes = b""
     kind: EntryKind = "normal"
+
+
+class ConfState(msgspec.Struct, frozen=True, array_like=True):
+    """The cluster configuration: voters decide elections and commits, learners only follow."""
+
+    voters: tuple[NodeId, ...] = ()
+    learners: tuple[NodeId, ...] = ()
+
+
+class Snapshot(msgspec.Struct, frozen=True, array_like=True):
+    """The state machine's state after applying every entry up to ``index`` (of ``term``),
+    with the configuration in force at that point; ``data`` is opaque to Raft."""
+
+    index: Counter
+    term: Counter
+    conf: ConfState
+    data: bytes = b""
 
 
 class RequestVote(msgspec.Struct, frozen=True, array_like=True, tag="rv"):
@@ -67,6 +93,9 @@ class RequestVote(msgspec.Struct, frozen=True, array_like=True, tag="rv"):
     last_index: Counter
     last_term: Counter
     pre_vote: bool = False
+    # Sent by a leadership-transfer target (thesis §3.10): voters skip the "leader is live"
+    # refusal, since the leader itself asked for the election.
+    transfer: bool = False
 
 
 class RequestVoteResponse(msgspec.Struct, frozen=True, array_like=True, tag="rvr"):
@@ -87,6 +116,9 @@ class AppendEntries(msgspec.Struct, frozen=True, array_like=True, tag="ae"):
     prev_term: Counter
     entries: Annotated[tuple[Entry, ...], msgspec.Meta(max_length=MAX_ENTRIES_PER_MESSAGE)]
     commit: Counter
+    # The leader's heartbeat round, echoed back: acknowledged rounds confirm leadership for
+    # ReadIndex and time the leader lease (thesis §6.4).
+    seq: Counter = 0
 
     @property
     def leader(self) -> str:
@@ -104,9 +136,50 @@ class AppendEntriesResponse(msgspec.Struct, frozen=True, array_like=True, tag="a
     reject_index: Counter = 0
     hint_index: Counter = 0
     hint_term: Counter = 0
+    seq: Counter = 0
 
 
-Message = RequestVote | RequestVoteResponse | AppendEntries | AppendEntriesResponse
+class InstallSnapshot(msgspec.Struct, frozen=True, array_like=True, tag="is"):
+    """The leader's snapshot for a follower whose next entry was compacted away (§7); the
+    follower answers with an :class:`AppendEntriesResponse`."""
+
+    term: Counter
+    src: NodeId
+    dst: NodeId
+    snapshot: Snapshot
+    seq: Counter = 0
+
+
+class TimeoutNow(msgspec.Struct, frozen=True, array_like=True, tag="tn"):
+    """Leadership transfer (thesis §3.10): "start an election now"."""
+
+    term: Counter
+    src: NodeId
+    dst: NodeId
+
+
+ConfOp = Literal["add_voter", "add_learner", "remove"]
+
+
+class ConfChange(msgspec.Struct, frozen=True, array_like=True):
+    """One single-server membership change (thesis §4.1), carried by a ``conf`` entry.
+
+    The leader fills in ``result``, the whole configuration after the change, so a server
+    that joins with an empty configuration learns every member from the entry alone."""
+
+    op: ConfOp
+    node: NodeId
+    result: ConfState | None = None
+
+
+Message = (
+    RequestVote
+    | RequestVoteResponse
+    | AppendEntries
+    | AppendEntriesResponse
+    | InstallSnapshot
+    | TimeoutNow
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
@@ -114,6 +187,17 @@ _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 def encode_message(msg: Message) -> bytes:
     return _encoder.encode(msg)
+
+
+_conf_decoder = msgspec.msgpack.Decoder(ConfChange)
+
+
+def encode_conf_change(change: ConfChange) -> bytes:
+    return _encoder.encode(change)
+
+
+def decode_conf_change(data: bytes) -> ConfChange:
+    return _conf_decoder.decode(data)
 
 
 def decode_message(data: bytes) -> Message:
@@ -133,6 +217,7 @@ class HardState(msgspec.Struct, frozen=True, array_like=True):
 class Ready:
     """One batch of work for the shell, to be handled **in this order**:
 
+    0. if ``snapshot`` is set: save it and restore the state machine from it;
     1. write ``hard_state`` (if not None) and append ``entries`` (an entry at an index already
        stored replaces it and everything after it) to stable storage, and sync;
     2. only then send ``messages`` -- a vote grant or an append acknowledgement is never
@@ -145,6 +230,14 @@ class Ready:
     entries: list[Entry] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     committed: list[Entry] = field(default_factory=list)
+    # A snapshot received from the leader: save it (discarding the log) and restore the state
+    # machine from it *before* step 1's entries and step 3's committed entries.
+    snapshot: Snapshot | None = None
+    # Linearizable reads released by this Ready: (request id, read index). Serve each once
+    # the state machine has applied the read index.
+    read_states: list[tuple[int, int]] = field(default_factory=list)
+    # The configuration, when it changed (a committed ``conf`` entry or a snapshot).
+    conf: ConfState | None = None
 
     @property
     def empty(self) -> bool:
@@ -153,4 +246,7 @@ class Ready:
             and not self.entries
             and not self.messages
             and not self.committed
+            and self.snapshot is None
+            and not self.read_states
+            and self.conf is None
         )

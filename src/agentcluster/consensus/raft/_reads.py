@@ -1,0 +1,134 @@
+"""Linearizable reads (ReadIndex, leader lease) and leadership transfer for :class:`RaftNode`.
+
+Theory of operation: see the "Linearizable reads" and "Leadership transfer" sections of
+:mod:`agentcluster.consensus.raft.core`. This mixin holds the leader-side bookkeeping: numbered
+heartbeat rounds and when each was sent, reads waiting for a round (or for the first commit of
+the term), and the transfer target. It reads and writes the node's state through the attributes
+declared below, which :class:`~agentcluster.consensus.raft.core.RaftNode` initialises.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from agentcluster.consensus.raft.messages import Message, TimeoutNow
+
+if TYPE_CHECKING:
+    from agentcluster.consensus.raft._log import RaftLog
+    from agentcluster.consensus.raft._progress import Progress
+    from agentcluster.consensus.raft.core import RaftConfig, RaftState
+
+__all__ = ["ReadsMixin"]
+
+# How many heartbeat-round send times a leader remembers for lease timing.
+_SEQ_MEMORY = 1024
+
+
+class ReadsMixin:
+    id: str
+    config: RaftConfig
+    state: RaftState
+    term: int
+    commit_index: int
+    log: RaftLog
+    voters: tuple[str, ...]
+    _progress: dict[str, Progress]
+    _msgs: list[Message]
+    _seq: int
+    _seq_sent: dict[int, float]
+    _seq_flush: bool
+    _reads: list[tuple[int, int, int]]
+    _reads_waiting: list[int]
+    _read_states: list[tuple[int, int]]
+    _transferee: str | None
+    _transfer_deadline: float
+
+    @property
+    def is_voter(self) -> bool:
+        return self.id in self.voters
+
+    def _quorum(self) -> int:
+        return len(self.voters) // 2 + 1
+
+    def _send(self, msg: Message) -> None:
+        self._msgs.append(msg)
+
+    def read_index(self, request_id: int, now: float) -> bool:
+        """Ask for a linearizable read; ``(request_id, index)`` comes back in a later
+        ``Ready.read_states``. False when this node is not a leader that can serve reads."""
+        if self.state != "leader" or self._transferee is not None:
+            return False
+        if self.log.term(self.commit_index) != self.term:
+            self._reads_waiting.append(request_id)
+        else:
+            self._admit_read(request_id, now)
+        return True
+
+    def lease_valid(self, now: float) -> bool:
+        """True while a quorum acknowledged a heartbeat round recent enough that no other
+        leader can exist (thesis §6.4.1)."""
+        if self.state != "leader" or self._transferee is not None:
+            return False
+        if not self.config.lease_reads:
+            return False
+        acked = self._quorum_acked_seq()
+        sent = self._seq_sent.get(acked)
+        if sent is None:
+            return len(self.voters) == 1 and self.is_voter
+        budget = self.config.election_timeout * (1.0 - self.config.clock_drift)
+        return now < sent + budget
+
+    def transfer_leadership(self, target: str, now: float) -> bool:
+        """Hand leadership to the voter ``target`` (thesis §3.10); False if impossible."""
+        if self.state != "leader" or target == self.id or target not in self.voters:
+            return False
+        pr = self._progress.get(target)
+        if pr is None:
+            return False
+        self._transferee = target
+        self._transfer_deadline = now + self.config.election_timeout
+        if pr.match == self.log.last_index:
+            self._send(TimeoutNow(self.term, self.id, target))
+        return True
+
+    def _new_round(self, now: float) -> None:
+        self._seq += 1
+        self._seq_sent[self._seq] = now
+        if len(self._seq_sent) > _SEQ_MEMORY:
+            del self._seq_sent[next(iter(self._seq_sent))]
+
+    def _quorum_acked_seq(self) -> int:
+        acked = sorted(
+            (self._seq if v == self.id else self._progress[v].acked_seq)
+            for v in self.voters
+            if v == self.id or v in self._progress
+        )
+        q = self._quorum()
+        return acked[len(acked) - q] if len(acked) >= q else 0
+
+    def _admit_read(self, request_id: int, now: float) -> None:
+        if self.lease_valid(now):
+            self._read_states.append((request_id, self.commit_index))
+            return
+        # Reads that arrive before the next flush share one confirmation round.
+        if not self._seq_flush:
+            self._new_round(now)
+            self._seq_flush = True
+        self._reads.append((self._seq, request_id, self.commit_index))
+        self._release_reads()
+
+    def _release_reads(self) -> None:
+        if not self._reads:
+            return
+        acked = self._quorum_acked_seq()
+        k = 0
+        while k < len(self._reads) and self._reads[k][0] <= acked:
+            _, rid, index = self._reads[k]
+            self._read_states.append((rid, index))
+            k += 1
+        del self._reads[:k]
+
+    def _abort_transfer(self) -> None:
+        self._transferee = None
+        self._transfer_deadline = math.inf
