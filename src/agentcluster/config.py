@@ -60,9 +60,20 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     multicast_port: int = 7947
     # The local interface address multicast is sent and received on.
     multicast_interface: str = "127.0.0.1"
+    # The coordination store: the names of the nodes that hold the replicated log (3 or 5;
+    # every node of the cluster uses it). Empty: this node has no store.
+    store_voters: list[str] = []
+    # Where a voter keeps its Raft log and snapshots ("": in memory -- lost on restart, only
+    # for tests and throw-away clusters).
+    data_dir: str = ""
+    # Sync every Raft write to disk before acknowledging it. Turning this off trades
+    # durability on power loss for latency; never do it in production.
+    fsync: bool = True
+    # Applied entries between two snapshots of the store (then the log is compacted).
+    snapshot_every: int = 10_000
 
 
-_LIST_FIELDS = {"seeds", "capabilities", "dns_a", "dns_srv"}
+_LIST_FIELDS = {"seeds", "capabilities", "dns_a", "dns_srv", "store_voters"}
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -167,3 +178,7 @@ def _check(config: NodeConfig) -> None:
         )
     if config.discovery_interval <= 0:
         raise ConfigError("invalid node configuration: discovery_interval must be > 0")
+    if config.snapshot_every < 1:
+        raise ConfigError("invalid node configuration: snapshot_every must be >= 1")
+    if len(set(config.store_voters)) != len(config.store_voters) or "" in config.store_voters:
+        raise ConfigError("invalid node configuration: store_voters must be distinct names")

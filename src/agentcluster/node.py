@@ -33,6 +33,7 @@ from agentcluster.clustering.base import Discover, JoinPeers, MemberEventData, M
 from agentcluster.clustering.failure_detector import FailureDetector
 from agentcluster.clustering.node_discovery import NodeDiscovery, NodeDiscoveryState
 from agentcluster.config import NodeConfig
+from agentcluster.consensus.raft import Storage
 from agentcluster.control import (
     AgentEnvelope,
     ControlReply,
@@ -59,6 +60,8 @@ from agentcluster.membership.service import MembershipService
 from agentcluster.membership.swim import Swim
 from agentcluster.membership.vivaldi import Vivaldi
 from agentcluster.signals import Signal
+from agentcluster.store._node import KV_PREFIX, RAFT_PREFIX, NodeStore
+from agentcluster.store.base import Store
 from agentcluster.transport.base import Transport
 from agentcluster.transport.udp_tcp import UdpTcpTransport
 from agentcluster.wire import Keyring, WireCodec
@@ -83,7 +86,10 @@ class Node:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         strategies: list[Strategy] | None = None,
+        raft_storage: Storage | None = None,
     ) -> None:
+        """``raft_storage``: the store voter's Raft storage to use instead of opening
+        ``data_dir`` (a simulation keeps one per node across restarts)."""
         self.config = config
         self.name = config.name
         self.clock: Clock = clock if clock is not None else MonotonicClock()
@@ -107,6 +113,8 @@ class Node:
         self._membership: MembershipService | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._stopped = asyncio.Event()
+        self._raft_storage = raft_storage
+        self.store_host: NodeStore | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def _default_strategies(self) -> list[Strategy]:
@@ -211,6 +219,9 @@ class Node:
                 strategy="one_for_one",
             )
             await self._membership.start(self._tg)
+            if self.config.store_voters:
+                self.store_host = NodeStore(self, storage=self._raft_storage)
+                await self.store_host.start(self._tg)
             seeds = [format_addr(*parse_seed(s)) for s in self.config.seeds]
             seeds = [s for s in seeds if s != self.addr]
             if seeds:
@@ -232,6 +243,8 @@ class Node:
                     else self.swim_config.leave_propagate_delay
                 )
                 await self.clock.sleep(wait)
+            if self.store_host is not None:
+                await self.store_host.close()
             if self._membership is not None:
                 self._membership.close()
             await self.runtime.__aexit__(None, None, None)
@@ -252,10 +265,18 @@ class Node:
 
     # ------------------------------------------------------------------ inbound
     def _on_packet(self, src: str, data: bytes) -> None:
-        if self._membership is not None:
+        if data[:1] == RAFT_PREFIX:
+            if self.store_host is not None:
+                self.store_host.on_packet(data[1:])
+        elif self._membership is not None:
             self._membership.on_packet(src, data)
 
     async def _on_stream(self, src: str, data: bytes) -> bytes | None:
+        prefix = data[:1]
+        if prefix in (RAFT_PREFIX, KV_PREFIX):
+            if self.store_host is None:
+                return None
+            return await self.store_host.on_stream(prefix, data[1:])
         msg = self.stream_codec.try_decode(data)
         if msg is None:
             return None
@@ -378,6 +399,15 @@ class Node:
         return new
 
     # ------------------------------------------------------------------ views
+    @property
+    def store(self) -> Store:
+        """The coordination store (routes to the Raft leader); needs ``store_voters``."""
+        if self.store_host is None:
+            raise RuntimeError(
+                f"node {self.name} has no coordination store: set store_voters (and start it)"
+            )
+        return self.store_host.store
+
     def members(self) -> list[Any]:
         return self.core.members()
 
@@ -406,4 +436,5 @@ class Node:
             "health_score": self.core.health_score(),
             "events_dropped": self.events_dropped,
             "agents": len(self.runtime),
+            "store": self.store_host.stats() if self.store_host is not None else None,
         }

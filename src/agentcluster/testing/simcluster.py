@@ -26,6 +26,7 @@ from typing import Any
 
 from agentcluster.clock import MonotonicClock
 from agentcluster.config import NodeConfig
+from agentcluster.consensus.raft import MemoryStorage
 from agentcluster.discovery import StaticSeeds
 from agentcluster.membership.messages import MemberEvent
 from agentcluster.node import Node
@@ -62,7 +63,11 @@ class SimCluster:
         keyring: Keyring | None = None,
         zones: Iterable[str] = ("z1", "z2", "z3"),
         record: bool = True,
+        store_voters: int = 0,
+        snapshot_every: int = 10_000,
     ) -> None:
+        """``store_voters``: the first that many nodes hold the coordination store's Raft
+        log (kept in memory across crashes and restarts, like a disk); 0: no store."""
         if n < 1:
             raise ValueError(f"a cluster needs at least one node, got {n}")
         self.seed = seed
@@ -72,6 +77,11 @@ class SimCluster:
         self.keyring = keyring if keyring is not None else Keyring([self.rng.randbytes(32)])
         self.zones = list(zones) or [""]
         self.names = [f"n{i + 1}" for i in range(n)]
+        if not 0 <= store_voters <= n:
+            raise ValueError(f"store_voters must be within 0..{n}, got {store_voters}")
+        self.store_voters = self.names[:store_voters]
+        self.snapshot_every = snapshot_every
+        self.raft_storage: dict[str, MemoryStorage] = {}
         self.nodes: dict[str, Node] = {}
         self.crashed: set[str] = set()
         self.log: list[ObservedEvent] = []
@@ -96,6 +106,8 @@ class SimCluster:
             # Rediscovery of the seeds is what merges the two sides of a healed partition
             # (as Serf's reconnect does); it costs nothing while the seeds are live members.
             discovery_interval=15.0,
+            store_voters=self.store_voters,
+            snapshot_every=self.snapshot_every,
         )
 
     def _make(self, name: str) -> Node:
@@ -106,6 +118,11 @@ class SimCluster:
             clock=self.clock,
             rng=random.Random(f"{self.seed}/{name}/{self._incarnations.get(name, 0)}"),
             strategies=[StaticSeeds(self.config(name).seeds, resolve=_sim_resolve)],
+            raft_storage=(
+                self.raft_storage.setdefault(name, MemoryStorage())
+                if name in self.store_voters
+                else None
+            ),
         )
         if self.record:
             node.listeners.append(self._recorder(name))
@@ -165,6 +182,8 @@ class SimCluster:
     def stall(self, name: str, seconds: float) -> None:
         """Block the node's event loop for ``seconds`` (alive, but processing nothing)."""
         self.nodes[name].membership.stall(seconds)
+        if self.nodes[name].store_host is not None:
+            self.nodes[name].store_host.stall(seconds)  # type: ignore[union-attr]
         self.net.stall(self.addr(name), seconds)
 
     def partition(self, side_a: Iterable[str], side_b: Iterable[str]) -> None:

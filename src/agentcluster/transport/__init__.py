@@ -9,6 +9,7 @@ stalls, timed by the event loop so that it runs in virtual time.
 """
 
 from agentcluster.transport.base import (
+    ConnectFailed,
     PacketHandler,
     StreamHandler,
     Transport,
@@ -21,6 +22,7 @@ from agentcluster.transport.memory import LinkConfig, MemoryTransport, SimNetwor
 from agentcluster.transport.udp_tcp import UdpTcpTransport
 
 __all__ = [
+    "ConnectFailed",
     "LinkConfig",
     "MemoryTransport",
     "PacketHandler",

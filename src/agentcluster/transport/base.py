@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
 __all__ = [
+    "ConnectFailed",
     "PacketHandler",
     "StreamHandler",
     "Transport",
@@ -45,6 +46,11 @@ StreamHandler = Callable[[str, bytes], Awaitable[bytes | None]]
 
 class TransportError(Exception):
     """A stream request failed: refused, reset, closed without reply, or transport closed."""
+
+
+class ConnectFailed(TransportError):
+    """The stream could not be opened: the request certainly never reached the peer (so a
+    non-idempotent request may safely be sent elsewhere)."""
 
 
 @dataclasses.dataclass(slots=True)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from agentcluster.transport.base import (
+    ConnectFailed,
     PacketHandler,
     StreamHandler,
     Transport,
@@ -403,7 +404,7 @@ class SimNetwork:
         target = self._nodes.get(dst)
         if target is None or not target.receiving:
             stats.stream_errors += 1
-            raise TransportError(f"connection to {dst} refused")
+            raise ConnectFailed(f"connection to {dst} refused")
         self._stats.streams += 1
         stats.bytes_sent += len(data)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()

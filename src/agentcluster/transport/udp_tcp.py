@@ -34,6 +34,7 @@ import struct
 from typing import Any
 
 from agentcluster.transport.base import (
+    ConnectFailed,
     PacketHandler,
     StreamHandler,
     Transport,
@@ -341,7 +342,7 @@ class UdpTcpTransport(Transport):
                 try:
                     reader, writer = await asyncio.open_connection(host, port)
                 except OSError as exc:
-                    raise TransportError(
+                    raise ConnectFailed(
                         f"cannot connect to {addr}: {exc.strerror or exc}"
                     ) from None
                 self._client_writers.add(writer)

@@ -1,0 +1,228 @@
+"""The coordination store interface: one async API over every backend.
+
+Theory of operation: the store is a flat, ordered key space (``str`` keys, ``bytes`` values)
+with a single, cluster-wide, monotonically increasing **revision** -- every successful write
+(put, delete, transaction with a write, lease revocation that deletes keys) advances it by one
+and every key remembers the revision that created it (``create_revision``), last changed it
+(``mod_revision``) and how often it changed (``version``), as in etcd's v3 model. Those numbers
+are what compare-and-set, transactions, watches and fencing are built from:
+
+* **CAS / transactions** compare a key's value, version, create or mod revision, then run one
+  list of operations or the other, atomically, at one revision.
+* **Leases** have a TTL and an id; keys attached to a lease vanish when it expires or is
+  revoked. Keep-alives restart the TTL.
+* **Watches** stream the changes under a prefix from a revision on; a watcher that reconnects
+  resumes from ``last seen + 1`` and misses nothing, unless the history it asks for was
+  compacted (:class:`Compacted`).
+* **Elections and locks** are recipes over these primitives (see :mod:`._recipes`): a
+  candidate creates ``<prefix>/<lease id>`` on its lease; the lowest ``create_revision`` under
+  the prefix holds the office; that revision is the **fencing token**. A side effect guarded by
+  ``Compare(lock_key, "create", "==", token)`` is rejected once the holder's lease expired and
+  someone else took over -- a stale holder is harmless.
+
+Backends (one module each): :mod:`.memory` (one process), :mod:`.raft` (replicated on the
+cluster's nodes, the default) and :mod:`.etcd` (a real etcd cluster).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Literal, Self
+
+import msgspec
+
+if TYPE_CHECKING:
+    from agentcluster.store._recipes import Election, Lock
+
+__all__ = [
+    "Compacted",
+    "Compare",
+    "DeleteOp",
+    "GetOp",
+    "KeyValue",
+    "Lease",
+    "LeaseNotFound",
+    "PutOp",
+    "RangeResult",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "TxnResult",
+    "WatchEvent",
+]
+
+
+class StoreError(Exception):
+    """Base of every store error."""
+
+
+class StoreUnavailable(StoreError):
+    """No quorum / leader / connection within the deadline; the operation may or may not have
+    taken effect (the caller must treat a write as *unknown*)."""
+
+
+class LeaseNotFound(StoreError):
+    """The lease does not exist (never granted, expired or revoked)."""
+
+
+class Compacted(StoreError):
+    """A watch asked for history older than the store keeps."""
+
+    def __init__(self, requested: int, oldest: int) -> None:
+        super().__init__(f"revision {requested} is compacted; the oldest kept is {oldest}")
+        self.requested = requested
+        self.oldest = oldest
+
+
+class KeyValue(msgspec.Struct, frozen=True, array_like=True):
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int = 0  # 0: not attached to a lease
+
+
+class RangeResult(msgspec.Struct, frozen=True, array_like=True):
+    kvs: list[KeyValue]
+    revision: int  # the store revision the range was read at
+    more: bool = False  # True when ``limit`` cut the result
+
+
+# Lease and TxnResult are tagged: the state machine's results travel back to a proposer in a
+# tagged union (``agentcluster.store._kv.Result``).
+class Lease(msgspec.Struct, frozen=True, array_like=True, tag="lease"):
+    id: int
+    ttl: float
+
+
+CompareTarget = Literal["value", "version", "create", "mod", "lease"]
+CompareOp = Literal["==", "!=", "<", ">"]
+
+
+class Compare(msgspec.Struct, frozen=True, array_like=True, tag="cmp"):
+    """``key``'s ``target`` ``op`` ``value``; a missing key has version / create / mod / lease
+    0 and never equals a value."""
+
+    key: str
+    target: CompareTarget
+    op: CompareOp
+    value: int | bytes
+
+
+class PutOp(msgspec.Struct, frozen=True, array_like=True, tag="put"):
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+class DeleteOp(msgspec.Struct, frozen=True, array_like=True, tag="del"):
+    key: str
+    prefix: bool = False  # delete every key starting with ``key``
+
+
+class GetOp(msgspec.Struct, frozen=True, array_like=True, tag="get"):
+    key: str
+    prefix: bool = False
+
+
+TxnOp = PutOp | DeleteOp | GetOp
+
+
+class TxnResult(msgspec.Struct, frozen=True, array_like=True, tag="txn"):
+    succeeded: bool
+    revision: int
+    # One entry per operation run: the new revision for a put, the number of deleted keys
+    # for a delete, the key-values read for a get.
+    results: list[int | list[KeyValue]]
+
+
+class WatchEvent(msgspec.Struct, frozen=True, array_like=True):
+    type: Literal["put", "delete"]
+    kv: KeyValue  # for a delete: the key with an empty value and the delete's revision
+    prev: KeyValue | None = None
+
+    @property
+    def revision(self) -> int:
+        return self.kv.mod_revision
+
+
+class Store(ABC):
+    """The coordination store; every method may raise :class:`StoreUnavailable`."""
+
+    @abstractmethod
+    async def get(self, key: str) -> KeyValue | None: ...
+
+    @abstractmethod
+    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
+        """Keys starting with ``prefix`` in key order (``limit`` 0: no limit)."""
+
+    @abstractmethod
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        """Write ``key``; returns the new store revision. Raises LeaseNotFound."""
+
+    async def cas(
+        self, key: str, value: bytes, *, expected_revision: int, lease: int = 0
+    ) -> TxnResult:
+        """Write ``key`` only if its ``mod_revision`` equals ``expected_revision`` (0: only
+        if the key does not exist). ``results[0]`` is the current key on failure."""
+        return await self.txn(
+            [Compare(key, "mod", "==", expected_revision)],
+            [PutOp(key, value, lease)],
+            [GetOp(key)],
+        )
+
+    @abstractmethod
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        """Delete ``key`` (or every key under it); returns the number of deleted keys."""
+
+    @abstractmethod
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[TxnOp],
+        failure: Sequence[TxnOp] = (),
+    ) -> TxnResult: ...
+
+    @abstractmethod
+    async def revision(self) -> int:
+        """The current store revision (a linearizable read)."""
+
+    @abstractmethod
+    async def lease_grant(self, ttl: float) -> Lease: ...
+
+    @abstractmethod
+    async def lease_keepalive(self, lease_id: int) -> float:
+        """Restart the lease's TTL; returns the TTL. Raises LeaseNotFound."""
+
+    @abstractmethod
+    async def lease_revoke(self, lease_id: int) -> None:
+        """Revoke the lease and delete its keys (no error if it is already gone)."""
+
+    @abstractmethod
+    def watch(
+        self, prefix: str, *, start_revision: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
+        """Changes under ``prefix`` with a revision >= ``start_revision`` (0: from now on), in
+        revision order, each exactly once -- across reconnects of the backend too."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    def election(self, name: str) -> Election:
+        from agentcluster.store._recipes import Election
+
+        return Election(self, name)
+
+    def lock(self, name: str, *, ttl: float = 10.0) -> Lock:
+        from agentcluster.store._recipes import Lock
+
+        return Lock(self, name, ttl=ttl)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

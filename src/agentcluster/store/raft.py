@@ -1,0 +1,512 @@
+"""The embedded, replicated coordination store: the KV state machine on our Raft.
+
+Theory of operation: every *voter* node runs a :class:`RaftKV` -- a
+:class:`~agentcluster.consensus.raft.shell.RaftShell` whose state machine is a
+:class:`~agentcluster.store._kv.KVStateMachine`, plus the two driver-side pieces the memory
+backend has too: :class:`~agentcluster.store._leases.LeaseTimers` (counted down by the
+leader only, reset from the replicated TTLs when a node becomes leader, as etcd does) and a
+:class:`~agentcluster.store._watch.WatchHub` fed by the apply loop (every member applies every
+entry, so any member serves watches).
+
+Requests are :class:`KvRequest` values executed by the leader (:meth:`RaftKV.serve`):
+writes are proposed as encoded commands and answered with the state machine's result once
+applied; reads pass a ReadIndex / lease barrier first, so they are linearizable; keep-alives
+restart the leader's timer after a barrier; ``events`` (the remote form of a watch) may be
+served by any member, long-polling until an event arrives.
+
+:class:`RaftStore` is the :class:`~agentcluster.store.base.Store` a node hands to its users.
+It routes each request: to the local member when it leads, else to the leader it last heard
+of, else to the voters in turn, following ``not_leader`` hints until the deadline. A write
+is retried only when its outcome is certain (``not_leader`` before proposing, or ``dropped``:
+replaced by a new leader); when the outcome is unknown it raises
+:class:`~agentcluster.store.base.StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Literal
+
+import msgspec
+
+from agentcluster.clock import Clock
+from agentcluster.consensus.raft import Message, RaftConfig, Storage
+from agentcluster.consensus.raft.shell import (
+    NotLeader,
+    OutcomeUnknown,
+    ProposalDropped,
+    RaftShell,
+    ShellConfig,
+)
+from agentcluster.store._kv import (
+    Command,
+    DeleteCmd,
+    DeleteResult,
+    InvalidCommand,
+    KVStateMachine,
+    LeaseGrantCmd,
+    LeaseRevokeCmd,
+    PutCmd,
+    PutResult,
+    Result,
+    RevokeResult,
+    TxnCmd,
+    decode_command,
+    decode_result,
+    encode_command,
+    encode_result,
+    unwrap,
+)
+from agentcluster.store._leases import LeaseTimers
+from agentcluster.store._watch import WatchHub
+from agentcluster.store.base import (
+    Compacted,
+    Compare,
+    KeyValue,
+    Lease,
+    LeaseNotFound,
+    RangeResult,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    TxnOp,
+    TxnResult,
+    WatchEvent,
+)
+
+__all__ = ["KvReply", "KvRequest", "NotSent", "RaftKV", "RaftStore"]
+
+log = logging.getLogger(__name__)
+
+
+class NotSent(StoreUnavailable):
+    """The request certainly did not reach a member (no address, connection refused): safe
+    to send again elsewhere, even a write."""
+
+
+KvOp = Literal["cmd", "get", "range", "rev", "keepalive", "events"]
+KvError = Literal["", "not_leader", "unavailable", "dropped", "lease", "invalid", "compacted"]
+
+
+class KvRequest(msgspec.Struct, frozen=True, array_like=True, tag="kvq"):
+    op: KvOp
+    cmd: bytes = b""  # an encoded Command for "cmd"
+    key: str = ""  # key / prefix
+    n: int = 0  # range limit, lease id, or the first revision wanted by "events"
+    wait: float = 0.0  # "events": how long to wait for a first event
+
+
+class KvReply(msgspec.Struct, frozen=True, array_like=True, tag="kvr"):
+    ok: bool
+    data: bytes = b""
+    error: KvError = ""
+    message: str = ""
+    leader: str | None = None
+    n: int = 0  # "compacted": the oldest revision kept
+
+
+_enc = msgspec.msgpack.Encoder()
+_kv_dec: msgspec.msgpack.Decoder[KeyValue | None] = msgspec.msgpack.Decoder(KeyValue | None)
+_range_dec = msgspec.msgpack.Decoder(RangeResult)
+_int_dec = msgspec.msgpack.Decoder(int)
+_float_dec = msgspec.msgpack.Decoder(float)
+_events_dec = msgspec.msgpack.Decoder(list[WatchEvent])
+
+# Routing back-off while no leader is known (an election takes about one election timeout).
+_BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
+_EVENTS_BATCH = 1_000
+
+
+class _Machine:
+    """The shell's state machine: the KV core plus its watch hub and the leader's timers."""
+
+    def __init__(self, owner: RaftKV) -> None:
+        self.kv = KVStateMachine()
+        self.owner = owner
+
+    def apply(self, index: int, data: bytes) -> Result:
+        cmd = decode_command(data)
+        kv = self.kv
+        result = kv.apply(cmd)
+        owner = self.owner
+        if kv.last_events:
+            owner.hub.publish(kv.last_events)
+        if isinstance(cmd, LeaseRevokeCmd):
+            owner.timers.forget(cmd.lease_id)
+        elif owner.leading and isinstance(result, Lease):
+            owner.timers.grant(result.id, result.ttl, owner.clock.now())
+            owner.wake_timers()
+        return result
+
+    def snapshot(self) -> bytes:
+        return self.kv.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        self.kv.restore(data)
+        self.owner.hub.resync()
+
+
+class RaftKV:
+    """One voter's member of the replicated store; see the module docstring."""
+
+    def __init__(
+        self,
+        node_id: str,
+        voters: Sequence[str],
+        *,
+        storage: Storage,
+        clock: Clock,
+        rng: random.Random,
+        send: Callable[[Message], None],
+        raft_config: RaftConfig | None = None,
+        shell_config: ShellConfig | None = None,
+        join: bool = False,
+        max_watch_queue: int = 1024,
+    ) -> None:
+        self.clock = clock
+        self.timers = LeaseTimers()
+        self.machine = _Machine(self)
+        self.hub = WatchHub(self.machine.kv, max_queue=max_watch_queue)
+        self.leading = False
+        self._timer_wake = asyncio.Event()
+        self._timer_task: asyncio.Task[None] | None = None
+        self.shell = RaftShell(
+            node_id,
+            [v for v in voters if v != node_id],
+            storage=storage,
+            state_machine=self.machine,
+            send=send,
+            clock=clock,
+            rng=rng,
+            config=raft_config,
+            shell_config=shell_config,
+            join=join,
+            on_role=self._on_role,
+        )
+
+    @property
+    def id(self) -> str:
+        return self.shell.id
+
+    @property
+    def kv(self) -> KVStateMachine:
+        return self.machine.kv
+
+    async def start(self, tg: asyncio.TaskGroup) -> None:
+        await self.shell.start(tg)
+        self._timer_task = tg.create_task(self._expire_leases(), name=f"raft-kv-leases-{self.id}")
+
+    async def close(self) -> None:
+        task, self._timer_task = self._timer_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.shell.close()
+        self.hub.close()
+
+    def on_message(self, msg: Message) -> None:
+        self.shell.step(msg)
+
+    def wake_timers(self) -> None:
+        self._timer_wake.set()
+
+    def _on_role(self, leader: bool) -> None:
+        self.leading = leader
+        # A new leader restarts every lease's TTL (it cannot know how long the old leader
+        # had counted); a follower counts nothing.
+        self.timers.reset_all(self.kv.leases() if leader else {}, self.clock.now())
+        self._timer_wake.set()
+
+    async def _expire_leases(self) -> None:
+        clock = self.clock
+        while True:
+            now = clock.now()
+            if self.leading:
+                for lease_id in self.timers.expired(now + 1e-6):
+                    try:
+                        await self.shell.propose(encode_command(LeaseRevokeCmd(lease_id)))
+                    except (NotLeader, ProposalDropped, OutcomeUnknown):
+                        break  # the next leader restarts the timers and revokes it
+            deadline = self.timers.next_deadline() if self.leading else math.inf
+            self._timer_wake.clear()
+            delay = deadline - clock.now()
+            if delay <= 0 and self.leading:
+                await asyncio.sleep(0)
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay if math.isfinite(delay) else None):
+                    await self._timer_wake.wait()
+
+    # ----------------------------------------------------------------- serving
+
+    async def serve(self, req: KvRequest) -> KvReply:
+        """Execute ``req`` here (the leader; ``events`` on any member)."""
+        try:
+            return await self._serve(req)
+        except NotLeader as exc:
+            return KvReply(False, error="not_leader", message=str(exc), leader=exc.leader)
+        except ProposalDropped as exc:
+            return KvReply(False, error="dropped", message=str(exc))
+        except OutcomeUnknown as exc:
+            return KvReply(False, error="unavailable", message=str(exc))
+        except Compacted as exc:
+            return KvReply(False, error="compacted", message=str(exc), n=exc.oldest)
+        except LeaseNotFound as exc:
+            return KvReply(False, error="lease", message=str(exc))
+        except (InvalidCommand, ValueError) as exc:
+            return KvReply(False, error="invalid", message=str(exc))
+
+    async def _serve(self, req: KvRequest) -> KvReply:
+        shell = self.shell
+        if req.op == "events":
+            return await self._events(req)
+        if not shell.is_leader:
+            raise NotLeader(shell.leader_id)
+        if req.op == "cmd":
+            decode_command(req.cmd)  # reject garbage before it reaches the log
+            result = await shell.propose(req.cmd)
+            return KvReply(True, encode_result(result))
+        await shell.read_barrier()
+        kv = self.kv
+        if req.op == "get":
+            return KvReply(True, _enc.encode(kv.get(req.key)))
+        if req.op == "range":
+            if req.n < 0:
+                raise ValueError("limit must not be negative")
+            return KvReply(True, _enc.encode(kv.range(req.key, req.n)))
+        if req.op == "rev":
+            return KvReply(True, _enc.encode(kv.revision))
+        lease = kv.lease(req.n)
+        if lease is None:
+            raise LeaseNotFound(f"lease {req.n:x} not found")
+        if not self.timers.keepalive(req.n, self.clock.now()):
+            self._timer_wake.set()  # past its deadline: the expiry task revokes it
+            raise LeaseNotFound(f"lease {req.n:x} expired")
+        return KvReply(True, _enc.encode(lease.ttl))
+
+    async def _events(self, req: KvRequest) -> KvReply:
+        kv = self.kv
+        start = max(1, req.n)
+        events = kv.events_since(start, req.key)
+        if not events and req.wait > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(req.wait, 30.0)):
+                    async with self.hub.watch(req.key, start) as stream:
+                        await anext(stream)
+            events = kv.events_since(start, req.key)
+        if len(events) > _EVENTS_BATCH:
+            # Cut at a revision boundary: the client resumes from the last revision + 1.
+            cut = _EVENTS_BATCH
+            last = events[cut - 1].revision
+            if events[cut].revision == last:
+                while cut > 0 and events[cut - 1].revision == last:
+                    cut -= 1
+                if cut == 0:  # one huge revision: send it whole
+                    cut = next((i for i, e in enumerate(events) if e.revision != last), len(events))
+            events = events[:cut]
+        return KvReply(True, _enc.encode(events), n=kv.revision)
+
+
+Forward = Callable[[str, KvRequest, float], Awaitable[KvReply]]
+"""``(voter name, request, timeout) -> reply``; raises on transport failure."""
+
+
+class RaftStore(Store):
+    """The store a node hands out: routes requests to the leader (see the module docstring).
+
+    ``local`` is this node's member (None on a node that is not a voter); ``voters`` the
+    voter names to try when no leader is known; ``forward`` sends a request to another node.
+    """
+
+    def __init__(
+        self,
+        *,
+        local: RaftKV | None,
+        voters: Sequence[str],
+        forward: Forward,
+        clock: Clock,
+        timeout: float = 5.0,
+        poll: float = 5.0,
+    ) -> None:
+        if not voters:
+            raise ValueError("the raft store needs at least one voter")
+        self.local = local
+        self.voters = list(voters)
+        self._forward = forward
+        self._clock = clock
+        self.timeout = timeout
+        self.poll = poll
+        self._leader: str | None = None
+        self._next_voter = 0
+        self._closed = False
+
+    # ----------------------------------------------------------------- routing
+
+    async def request(self, req: KvRequest, *, timeout: float | None = None) -> KvReply:
+        """Run ``req`` on the leader; StoreUnavailable when no certain answer came in time."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        clock = self._clock
+        deadline = clock.now() + (self.timeout if timeout is None else timeout)
+        backoff = _BACKOFF_MIN
+        write = req.op == "cmd"
+        target = self._leader
+        while True:
+            remaining = deadline - clock.now()
+            if remaining <= 0:
+                raise StoreUnavailable(f"no leader answered within {self.timeout:.1f} s")
+            if target is None:
+                target = self._pick()
+            try:
+                reply = await self._send(target, req, remaining)
+            except (OSError, TimeoutError, StoreError) as exc:
+                if write and not isinstance(exc, NotSent):
+                    self._leader = None
+                    raise StoreUnavailable(
+                        f"{target}: {exc}; the write's outcome is unknown"
+                    ) from exc
+                reply = KvReply(False, error="not_leader", message=str(exc))
+            if reply.ok or reply.error not in ("not_leader", "dropped"):
+                if reply.ok:
+                    self._leader = target
+                return reply
+            if reply.error == "not_leader" and reply.leader and reply.leader != target:
+                target = reply.leader
+                continue
+            self._leader = None
+            target = None
+            await clock.sleep(min(backoff, max(0.0, deadline - clock.now())))
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def _pick(self) -> str:
+        if self.local is not None and self.local.shell.leader_id:
+            return self.local.shell.leader_id
+        voter = self.voters[self._next_voter % len(self.voters)]
+        self._next_voter += 1
+        return voter
+
+    async def _send(self, target: str, req: KvRequest, timeout: float) -> KvReply:
+        local = self.local
+        if local is not None and target == local.id:
+            async with asyncio.timeout(timeout):
+                return await local.serve(req)
+        return await self._forward(target, req, timeout)
+
+    async def _call(self, req: KvRequest) -> KvReply:
+        reply = await self.request(req)
+        if reply.ok:
+            return reply
+        if reply.error == "lease":
+            raise LeaseNotFound(reply.message)
+        if reply.error == "compacted":
+            raise Compacted(req.n, reply.n)
+        if reply.error == "invalid":
+            raise InvalidCommand(reply.message)
+        raise StoreUnavailable(reply.message or reply.error)
+
+    async def _command(self, cmd: Command) -> Result:
+        reply = await self._call(KvRequest("cmd", encode_command(cmd)))
+        return decode_result(reply.data)
+
+    # ----------------------------------------------------------------- Store
+
+    async def get(self, key: str) -> KeyValue | None:
+        return _kv_dec.decode((await self._call(KvRequest("get", key=key))).data)
+
+    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        reply = await self._call(KvRequest("range", key=prefix, n=limit))
+        return _range_dec.decode(reply.data)
+
+    async def revision(self) -> int:
+        return _int_dec.decode((await self._call(KvRequest("rev"))).data)
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        return unwrap(await self._command(PutCmd(key, value, lease)), PutResult).revision
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        return unwrap(await self._command(DeleteCmd(key, prefix)), DeleteResult).deleted
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[TxnOp],
+        failure: Sequence[TxnOp] = (),
+    ) -> TxnResult:
+        cmd = TxnCmd(list(compares), list(success), list(failure))
+        return unwrap(await self._command(cmd), TxnResult)
+
+    async def lease_grant(self, ttl: float) -> Lease:
+        return unwrap(await self._command(LeaseGrantCmd(float(ttl))), Lease)
+
+    async def lease_keepalive(self, lease_id: int) -> float:
+        return _float_dec.decode((await self._call(KvRequest("keepalive", n=lease_id))).data)
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        unwrap(await self._command(LeaseRevokeCmd(lease_id)), RevokeResult)
+
+    def watch(
+        self, prefix: str, *, start_revision: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
+        return self._watch(prefix, start_revision)
+
+    @asynccontextmanager
+    async def _watch(
+        self, prefix: str, start_revision: int
+    ) -> AsyncIterator[AsyncIterator[WatchEvent]]:
+        if self.local is not None:
+            async with self.local.hub.watch(prefix, start_revision) as stream:
+                yield stream
+            return
+        start = start_revision if start_revision > 0 else await self.revision() + 1
+        yield self._poll_events(prefix, start)
+
+    async def _poll_events(self, prefix: str, start: int) -> AsyncIterator[WatchEvent]:
+        """A remote watch: long-poll ``events`` and resume from the last revision + 1, so a
+        lost connection or a new member to ask costs nothing but a retry."""
+        nxt = start
+        while not self._closed:
+            req = KvRequest("events", key=prefix, n=nxt, wait=self.poll)
+            try:
+                reply = await self._call_events(req)
+            except StoreUnavailable:
+                await self._clock.sleep(_BACKOFF_MAX)
+                continue
+            events = _events_dec.decode(reply.data)
+            for ev in events:
+                if ev.revision >= nxt:
+                    yield ev
+            if events:
+                nxt = max(nxt, events[-1].revision + 1)
+
+    async def _call_events(self, req: KvRequest) -> KvReply:
+        local = self.local
+        target = local.id if local is not None else self._pick()
+        try:
+            reply = await self._send(target, req, self.poll + self.timeout)
+        except (OSError, TimeoutError, StoreError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if reply.error == "compacted":
+            raise Compacted(req.n, reply.n)
+        if not reply.ok:
+            raise StoreUnavailable(reply.message)
+        return reply
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return f"RaftStore(voters={self.voters!r}, leader={self._leader!r})"
+
+
+def reply_error(exc: BaseException) -> KvReply:
+    """A reply for a request that failed before reaching a member."""
+    return KvReply(False, error="unavailable", message=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,817 @@
+"""A linearizability checker for histories of concurrent clients (Wing & Gong, as Porcupine does).
+
+Theory of operation: a history is a set of :class:`Operation` s, each with the instant its client
+called it, the instant it returned, its input and its output. It is *linearizable* when some
+total order of the operations (a linearization) respects real time -- an operation that returned
+before another was called comes first -- and replays through a sequential :class:`Model` with
+the outputs the clients saw. :func:`check` searches for such an order:
+
+* **P-compositionality.** Linearizability is local: a history is linearizable iff each of its
+  independent parts is (Herlihy & Wing), so ``model.partition`` splits it -- :class:`KVModel`
+  by key -- and each part is searched alone. A 2,000-op history over ten keys becomes ten
+  small searches instead of one hopeless one.
+* **Wing & Gong search with Lowe's memoisation.** Call and return events sit in one list sorted
+  by time (calls before returns at equal instants, so touching intervals count as concurrent).
+  The search walks it: every call before the first pending return may be linearized next; a
+  legal one is *lifted* out of the list (call and return) and the walk restarts; reaching a
+  return means that operation can no longer be placed, so the search backtracks (*unlifts* the
+  last choice and tries the next). A configuration is the set of linearized operations (a
+  bitset held in an ``int``) plus the model state; one already explored is never explored
+  again, which is why model states **must be hashable**.
+* **Unknown outcomes.** A write that timed out or hit an unavailable store may or may not have
+  taken effect -- even long after the client gave up. Such an operation has ``ret = inf`` and
+  output :data:`UNKNOWN`: it may be linearized anywhere after its call, with any output, or
+  never. Its return event sits at ``+inf``, so it never forces the search to place it; the
+  search succeeds as soon as every *known* operation is linearized. Because consuming such an
+  operation is optional, a configuration is also pruned when one with the same known
+  operations and state, but a subset of the unknown ones consumed, was already explored --
+  it can do everything this one can.
+
+A violation report names the partition (the key), the longest linearizable prefix the search
+found, the model state after it, and for every operation that could have come next what the
+model made of it. The optional ``timeout`` bounds the wall-clock time; a search it cuts short
+is reported as *partial*, never as ok. This module is test tooling: it imports only the
+standard library, and ``time.monotonic`` serves only that timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+__all__ = [
+    "UNKNOWN",
+    "Cas",
+    "CompareAndSwap",
+    "Delete",
+    "Get",
+    "HistoryRecorder",
+    "KVModel",
+    "LinearizabilityResult",
+    "Model",
+    "Operation",
+    "Put",
+    "Read",
+    "RegisterModel",
+    "Violation",
+    "ViolationCandidate",
+    "Write",
+    "check",
+]
+
+S = TypeVar("S", bound=Hashable)
+
+# How many search steps pass between two looks at the clock when a timeout is set.
+_CLOCK_EVERY = 1024
+# Report only the tail of a long prefix: the operations just before the violation matter.
+_PREFIX_SHOWN = 10
+_CANDIDATES_SHOWN = 20
+
+
+class _Unknown(enum.Enum):
+    UNKNOWN = "UNKNOWN"
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN = _Unknown.UNKNOWN
+"""The output of an operation whose outcome is unknown (timed out, store unavailable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One client operation: called at ``call``, returned ``output`` at ``ret``.
+
+    ``ret = math.inf`` (with ``output = UNKNOWN``) marks an outcome the client never learned: it
+    may have taken effect at any instant after ``call``, or never. An ``UNKNOWN`` output with a
+    finite ``ret`` is treated the same way (the client stopped waiting; the effect may still
+    land later). ``id`` is a free label shown in reports.
+    """
+
+    client: int | str
+    call: float
+    ret: float
+    input: Any
+    output: Any
+    id: int | str | None = None
+
+    @property
+    def unknown(self) -> bool:
+        return self.output is UNKNOWN or self.ret == math.inf
+
+
+class Model(ABC, Generic[S]):
+    """A sequential specification for :func:`check`.
+
+    States must be hashable and compare by value (the search memoises them): use tuples,
+    frozensets, frozen dataclasses, ``bytes``/``str``/``int`` -- never a mutable object.
+
+    ``step`` receives output :data:`UNKNOWN` for an operation of unknown outcome and must then
+    accept it wherever it could have taken effect, returning the state with its effect. An
+    execution that leaves the state unchanged is equivalent to omitting the operation (always
+    allowed for unknown outcomes), so ``step`` may answer ``False`` for it -- that prunes the
+    search without losing a linearization.
+    """
+
+    @abstractmethod
+    def init(self) -> S:
+        """The initial state."""
+
+    @abstractmethod
+    def step(self, state: S, input: Any, output: Any) -> tuple[bool, S]:
+        """``(legal, next_state)``: may ``input`` return ``output`` in ``state``?"""
+
+    def partition(self, ops: Sequence[Operation]) -> list[list[Operation]]:
+        """Independent sub-histories, checked one by one (default: the whole history)."""
+        return [list(ops)]
+
+    def describe_partition(self, ops: Sequence[Operation]) -> str:
+        """A name for a partition in reports (e.g. its key); empty: its index is used."""
+        return ""
+
+    def describe_op(self, input: Any, output: Any) -> str:
+        return f"{input!r} -> {output!r}"
+
+    def describe_state(self, state: S) -> str:
+        return repr(state)
+
+    def is_read_only(self, input: Any, output: Any) -> bool:
+        """True when ``input`` returning ``output`` never changes any state (a read, a failed
+        compare-and-set). The search then places such an op as soon as it is legal instead of
+        trying every order, which is sound and prunes a lot; the default ``False`` is safe."""
+        return False
+
+    def expected_output(self, state: S, input: Any) -> Any:
+        """What the sequential object would return for ``input`` in ``state`` (for reports);
+        :data:`UNKNOWN` when the model cannot say."""
+        return UNKNOWN
+
+
+# --- The coordination store: a key-value map ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Write ``value`` (never ``None``, which means *absent*); the output is ignored."""
+
+    key: str
+    value: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    """Read ``key``; the output is the value, or ``None`` when the key is absent."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cas:
+    """Set ``key`` to ``new`` iff its value equals ``expected`` (``None``: iff it is absent);
+    the output is ``True`` when it did."""
+
+    key: str
+    expected: Hashable | None
+    new: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Remove ``key``. Output ``None`` is not checked; an ``int`` (or ``bool``) output is the
+    number of keys deleted, as ``Store.delete`` returns, and must be 1 iff the key existed."""
+
+    key: str
+
+
+KVState = tuple[tuple[str, Hashable], ...]
+
+
+def _kv_lookup(state: KVState, key: str) -> Hashable | None:
+    for k, v in state:
+        if k == key:
+            return v
+    return None
+
+
+def _kv_assign(state: KVState, key: str, value: Hashable | None) -> KVState:
+    if not state or (len(state) == 1 and state[0][0] == key):
+        # The usual case: a partition holds one key.
+        return () if value is None else ((key, value),)
+    # Sorted pairs: one canonical, hashable form per map, so equal maps memoise as one state.
+    rest = [(k, v) for k, v in state if k != key]
+    if value is not None:
+        rest.append((key, value))
+        rest.sort(key=lambda kv: kv[0])
+    return tuple(rest)
+
+
+def _fmt_value(value: Any) -> str:
+    if value is UNKNOWN:
+        return "?"
+    if value is None:
+        return "absent"
+    return repr(value)
+
+
+class KVModel(Model[KVState]):
+    """The coordination store as a map of keys to values: :class:`Put`, :class:`Get`,
+    :class:`Cas`, :class:`Delete`. Values compare by equality. The history is partitioned by
+    key; reads of unknown outcome are dropped (they change nothing and constrain nothing).
+
+    The store's CAS compares a revision, not a value: with a unique value per write (as
+    Jepsen-style workloads do) the value read identifies the revision, so record a revision CAS
+    as ``Cas(key, value_read_with_that_revision, new)``.
+    """
+
+    def init(self) -> KVState:
+        return ()
+
+    def step(self, state: KVState, input: Any, output: Any) -> tuple[bool, KVState]:
+        if isinstance(input, Get):
+            if output is UNKNOWN:
+                return True, state
+            return _kv_lookup(state, input.key) == output, state
+        if isinstance(input, Put):
+            return True, _kv_assign(state, input.key, input.value)
+        if isinstance(input, Cas):
+            matches = _kv_lookup(state, input.key) == input.expected
+            if output is UNKNOWN or output is True:
+                if matches:
+                    return True, _kv_assign(state, input.key, input.new)
+                return False, state
+            if output is False:
+                return not matches, state
+            raise TypeError(f"Cas output must be a bool or UNKNOWN, not {output!r}")
+        if isinstance(input, Delete):
+            existed = _kv_lookup(state, input.key) is not None
+            if output is UNKNOWN:
+                return existed, _kv_assign(state, input.key, None)
+            if output is not None and int(output) != int(existed):
+                return False, state
+            return True, _kv_assign(state, input.key, None)
+        raise TypeError(f"KVModel cannot apply {input!r}")
+
+    def partition(self, ops: Sequence[Operation]) -> list[list[Operation]]:
+        by_key: dict[str, list[Operation]] = {}
+        for op in ops:
+            if not isinstance(op.input, Put | Get | Cas | Delete):
+                raise TypeError(f"KVModel cannot apply {op.input!r}")
+            if isinstance(op.input, Get) and op.output is UNKNOWN:
+                continue
+            by_key.setdefault(op.input.key, []).append(op)
+        return list(by_key.values())
+
+    def is_read_only(self, input: Any, output: Any) -> bool:
+        if output is UNKNOWN:
+            return False
+        if isinstance(input, Get):
+            return True
+        if isinstance(input, Cas):
+            return output is False
+        # A delete that found nothing changed nothing.
+        return isinstance(input, Delete) and output is not None and int(output) == 0
+
+    def describe_partition(self, ops: Sequence[Operation]) -> str:
+        return f"key {ops[0].input.key!r}" if ops else ""
+
+    def describe_op(self, input: Any, output: Any) -> str:
+        if isinstance(input, Get):
+            return f"get {input.key!r} -> {_fmt_value(output)}"
+        if isinstance(input, Put):
+            return f"put {input.key!r} = {input.value!r}"
+        if isinstance(input, Cas):
+            verdict = {True: "ok", False: "failed"}.get(output, _fmt_value(output))
+            return f"cas {input.key!r} {_fmt_value(input.expected)} -> {input.new!r}: {verdict}"
+        if isinstance(input, Delete):
+            suffix = "" if output is None else f" -> {_fmt_value(output)}"
+            return f"delete {input.key!r}{suffix}"
+        return f"{input!r} -> {output!r}"
+
+    def describe_state(self, state: KVState) -> str:
+        if not state:
+            return "every key absent"
+        return ", ".join(f"{k!r} = {v!r}" for k, v in state)
+
+    def expected_output(self, state: KVState, input: Any) -> Any:
+        if isinstance(input, Get):
+            return _kv_lookup(state, input.key)
+        if isinstance(input, Cas):
+            return _kv_lookup(state, input.key) == input.expected
+        if isinstance(input, Delete):
+            return int(_kv_lookup(state, input.key) is not None)
+        return None
+
+
+# --- The classic example: one register ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Read the register; the output is its value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Write the register; the output is ignored."""
+
+    value: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class CompareAndSwap:
+    """Set the register to ``new`` iff it holds ``expected``; the output is ``True`` if it did."""
+
+    expected: Hashable
+    new: Hashable
+
+
+class RegisterModel(Model[Hashable]):
+    """A single register holding ``initial`` at first: :class:`Read`, :class:`Write`,
+    :class:`CompareAndSwap`. Reads of unknown outcome are dropped."""
+
+    def __init__(self, initial: Hashable = None) -> None:
+        self.initial = initial
+
+    def init(self) -> Hashable:
+        return self.initial
+
+    def step(self, state: Hashable, input: Any, output: Any) -> tuple[bool, Hashable]:
+        if isinstance(input, Read):
+            return output is UNKNOWN or output == state, state
+        if isinstance(input, Write):
+            return True, input.value
+        if isinstance(input, CompareAndSwap):
+            matches = state == input.expected
+            if output is UNKNOWN or output is True:
+                return matches, input.new if matches else state
+            if output is False:
+                return not matches, state
+            raise TypeError(f"CompareAndSwap output must be a bool or UNKNOWN, not {output!r}")
+        raise TypeError(f"RegisterModel cannot apply {input!r}")
+
+    def partition(self, ops: Sequence[Operation]) -> list[list[Operation]]:
+        return [[op for op in ops if not (isinstance(op.input, Read) and op.output is UNKNOWN)]]
+
+    def describe_op(self, input: Any, output: Any) -> str:
+        if isinstance(input, Read):
+            return f"read -> {_fmt_value(output)}"
+        if isinstance(input, Write):
+            return f"write {input.value!r}"
+        if isinstance(input, CompareAndSwap):
+            verdict = {True: "ok", False: "failed"}.get(output, _fmt_value(output))
+            return f"cas {input.expected!r} -> {input.new!r}: {verdict}"
+        return f"{input!r} -> {output!r}"
+
+    def is_read_only(self, input: Any, output: Any) -> bool:
+        if output is UNKNOWN:
+            return False
+        return isinstance(input, Read) or (isinstance(input, CompareAndSwap) and output is False)
+
+    def describe_state(self, state: Hashable) -> str:
+        return f"register = {state!r}"
+
+    def expected_output(self, state: Hashable, input: Any) -> Any:
+        if isinstance(input, Read):
+            return state
+        if isinstance(input, CompareAndSwap):
+            return state == input.expected
+        return None
+
+
+# --- The search ------------------------------------------------------------------------------
+
+
+_SENTINEL_OP = Operation("sentinel", 0.0, math.inf, None, UNKNOWN)
+
+
+class _Entry:
+    """A call or return event in the doubly linked event list (sentinels link to themselves)."""
+
+    __slots__ = ("bit", "index", "is_call", "match", "next", "op", "prev", "read_only", "ret_inf")
+
+    def __init__(self, index: int, is_call: bool, op: Operation) -> None:
+        self.index = index
+        self.bit = 1 << index if index >= 0 else 0
+        self.is_call = is_call
+        self.op = op
+        # The sentinels' op has ret=inf: reaching the tail counts as reaching an unknown
+        # return, which ends the search with success (nothing known is left).
+        self.ret_inf = op.ret == math.inf
+        self.read_only = False
+        self.match: _Entry = self
+        self.prev: _Entry = self
+        self.next: _Entry = self
+
+
+def _event_list(ops: Sequence[Operation], model: Model[Any]) -> _Entry:
+    """The head sentinel of the time-sorted event list of ``ops``, ended by a tail sentinel."""
+    events: list[tuple[float, int, int, _Entry]] = []
+    for i, op in enumerate(ops):
+        call, ret = _Entry(i, True, op), _Entry(i, False, op)
+        call.match = ret
+        call.read_only = op.ret != math.inf and model.is_read_only(op.input, op.output)
+        events.append((op.call, 0, i, call))
+        events.append((op.ret, 1, i, ret))
+    events.sort(key=lambda e: (e[0], e[1], e[2]))
+    head = prev = _Entry(-1, False, _SENTINEL_OP)
+    for *_, entry in events:
+        prev.next = entry
+        entry.prev = prev
+        prev = entry
+    tail = _Entry(-1, False, _SENTINEL_OP)
+    prev.next = tail
+    tail.prev = prev
+    return head
+
+
+def _lift(entry: _Entry) -> None:
+    entry.prev.next = entry.next
+    entry.next.prev = entry.prev
+    match = entry.match
+    match.prev.next = match.next
+    match.next.prev = match.prev
+
+
+def _unlift(entry: _Entry) -> None:
+    match = entry.match
+    match.prev.next = match
+    match.next.prev = match
+    entry.prev.next = entry
+    entry.next.prev = entry
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: str  # "ok", "violation" or "timeout"
+    explored: int
+    best_prefix: list[int]
+    best_state: Any
+    best_linearized: int
+
+
+def _search(ops: Sequence[Operation], model: Model[Any], deadline: float | None) -> _Outcome:
+    state: Any = model.init()
+    head = _event_list(ops, model)
+    unknown_mask = 0
+    for i, op in enumerate(ops):
+        if op.ret == math.inf:
+            unknown_mask |= 1 << i
+    known_mask = ((1 << len(ops)) - 1) & ~unknown_mask
+    step = model.step
+    plain_cache: set[tuple[int, Any]] = set()
+    dominance_cache: dict[tuple[int, Any], list[int]] = {}
+
+    def remember(bits: int, new_state: Any) -> bool:
+        """Record a configuration; False when it (or one that dominates it) was seen."""
+        if not unknown_mask:
+            key = (bits, new_state)
+            if key in plain_cache:
+                return False
+            plain_cache.add(key)
+            return True
+        return _remember(dominance_cache, (bits & known_mask, new_state), bits & unknown_mask)
+
+    def overwrites(op: Operation, new_state: Any) -> bool:
+        """Does ``op`` reach ``new_state`` without the unknown op just placed before it? Then
+        that unknown op was pointless here: the path that omits it dominates this one."""
+        legal, skipped = step(stack[-1][1], op.input, op.output)
+        return legal and skipped == new_state
+
+    linearized = 0
+    known_done = 0
+    # (entry linearized, state before it, forced): a forced step is a read the search placed
+    # greedily, so backtracking over it also backtracks over its parent.
+    stack: list[tuple[_Entry, Any, bool]] = []
+    best_prefix: list[int] = []
+    best_known, best_state, best_linearized = 0, state, 0
+    explored = 0
+    iterations = 0
+    entry = head.next
+    new_config = True
+    unknown_phase = False
+    while True:
+        if deadline is not None and iterations % _CLOCK_EVERY == 0 and time.monotonic() >= deadline:
+            return _Outcome("timeout", explored, best_prefix, best_state, best_linearized)
+        iterations += 1
+        chosen: _Entry | None = None
+        forced = dead = False
+        new_state: Any = None
+        if new_config:
+            # Partial-order reduction: a read that is legal now can be placed now -- any
+            # linearization that places it later still works with it moved here.
+            new_config = False
+            candidate = entry
+            while candidate.is_call:
+                if candidate.read_only:
+                    legal, new_state = step(state, candidate.op.input, candidate.op.output)
+                    if legal:
+                        if remember(linearized | candidate.bit, new_state):
+                            chosen, forced = candidate, True
+                        else:
+                            dead = True  # that configuration already failed, so this one does
+                        break
+                candidate = candidate.next
+        after_unknown = bool(stack) and stack[-1][0].ret_inf
+        while chosen is None and not dead:
+            # Known ops first, then unknown ones: paths that consume fewer unknown ops are
+            # explored first, so the dominance check prunes the paths that consume more.
+            while entry.is_call:
+                if entry.ret_inf is unknown_phase and not entry.read_only:
+                    legal, new_state = step(state, entry.op.input, entry.op.output)
+                    if (
+                        legal
+                        and not (after_unknown and overwrites(entry.op, new_state))
+                        and remember(linearized | entry.bit, new_state)
+                    ):
+                        chosen = entry
+                        break
+                entry = entry.next
+            if chosen is not None or unknown_phase:
+                break
+            if entry.ret_inf:
+                # Only unknown outcomes are left unplaced: they may never have happened.
+                return _Outcome("ok", explored, best_prefix, best_state, best_linearized)
+            if not unknown_mask:
+                break
+            unknown_phase = True
+            entry = head.next
+        if chosen is not None:
+            explored += 1
+            stack.append((chosen, state, forced))
+            state = new_state
+            linearized |= chosen.bit
+            if not chosen.ret_inf:
+                known_done += 1
+                if known_done > best_known:
+                    best_known, best_state, best_linearized = known_done, state, linearized
+                    best_prefix = [e.index for e, _, _ in stack]
+            _lift(chosen)
+            entry = head.next
+            new_config, unknown_phase = True, False
+            continue
+        while True:
+            if not stack:
+                return _Outcome("violation", explored, best_prefix, best_state, best_linearized)
+            popped, state, was_forced = stack.pop()
+            linearized ^= popped.bit
+            if not popped.ret_inf:
+                known_done -= 1
+            _unlift(popped)
+            if not was_forced:
+                entry, unknown_phase = popped.next, popped.ret_inf
+                break
+
+
+def _remember(cache: dict[tuple[int, Any], list[int]], key: tuple[int, Any], unknown: int) -> bool:
+    """Record a configuration; False when one with a subset of its unknown ops was seen."""
+    seen = cache.get(key)
+    if seen is None:
+        cache[key] = [unknown]
+        return True
+    for mask in seen:
+        if mask & ~unknown == 0:
+            return False
+    # Keep an antichain: masks that are supersets of the new one are now dominated by it.
+    seen[:] = [mask for mask in seen if unknown & ~mask]
+    seen.append(unknown)
+    return True
+
+
+# --- Results and reports ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ViolationCandidate:
+    """An operation that could have been linearized right after the longest prefix."""
+
+    op: Operation
+    accepted: bool  # the model accepted it there, but no linearization continued from it
+    expected: Any  # what the model would have returned (UNKNOWN if it cannot say)
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """Where the search for one partition got furthest before running out of choices."""
+
+    partition: int
+    label: str
+    operations: int
+    prefix: tuple[Operation, ...]
+    state: Any
+    candidates: tuple[ViolationCandidate, ...]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class LinearizabilityResult:
+    """The verdict of :func:`check`.
+
+    ``ok`` only when every partition was shown linearizable. ``partial`` when the timeout left
+    some partition undecided (``undecided`` names them); ``violations`` found before that are
+    still definite.
+    """
+
+    ok: bool
+    partial: bool
+    partitions: int
+    partitions_checked: int
+    explored: int
+    violations: tuple[Violation, ...]
+    undecided: tuple[str, ...]
+
+    def report(self) -> str:
+        if self.ok:
+            return (
+                f"linearizable: {self.partitions_checked} partition(s) checked, "
+                f"{self.explored} states explored"
+            )
+        lines: list[str] = []
+        if self.violations:
+            lines.append(
+                f"NOT LINEARIZABLE: {len(self.violations)} of {self.partitions} partition(s) "
+                f"violated ({self.explored} states explored)"
+            )
+        if self.partial:
+            lines.append(
+                f"UNDECIDED: the timeout stopped the search with {len(self.undecided)} of "
+                f"{self.partitions} partition(s) undecided: {', '.join(self.undecided)} "
+                f"({self.partitions_checked} checked, {self.explored} states explored)"
+            )
+        for violation in self.violations:
+            lines.append("")
+            lines.append(violation.text)
+        return "\n".join(lines)
+
+
+def _fmt_time(t: float) -> str:
+    return "?" if t == math.inf else f"{t:.6f}"
+
+
+def _fmt_op(model: Model[Any], op: Operation) -> str:
+    label = "" if op.id is None else f"#{op.id} "
+    unknown = " (unknown outcome)" if op.ret == math.inf else ""
+    return (
+        f"{label}client {op.client} [{_fmt_time(op.call)} .. {_fmt_time(op.ret)}] "
+        f"{model.describe_op(op.input, op.output)}{unknown}"
+    )
+
+
+def _violation(
+    index: int, label: str, ops: Sequence[Operation], model: Model[Any], outcome: _Outcome
+) -> Violation:
+    state = outcome.best_state
+    done = outcome.best_linearized
+    remaining = [i for i in range(len(ops)) if not done >> i & 1]
+    # Every remaining known op must be placed before the earliest pending return: the ops called
+    # by then are the ones the search could try next.
+    horizon = min(ops[i].ret for i in remaining if ops[i].ret != math.inf)
+    blocking = next(i for i in remaining if ops[i].ret == horizon)
+    next_up = sorted((i for i in remaining if ops[i].call <= horizon), key=lambda i: ops[i].call)
+    candidates: list[ViolationCandidate] = []
+    for i in next_up:
+        op = ops[i]
+        accepted, _ = model.step(state, op.input, op.output)
+        candidates.append(ViolationCandidate(op, accepted, model.expected_output(state, op.input)))
+    prefix = tuple(ops[i] for i in outcome.best_prefix)
+
+    lines = [f"partition {label} ({len(ops)} operations):"]
+    shown = prefix[-_PREFIX_SHOWN:]
+    more = f", last {len(shown)} shown" if len(shown) < len(prefix) else ""
+    lines.append(f"  longest linearizable prefix: {len(prefix)} operation(s){more}")
+    lines.extend(f"    {_fmt_op(model, op)}" for op in shown)
+    lines.append(f"  model state after it: {model.describe_state(state)}")
+    lines.append(
+        f"  no operation can be linearized next; by the return of "
+        f"{_fmt_op(model, ops[blocking])} one of these had to be:"
+    )
+    for cand in candidates[:_CANDIDATES_SHOWN]:
+        if cand.accepted:
+            why = "legal here, but no linearization continues from there"
+        elif cand.expected is UNKNOWN:
+            why = "rejected by the model"
+        else:
+            why = f"rejected: the model would return {_fmt_value(cand.expected)}"
+        lines.append(f"    {_fmt_op(model, cand.op)}  <- {why}")
+    if len(candidates) > _CANDIDATES_SHOWN:
+        lines.append(f"    ... and {len(candidates) - _CANDIDATES_SHOWN} more")
+    return Violation(index, label, len(ops), prefix, state, tuple(candidates), "\n".join(lines))
+
+
+def _normalise(op: Operation) -> Operation:
+    if math.isnan(op.call) or math.isinf(op.call):
+        raise ValueError(f"operation call time must be finite: {op!r}")
+    if math.isnan(op.ret) or op.ret < op.call:
+        raise ValueError(f"operation returns before it is called: {op!r}")
+    if op.ret == math.inf and op.output is not UNKNOWN:
+        raise ValueError(f"an operation with ret=inf must have output UNKNOWN: {op!r}")
+    if op.output is UNKNOWN and op.ret != math.inf:
+        return dataclasses.replace(op, ret=math.inf)
+    return op
+
+
+def check(
+    history: Sequence[Operation], model: Model[Any], *, timeout: float | None = None
+) -> LinearizabilityResult:
+    """Is ``history`` linearizable with respect to ``model``?
+
+    ``timeout`` (seconds of wall-clock time, ``None``: unbounded) bounds the whole check; a
+    partition it leaves undecided makes the result ``partial`` and not ``ok``. Raises
+    ``ValueError`` for a malformed operation (times out of order, ``ret=inf`` with a known
+    output) and whatever the model raises for an input it cannot apply.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    parts = model.partition([_normalise(op) for op in history])
+    explored = 0
+    checked = 0
+    violations: list[Violation] = []
+    undecided: list[str] = []
+    for index, part in enumerate(parts):
+        label = model.describe_partition(part) or f"#{index}"
+        outcome = _search(part, model, deadline)
+        explored += outcome.explored
+        if outcome.status == "timeout":
+            undecided.append(label)
+            continue
+        checked += 1
+        if outcome.status == "violation":
+            violations.append(_violation(index, label, part, model, outcome))
+    return LinearizabilityResult(
+        ok=not violations and not undecided,
+        partial=bool(undecided),
+        partitions=len(parts),
+        partitions_checked=checked,
+        explored=explored,
+        violations=tuple(violations),
+        undecided=tuple(undecided),
+    )
+
+
+# --- Recording histories ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Record:
+    client: int | str
+    call: float
+    input: Any
+    ret: float = math.inf
+    output: Any = UNKNOWN
+    done: bool = False
+
+
+class HistoryRecorder:
+    """Records a history from concurrent (async) clients; the caller passes its clock's ``now``.
+
+    ``invoke`` before sending, then exactly one of ``ok`` (the output), ``unknown`` (a timeout:
+    the op may or may not have taken effect) or ``fail`` (definitely did not take effect; the
+    op leaves the history). An op still pending when ``history()`` is called -- its client
+    crashed or was cancelled -- is recorded as unknown.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[int, _Record] = {}
+        self._next = 0
+
+    def invoke(self, client: int | str, input: Any, now: float) -> int:
+        handle = self._next
+        self._next += 1
+        self._records[handle] = _Record(client, now, input)
+        return handle
+
+    def ok(self, handle: int, output: Any, now: float) -> None:
+        record = self._complete(handle, now)
+        record.ret, record.output = now, output
+
+    def unknown(self, handle: int, now: float) -> None:
+        self._complete(handle, now)
+
+    def fail(self, handle: int, now: float) -> None:
+        self._complete(handle, now)
+        del self._records[handle]
+
+    def history(self) -> list[Operation]:
+        return [
+            Operation(r.client, r.call, r.ret, r.input, r.output, handle)
+            for handle, r in self._records.items()
+        ]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _complete(self, handle: int, now: float) -> _Record:
+        record = self._records.get(handle)
+        if record is None:
+            raise ValueError(f"unknown or failed operation handle {handle}")
+        if record.done:
+            raise ValueError(f"operation {handle} already completed")
+        if now < record.call:
+            raise ValueError(f"operation {handle} completes at {now} before its call {record.call}")
+        record.done = True
+        return record

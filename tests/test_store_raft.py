@@ -1,0 +1,161 @@
+"""The raft store backend: the shared store contract on a simulated cluster, from a voter and
+from a node that is no voter (every request forwarded, watches long-polled), plus what only a
+replicated store has to show: leader failover, snapshots catching a member up, stalls."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+
+import pytest
+
+from agentcluster.store import (
+    Compare,
+    KeyValue,
+    Lease,
+    RangeResult,
+    Store,
+    StoreUnavailable,
+    TxnOp,
+    TxnResult,
+    WatchEvent,
+)
+from agentcluster.testing import SimCluster, wait_until
+from store_contract import StoreContract
+
+
+class ClusterStore(Store):
+    """One node's store; closing it stops the whole simulated cluster."""
+
+    def __init__(self, cluster: SimCluster, name: str) -> None:
+        self.cluster = cluster
+        self.inner = cluster.nodes[name].store
+
+    async def get(self, key: str) -> KeyValue | None:
+        return await self.inner.get(key)
+
+    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
+        return await self.inner.range(prefix, limit=limit)
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        return await self.inner.put(key, value, lease=lease)
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        return await self.inner.delete(key, prefix=prefix)
+
+    async def txn(
+        self, compares: Sequence[Compare], success: Sequence[TxnOp], failure: Sequence[TxnOp] = ()
+    ) -> TxnResult:
+        return await self.inner.txn(compares, success, failure)
+
+    async def revision(self) -> int:
+        return await self.inner.revision()
+
+    async def lease_grant(self, ttl: float) -> Lease:
+        return await self.inner.lease_grant(ttl)
+
+    async def lease_keepalive(self, lease_id: int) -> float:
+        return await self.inner.lease_keepalive(lease_id)
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        await self.inner.lease_revoke(lease_id)
+
+    def watch(
+        self, prefix: str, *, start_revision: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
+        return self.inner.watch(prefix, start_revision=start_revision)
+
+    async def close(self) -> None:
+        await self.cluster.stop()
+
+
+async def started(n: int, voters: int, seed: int = 1, **kw: object) -> SimCluster:
+    c = SimCluster(n, seed=seed, store_voters=voters, **kw)  # type: ignore[arg-type]
+    await c.start()
+    await c.run_for(1.0)
+    return c
+
+
+class TestRaftStoreFromVoter(StoreContract):
+    pytestmark = pytest.mark.virtual_time
+
+    async def make_store(self) -> Store:
+        return ClusterStore(await started(3, 3), "n2")
+
+
+class TestRaftStoreFromClientNode(StoreContract):
+    pytestmark = pytest.mark.virtual_time
+
+    async def make_store(self) -> Store:
+        return ClusterStore(await started(4, 3), "n4")
+
+
+def leader_of(c: SimCluster) -> str:
+    leaders = [
+        n
+        for n in c.live()
+        if c.nodes[n].store_host and c.nodes[n].store_host.stats().get("state") == "leader"
+    ]
+    assert len(leaders) == 1, leaders
+    return leaders[0]
+
+
+@pytest.mark.virtual_time
+async def test_leader_crash_writes_continue_and_acknowledged_writes_survive() -> None:
+    c = await started(4, 3, seed=3)
+    try:
+        store = c.nodes["n4"].store
+        acked = [await store.put(f"k{i}", b"%d" % i) for i in range(20)]
+        assert acked == sorted(acked)
+        old = leader_of(c)
+        await c.crash(old)
+        t0 = c.clock.now()
+        rev = await store.put("after", b"x")
+        assert rev > acked[-1]
+        assert c.clock.now() - t0 < 1.0  # lan preset: election timeout 0.3 s
+        await c.restart(old)
+        await c.run_for(1.0)
+        for i in range(20):
+            kv = await c.nodes[old].store.get(f"k{i}")
+            assert kv is not None and kv.value == b"%d" % i
+    finally:
+        await c.stop()
+
+
+@pytest.mark.virtual_time
+async def test_far_behind_member_catches_up_from_a_snapshot() -> None:
+    c = await started(3, 3, seed=4, snapshot_every=50)
+    try:
+        leader = leader_of(c)
+        behind = next(n for n in c.names if n != leader)
+        await c.crash(behind)
+        store = c.nodes[leader].store
+        for i in range(200):
+            await store.put(f"k{i % 7}", b"%d" % i)
+        await c.restart(behind)
+        member = c.nodes[behind].store_host.member  # type: ignore[union-attr]
+        assert member is not None
+        await wait_until(lambda: member.kv.revision == 200, timeout=10.0)
+        assert member.shell.storage.snapshot is not None
+        assert (await c.nodes[behind].store.get("k3")) is not None
+    finally:
+        await c.stop()
+
+
+@pytest.mark.virtual_time
+async def test_minority_side_cannot_write_and_majority_goes_on() -> None:
+    c = await started(3, 3, seed=5)
+    try:
+        leader = leader_of(c)
+        others = [n for n in c.names if n != leader]
+        c.partition([leader], others)
+        with pytest.raises(StoreUnavailable):
+            await c.nodes[leader].store.put("lonely", b"x")
+        assert (await c.nodes[others[0]].store.put("majority", b"y")) > 0
+        c.heal()
+        await c.run_for(2.0)
+        assert (await c.nodes[leader].store.get("lonely")) is None
+        kv = await c.nodes[leader].store.get("majority")
+        assert kv is not None and kv.value == b"y"
+    finally:
+        await c.stop()
