@@ -74,6 +74,12 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 _LIST_FIELDS = {"seeds", "capabilities", "dns_a", "dns_srv", "store_voters"}
+_BOOL_FIELDS = {"multicast", "fsync"}
+_NUMBER_FIELDS: dict[str, type[int] | type[float]] = {
+    "multicast_port": int,
+    "snapshot_every": int,
+    "discovery_interval": float,
+}
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -95,20 +101,14 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
                         )
                     tags[key.strip()] = value.strip()
             out[field] = tags
-        elif field == "multicast":
+        elif field in _BOOL_FIELDS:
             out[field] = raw.strip().lower() in ("1", "true", "yes", "on")
-        elif field == "multicast_port":
+        elif field in _NUMBER_FIELDS:
+            kind = _NUMBER_FIELDS[field]
             try:
-                out[field] = int(raw)
+                out[field] = kind(raw)
             except ValueError:
-                raise ConfigError(f"{ENV_PREFIX}MULTICAST_PORT: not a number: {raw!r}") from None
-        elif field == "discovery_interval":
-            try:
-                out[field] = float(raw)
-            except ValueError:
-                raise ConfigError(
-                    f"{ENV_PREFIX}DISCOVERY_INTERVAL: not a number: {raw!r}"
-                ) from None
+                raise ConfigError(f"{ENV_PREFIX}{field.upper()}: not a number: {raw!r}") from None
         else:
             out[field] = raw
     return out

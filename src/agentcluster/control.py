@@ -21,6 +21,7 @@ import msgspec
 
 from agentcluster.membership.messages import StreamMessage
 from agentcluster.signals import Signal
+from agentcluster.store.raft import KvRequest
 from agentcluster.transport.base import parse_addr
 from agentcluster.wire import Keyring, WireCodec
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentEnvelope",
+    "ControlClient",
     "ControlError",
     "ControlReply",
     "ControlRequest",
@@ -39,7 +41,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OPS = ("members", "agents", "health", "stats", "leave")
+OPS = ("members", "agents", "health", "stats", "leave", "kv")
 
 
 class ControlRequest(msgspec.Struct, frozen=True, array_like=True, tag="ctl", tag_field="t"):
@@ -64,7 +66,12 @@ NodeStream = StreamMessage | ControlRequest | ControlReply | AgentEnvelope
 
 
 class ControlError(Exception):
-    """The node could not be reached, rejected the request, or answered with an error."""
+    """The node could not be reached, rejected the request, or answered with an error.
+    ``not_sent``: the connection could not even be opened (the node never saw the request)."""
+
+    def __init__(self, message: str, *, not_sent: bool = False) -> None:
+        super().__init__(message)
+        self.not_sent = not_sent
 
 
 def _members(node: Node) -> list[dict[str, Any]]:
@@ -114,6 +121,27 @@ def _health(node: Node) -> dict[str, Any]:
     }
 
 
+_kv_req_dec = msgspec.msgpack.Decoder(KvRequest)
+_kv_enc = msgspec.msgpack.Encoder()
+
+
+async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
+    """A coordination-store request (see :mod:`agentcluster.store.remote`)."""
+    host = node.store_host
+    if host is None:
+        return ControlReply(ok=False, error=f"node {node.name} has no coordination store")
+    raw = args.get("req")
+    timeout = args.get("timeout", 5.0)
+    if not isinstance(raw, bytes) or not isinstance(timeout, int | float):
+        return ControlReply(ok=False, error="kv: args need 'req' (bytes) and 'timeout'")
+    try:
+        req = _kv_req_dec.decode(raw)
+    except msgspec.DecodeError as exc:
+        return ControlReply(ok=False, error=f"kv: malformed request: {exc}")
+    reply = await host.store.route(req, timeout=min(max(float(timeout), 0.001), 60.0))
+    return ControlReply(ok=True, data=_kv_enc.encode(reply))
+
+
 async def handle_control(node: Node, req: ControlRequest) -> ControlReply:
     try:
         if req.op == "members":
@@ -129,10 +157,84 @@ async def handle_control(node: Node, req: ControlRequest) -> ControlReply:
         if req.op == "leave":
             node.membership.leave()
             return ControlReply(ok=True, data={"leaving": node.name})
+        if req.op == "kv":
+            return await _kv(node, req.args)
         return ControlReply(ok=False, error=f"unknown op {req.op!r}; known: {', '.join(OPS)}")
     except Exception as exc:
         log.exception("control op %s failed", req.op)
         return ControlReply(ok=False, error=f"{type(exc).__name__}: {exc}")
+
+
+class ControlClient:
+    """A connection to one node's control API, kept open for further requests (one at a
+    time; concurrent callers queue on a lock). Any failure closes it; the next call
+    reconnects."""
+
+    def __init__(self, addr: str, *, keyring: Keyring | None, timeout: float = 5.0) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self._host, self._port = parse_addr(addr)
+        self._codec = WireCodec(NodeStream, keyring, max_size=4 << 20)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+
+    async def call(
+        self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Ask for ``op``; the reply's data, or ControlError."""
+        timeout = self.timeout if timeout is None else timeout
+        addr = self.addr
+        frame = self._codec.encode(ControlRequest(op=op, args=args or {}))
+        async with self._lock:
+            try:
+                async with asyncio.timeout(timeout):
+                    if self._writer is None:
+                        try:
+                            conn = await asyncio.open_connection(self._host, self._port)
+                        except OSError as exc:
+                            raise ControlError(
+                                f"cannot reach {addr}: {exc.strerror or exc}", not_sent=True
+                            ) from None
+                        self._reader, self._writer = conn
+                    reader, writer = self._reader, self._writer
+                    assert reader is not None
+                    writer.write(struct.pack(">I", len(frame)) + frame)
+                    await writer.drain()
+                    (length,) = struct.unpack(">I", await reader.readexactly(4))
+                    if length > 4 << 20:
+                        raise ControlError(f"{addr} sent an oversized reply ({length} bytes)")
+                    raw = await reader.readexactly(length)
+            except TimeoutError:
+                await self.close()
+                raise ControlError(f"{addr} did not answer within {timeout}s") from None
+            except asyncio.IncompleteReadError:
+                await self.close()
+                raise ControlError(
+                    f"{addr} closed the connection without a reply (wrong cluster key?)"
+                ) from None
+            except OSError as exc:
+                await self.close()
+                raise ControlError(f"cannot reach {addr}: {exc.strerror or exc}") from None
+            except BaseException:
+                await self.close()
+                raise
+        reply = self._codec.try_decode(raw)
+        if not isinstance(reply, ControlReply):
+            await self.close()
+            raise ControlError(f"{addr} sent a reply that does not authenticate or parse")
+        if not reply.ok:
+            raise ControlError(f"{addr}: {reply.error}")
+        return reply.data
+
+    async def close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
 
 
 async def request(
@@ -143,38 +245,10 @@ async def request(
     args: dict[str, Any] | None = None,
     timeout: float = 5.0,
 ) -> Any:
-    """Ask the node at ``addr`` for ``op``; returns the reply's data or raises ControlError."""
-    codec = WireCodec(NodeStream, keyring, max_size=4 << 20)
-    host, port = parse_addr(addr)
-    frame = codec.encode(ControlRequest(op=op, args=args or {}))
+    """Ask the node at ``addr`` for ``op`` over a one-off connection; returns the reply's
+    data or raises ControlError."""
+    client = ControlClient(addr, keyring=keyring, timeout=timeout)
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                writer.write(struct.pack(">I", len(frame)) + frame)
-                await writer.drain()
-                header = await reader.readexactly(4)
-                (length,) = struct.unpack(">I", header)
-                if length > 4 << 20:
-                    raise ControlError(f"{addr} sent an oversized reply ({length} bytes)")
-                raw = await reader.readexactly(length)
-            finally:
-                writer.close()
-                try:
-                    await writer.wait_closed()
-                except OSError:
-                    pass
-    except TimeoutError:
-        raise ControlError(f"{addr} did not answer within {timeout}s") from None
-    except asyncio.IncompleteReadError:
-        raise ControlError(
-            f"{addr} closed the connection without a reply (wrong cluster key?)"
-        ) from None
-    except OSError as exc:
-        raise ControlError(f"cannot reach {addr}: {exc.strerror or exc}") from None
-    reply = codec.try_decode(raw)
-    if not isinstance(reply, ControlReply):
-        raise ControlError(f"{addr} sent a reply that does not authenticate or parse")
-    if not reply.ok:
-        raise ControlError(f"{addr}: {reply.error}")
-    return reply.data
+        return await client.call(op, args)
+    finally:
+        await client.close()

@@ -83,9 +83,20 @@ class LocalCluster:
         workdir: str | Path | None = None,
         python: str = sys.executable,
         log_level: str = "warning",
+        store_voters: int | None = None,
+        fsync: bool = True,
+        snapshot_every: int | None = None,
     ) -> None:
+        """``store_voters``: how many nodes (the first ones) hold the coordination store's
+        Raft log, each under ``workdir/<name>/``; default 3 (fewer in smaller clusters), 0 for
+        no store."""
         if n < 1:
             raise ValueError(f"a cluster needs at least one node, got {n}")
+        voters = min(n, 3) if store_voters is None else store_voters
+        if not 0 <= voters <= n:
+            raise ValueError(f"store_voters must be within 0..{n}, got {voters}")
+        self.fsync = fsync
+        self.snapshot_every = snapshot_every
         self.n = n
         self.preset = preset
         self.zones = list(zones) or ["z1"]
@@ -112,6 +123,7 @@ class LocalCluster:
             )
             for i, port in enumerate(ports)
         ]
+        self.store_voters = [node.name for node in self.nodes[:voters]]
 
     def node(self, name: str) -> ProcNode:
         for node in self.nodes:
@@ -134,6 +146,13 @@ class LocalCluster:
         ]  # fmt: skip
         for seed in self._seeds(node):
             args += ["--seed", seed]
+        for voter in self.store_voters:
+            args += ["--store-voter", voter]
+        if node.name in self.store_voters:
+            args += ["--data-dir", str(self.workdir / node.name)]
+            args += ["--fsync" if self.fsync else "--no-fsync"]
+            if self.snapshot_every is not None:
+                args += ["--snapshot-every", str(self.snapshot_every)]
         args += node.extra_args
         # A local file open is instant; the child inherits the descriptor.
         log = open(node.log_path, "ab")  # noqa: SIM115, ASYNC230

@@ -48,6 +48,19 @@ def node_run(
     config: Annotated[str | None, typer.Option(help="TOML config file.")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Logs as JSON lines.")] = False,
+    store_voter: Annotated[
+        list[str] | None,
+        typer.Option(help="Name of a coordination-store voter (repeatable; 3 or 5 in all)."),
+    ] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="Directory for this voter's Raft log and snapshots.")
+    ] = None,
+    fsync: Annotated[
+        bool | None, typer.Option("--fsync/--no-fsync", help="Sync Raft writes to disk.")
+    ] = None,
+    snapshot_every: Annotated[
+        int | None, typer.Option(help="Applied store entries between two snapshots.")
+    ] = None,
 ) -> None:
     """Run one node until SIGTERM / Ctrl-C (then it leaves the cluster gracefully)."""
     from agentcluster.config import ConfigError, load_config
@@ -56,7 +69,8 @@ def node_run(
     configure_logging(log_level.upper(), json=json_logs)
     overrides = {
         "name": name, "bind": bind, "seeds": seed or None, "zone": zone, "region": region,
-        "key_file": key_file, "preset": preset,
+        "key_file": key_file, "preset": preset, "store_voters": store_voter or None,
+        "data_dir": data_dir, "fsync": fsync, "snapshot_every": snapshot_every,
     }  # fmt: skip
     try:
         cfg = load_config(config, overrides=overrides)

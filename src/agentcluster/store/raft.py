@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import random
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Literal
@@ -80,7 +81,7 @@ from agentcluster.store.base import (
     WatchEvent,
 )
 
-__all__ = ["KvReply", "KvRequest", "NotSent", "RaftKV", "RaftStore"]
+__all__ = ["KvClient", "KvReply", "KvRequest", "NotSent", "RaftKV", "RaftStore"]
 
 log = logging.getLogger(__name__)
 
@@ -314,11 +315,121 @@ class RaftKV:
         return KvReply(True, _enc.encode(events), n=kv.revision)
 
 
+class KvClient(Store):
+    """A :class:`Store` over :class:`KvRequest` / :class:`KvReply`: subclasses decide where a
+    request goes (:meth:`request`) and who answers ``events`` long-polls (:meth:`_call_events`).
+    """
+
+    poll: float = 5.0
+    _clock: Clock
+    _closed: bool = False
+
+    @abstractmethod
+    async def request(self, req: KvRequest, *, timeout: float | None = None) -> KvReply:
+        """Run ``req`` where it can be answered; StoreUnavailable if nobody could."""
+
+    @abstractmethod
+    async def _call_events(self, req: KvRequest) -> KvReply:
+        """Run an ``events`` long-poll on some member."""
+
+    @staticmethod
+    def _check_events(req: KvRequest, reply: KvReply) -> KvReply:
+        if reply.error == "compacted":
+            raise Compacted(req.n, reply.n)
+        if not reply.ok:
+            raise StoreUnavailable(reply.message or reply.error)
+        return reply
+
+    async def _call(self, req: KvRequest) -> KvReply:
+        reply = await self.request(req)
+        if reply.ok:
+            return reply
+        if reply.error == "lease":
+            raise LeaseNotFound(reply.message)
+        if reply.error == "compacted":
+            raise Compacted(req.n, reply.n)
+        if reply.error == "invalid":
+            raise InvalidCommand(reply.message)
+        raise StoreUnavailable(reply.message or reply.error)
+
+    async def _command(self, cmd: Command) -> Result:
+        reply = await self._call(KvRequest("cmd", encode_command(cmd)))
+        return decode_result(reply.data)
+
+    # ----------------------------------------------------------------- Store
+
+    async def get(self, key: str) -> KeyValue | None:
+        return _kv_dec.decode((await self._call(KvRequest("get", key=key))).data)
+
+    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        reply = await self._call(KvRequest("range", key=prefix, n=limit))
+        return _range_dec.decode(reply.data)
+
+    async def revision(self) -> int:
+        return _int_dec.decode((await self._call(KvRequest("rev"))).data)
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        return unwrap(await self._command(PutCmd(key, value, lease)), PutResult).revision
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        return unwrap(await self._command(DeleteCmd(key, prefix)), DeleteResult).deleted
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[TxnOp],
+        failure: Sequence[TxnOp] = (),
+    ) -> TxnResult:
+        cmd = TxnCmd(list(compares), list(success), list(failure))
+        return unwrap(await self._command(cmd), TxnResult)
+
+    async def lease_grant(self, ttl: float) -> Lease:
+        return unwrap(await self._command(LeaseGrantCmd(float(ttl))), Lease)
+
+    async def lease_keepalive(self, lease_id: int) -> float:
+        return _float_dec.decode((await self._call(KvRequest("keepalive", n=lease_id))).data)
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        unwrap(await self._command(LeaseRevokeCmd(lease_id)), RevokeResult)
+
+    def watch(
+        self, prefix: str, *, start_revision: int = 0
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
+        return self._watch(prefix, start_revision)
+
+    @asynccontextmanager
+    async def _watch(
+        self, prefix: str, start_revision: int
+    ) -> AsyncIterator[AsyncIterator[WatchEvent]]:
+        start = start_revision if start_revision > 0 else await self.revision() + 1
+        yield self._poll_events(prefix, start)
+
+    async def _poll_events(self, prefix: str, start: int) -> AsyncIterator[WatchEvent]:
+        """A remote watch: long-poll ``events`` and resume from the last revision + 1, so a
+        lost connection or a new member to ask costs nothing but a retry."""
+        nxt = start
+        while not self._closed:
+            req = KvRequest("events", key=prefix, n=nxt, wait=self.poll)
+            try:
+                reply = await self._call_events(req)
+            except StoreUnavailable:
+                await self._clock.sleep(_BACKOFF_MAX)
+                continue
+            events = _events_dec.decode(reply.data)
+            for ev in events:
+                if ev.revision >= nxt:
+                    yield ev
+            if events:
+                nxt = max(nxt, events[-1].revision + 1)
+
+
 Forward = Callable[[str, KvRequest, float], Awaitable[KvReply]]
 """``(voter name, request, timeout) -> reply``; raises on transport failure."""
 
 
-class RaftStore(Store):
+class RaftStore(KvClient):
     """The store a node hands out: routes requests to the leader (see the module docstring).
 
     ``local`` is this node's member (None on a node that is not a voter); ``voters`` the
@@ -399,65 +510,6 @@ class RaftStore(Store):
                 return await local.serve(req)
         return await self._forward(target, req, timeout)
 
-    async def _call(self, req: KvRequest) -> KvReply:
-        reply = await self.request(req)
-        if reply.ok:
-            return reply
-        if reply.error == "lease":
-            raise LeaseNotFound(reply.message)
-        if reply.error == "compacted":
-            raise Compacted(req.n, reply.n)
-        if reply.error == "invalid":
-            raise InvalidCommand(reply.message)
-        raise StoreUnavailable(reply.message or reply.error)
-
-    async def _command(self, cmd: Command) -> Result:
-        reply = await self._call(KvRequest("cmd", encode_command(cmd)))
-        return decode_result(reply.data)
-
-    # ----------------------------------------------------------------- Store
-
-    async def get(self, key: str) -> KeyValue | None:
-        return _kv_dec.decode((await self._call(KvRequest("get", key=key))).data)
-
-    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
-        if limit < 0:
-            raise ValueError("limit must not be negative")
-        reply = await self._call(KvRequest("range", key=prefix, n=limit))
-        return _range_dec.decode(reply.data)
-
-    async def revision(self) -> int:
-        return _int_dec.decode((await self._call(KvRequest("rev"))).data)
-
-    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        return unwrap(await self._command(PutCmd(key, value, lease)), PutResult).revision
-
-    async def delete(self, key: str, *, prefix: bool = False) -> int:
-        return unwrap(await self._command(DeleteCmd(key, prefix)), DeleteResult).deleted
-
-    async def txn(
-        self,
-        compares: Sequence[Compare],
-        success: Sequence[TxnOp],
-        failure: Sequence[TxnOp] = (),
-    ) -> TxnResult:
-        cmd = TxnCmd(list(compares), list(success), list(failure))
-        return unwrap(await self._command(cmd), TxnResult)
-
-    async def lease_grant(self, ttl: float) -> Lease:
-        return unwrap(await self._command(LeaseGrantCmd(float(ttl))), Lease)
-
-    async def lease_keepalive(self, lease_id: int) -> float:
-        return _float_dec.decode((await self._call(KvRequest("keepalive", n=lease_id))).data)
-
-    async def lease_revoke(self, lease_id: int) -> None:
-        unwrap(await self._command(LeaseRevokeCmd(lease_id)), RevokeResult)
-
-    def watch(
-        self, prefix: str, *, start_revision: int = 0
-    ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
-        return self._watch(prefix, start_revision)
-
     @asynccontextmanager
     async def _watch(
         self, prefix: str, start_revision: int
@@ -466,26 +518,8 @@ class RaftStore(Store):
             async with self.local.hub.watch(prefix, start_revision) as stream:
                 yield stream
             return
-        start = start_revision if start_revision > 0 else await self.revision() + 1
-        yield self._poll_events(prefix, start)
-
-    async def _poll_events(self, prefix: str, start: int) -> AsyncIterator[WatchEvent]:
-        """A remote watch: long-poll ``events`` and resume from the last revision + 1, so a
-        lost connection or a new member to ask costs nothing but a retry."""
-        nxt = start
-        while not self._closed:
-            req = KvRequest("events", key=prefix, n=nxt, wait=self.poll)
-            try:
-                reply = await self._call_events(req)
-            except StoreUnavailable:
-                await self._clock.sleep(_BACKOFF_MAX)
-                continue
-            events = _events_dec.decode(reply.data)
-            for ev in events:
-                if ev.revision >= nxt:
-                    yield ev
-            if events:
-                nxt = max(nxt, events[-1].revision + 1)
+        async with super()._watch(prefix, start_revision) as stream:
+            yield stream
 
     async def _call_events(self, req: KvRequest) -> KvReply:
         local = self.local
@@ -494,11 +528,19 @@ class RaftStore(Store):
             reply = await self._send(target, req, self.poll + self.timeout)
         except (OSError, TimeoutError, StoreError) as exc:
             raise StoreUnavailable(str(exc)) from exc
-        if reply.error == "compacted":
-            raise Compacted(req.n, reply.n)
-        if not reply.ok:
-            raise StoreUnavailable(reply.message)
-        return reply
+        return self._check_events(req, reply)
+
+    async def route(self, req: KvRequest, *, timeout: float | None = None) -> KvReply:
+        """Run a request that came from outside (the control API): never raises, a failure
+        is an error reply."""
+        try:
+            if req.op == "events":
+                return await self._call_events(req)
+            return await self.request(req, timeout=timeout)
+        except Compacted as exc:
+            return KvReply(False, error="compacted", message=str(exc), n=exc.oldest)
+        except StoreUnavailable as exc:
+            return KvReply(False, error="unavailable", message=str(exc))
 
     async def close(self) -> None:
         self._closed = True

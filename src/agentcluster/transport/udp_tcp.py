@@ -14,7 +14,10 @@ path never blocks on DNS. Errors the kernel reports later (``error_received``) a
 
 Streams: each request opens a fresh TCP connection carrying one length-prefixed request
 (4-byte big-endian length, then the bytes) and gets one length-prefixed reply; the server
-closes without a reply when the handler says so (or fails). The server is defensive: a peer
+closes without a reply when the handler says so (or fails). A client may keep the connection
+and send further requests on it, one at a time (the control API's persistent clients do, to
+save a TCP handshake per request); an idle connection is closed after
+``stream_idle_timeout``. The server is defensive: a peer
 must send its whole request (and take the reply) within ``stream_read_timeout`` seconds each, lengths above
 ``max_stream`` close the connection at once, and at most ``max_connections`` connections are
 served together (more are closed on arrival). Every connection task is owned by the transport
@@ -76,6 +79,7 @@ class UdpTcpTransport(Transport):
         max_packet: int = 1400,
         max_stream: int = 4 << 20,
         stream_read_timeout: float = 5.0,
+        stream_idle_timeout: float = 60.0,
         max_connections: int = 256,
         bind_attempts: int = 8,
     ) -> None:
@@ -87,6 +91,7 @@ class UdpTcpTransport(Transport):
         self.max_packet = max_packet
         self.max_stream = max_stream
         self.stream_read_timeout = stream_read_timeout
+        self.stream_idle_timeout = stream_idle_timeout
         self.max_connections = max_connections
         self._bind_attempts = bind_attempts
         self._udp: asyncio.DatagramTransport | None = None
@@ -293,33 +298,42 @@ class UdpTcpTransport(Transport):
         stats = self._stats
         peer = writer.get_extra_info("peername")
         src = format_addr(str(peer[0]), int(peer[1])) if peer else "unknown:0"
-        try:
-            async with asyncio.timeout(self.stream_read_timeout):
-                (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+        first = True
+        while not self._closed:
+            try:
+                # A client may keep the connection for more requests (one at a time): it then
+                # has ``stream_idle_timeout`` to start the next one.
+                wait = self.stream_read_timeout if first else self.stream_idle_timeout
+                async with asyncio.timeout(wait):
+                    header = await reader.readexactly(_LEN.size)
+                (size,) = _LEN.unpack(header)
                 if size > self.max_stream:
                     stats.stream_errors += 1
                     stats.oversized_dropped += 1
                     return
-                request = await reader.readexactly(size)
-        except (TimeoutError, asyncio.IncompleteReadError, OSError):
-            stats.stream_errors += 1
-            return
-        stats.streams_accepted += 1
-        stats.bytes_received += _LEN.size + size
-        reply = await self._serve_stream(src, request)
-        if reply is None:
-            return
-        if len(reply) > self.max_stream:
-            stats.oversized_dropped += 1
-            return
-        try:
-            async with asyncio.timeout(self.stream_read_timeout):
-                writer.write(_LEN.pack(len(reply)) + reply)
-                await writer.drain()
-        except (TimeoutError, OSError):
-            stats.stream_errors += 1
-            return
-        stats.bytes_sent += _LEN.size + len(reply)
+                async with asyncio.timeout(self.stream_read_timeout):
+                    request = await reader.readexactly(size)
+            except (TimeoutError, asyncio.IncompleteReadError, OSError):
+                if first:
+                    stats.stream_errors += 1
+                return
+            first = False
+            stats.streams_accepted += 1
+            stats.bytes_received += _LEN.size + size
+            reply = await self._serve_stream(src, request)
+            if reply is None:
+                return
+            if len(reply) > self.max_stream:
+                stats.oversized_dropped += 1
+                return
+            try:
+                async with asyncio.timeout(self.stream_read_timeout):
+                    writer.write(_LEN.pack(len(reply)) + reply)
+                    await writer.drain()
+            except (TimeoutError, OSError):
+                stats.stream_errors += 1
+                return
+            stats.bytes_sent += _LEN.size + len(reply)
 
     # ------------------------------------------------------------------ streams: client side
     async def request(self, addr: str, data: bytes, *, timeout: float) -> bytes:

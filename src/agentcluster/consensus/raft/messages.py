@@ -221,7 +221,9 @@ class Ready:
     1. write ``hard_state`` (if not None) and append ``entries`` (an entry at an index already
        stored replaces it and everything after it) to stable storage, and sync;
     2. only then send ``messages`` -- a vote grant or an append acknowledgement is never
-       handed out in a Ready earlier than the hard state / entries it promises are durable;
+       handed out in a Ready earlier than the hard state / entries it promises are durable.
+       (A *leader* may send first and write in parallel: its messages are appends, and it
+       counts its own copy only after :meth:`RaftNode.advance` confirms the write.);
     3. apply ``committed`` to the state machine, in order;
     4. call :meth:`RaftNode.advance` with this Ready.
     """

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from agentcluster.clock import Clock
 from agentcluster.consensus.raft._log import Storage
 from agentcluster.consensus.raft.core import RaftConfig, RaftNode
-from agentcluster.consensus.raft.messages import ConfChange, ConfState, Entry, Message
+from agentcluster.consensus.raft.messages import ConfChange, ConfState, Entry, HardState, Message
 
 __all__ = [
     "NotLeader",
@@ -256,9 +256,17 @@ class RaftShell:
                 continue
             self._wake.clear()
             if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay if math.isfinite(delay) else None):
-                        await self._wake.wait()
+                # A plain timer handle: cheaper than a timeout context on every idle wait.
+                timer = (
+                    asyncio.get_running_loop().call_later(delay, self._wake.set)
+                    if math.isfinite(delay)
+                    else None
+                )
+                try:
+                    await self._wake.wait()
+                finally:
+                    if timer is not None:
+                        timer.cancel()
             else:
                 await asyncio.sleep(0)
 
@@ -280,13 +288,25 @@ class RaftShell:
             self.state_machine.restore(rd.snapshot.data)
             self._last_snapshot = rd.snapshot.index
             self._fail_waiting_upto(rd.snapshot.index)
-        if rd.hard_state is not None or rd.entries:
-            self.storage.persist(rd.hard_state, rd.entries)
+        send = self._send
+        # A leader's messages are appends (and snapshots, TimeoutNow): they promise nothing
+        # about its own disk, since it counts itself only after persisting -- so they leave
+        # before its write and the follower's fsync overlaps the leader's (thesis §10.2.1).
+        early = node.state == "leader" and rd.snapshot is None
+        if early:
+            for m in rd.messages:
+                send(m)
+        hs = rd.hard_state
+        stored = self.storage.hard_state
+        # Only entries, term and vote need a sync; a commit index alone is re-learned from
+        # the leader after a restart, so it rides along with the next write (as etcd does).
+        if rd.entries or (hs is not None and (hs.term, hs.vote) != (stored.term, stored.vote)):
+            self.storage.persist(HardState(node.term, node.vote, node.commit_index), rd.entries)
             if rd.entries:
                 self.batches += 1
-        send = self._send
-        for m in rd.messages:
-            send(m)
+        if not early:
+            for m in rd.messages:
+                send(m)
         for e in rd.committed:
             self._apply(e)
         for rid, index in rd.read_states:
