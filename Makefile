@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck unit bench clean
+.PHONY: up test lint typecheck unit bench jepsen clean
 
 $(STAMP): pyproject.toml
 	@$(PY) -c "import sys; assert sys.version_info >= (3, 11), sys.version" 2>/dev/null || { echo "error: Python 3.11+ is required (found: $(PY))"; exit 1; }
@@ -32,6 +32,11 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/agentcluster bench runtime --json
+
+# A longer Jepsen-style sweep of the raft store than the 300 seeds of the test run.
+jepsen: $(STAMP)
+	cd tests && ../$(BIN)/python jepsen_harness.py --seeds 300-2300 --voters 3
+	cd tests && ../$(BIN)/python jepsen_harness.py --seeds 100-1100 --voters 5
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

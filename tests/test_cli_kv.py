@@ -1,0 +1,313 @@
+"""``agentcluster kv`` against 3 real node processes on loopback.
+
+One LocalCluster serves the whole module: its event loop runs in a thread of its own (so the
+launcher keeps reaping its children between tests), and every test drives the store only
+through the command line. Most commands run in-process through typer's CliRunner (a fresh
+interpreter costs about a second per command); ``watch`` and the error paths whose exit code
+and stderr matter run as real processes, the way a user runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import pytest
+from typer.testing import CliRunner
+
+from agentcluster.cli.main import app
+from agentcluster.launcher import LocalCluster, free_port
+from agentcluster.testing import eventually
+from agentcluster.wire import Keyring
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "agentcluster.cli"]
+_ENV: dict[str, str | None] = {"AGENTCLUSTER_KEY_FILE": None}
+T = TypeVar("T")
+
+
+class Running:
+    """The module's cluster and the loop (in its own thread) that owns its processes."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="cluster-loop")
+        self.thread.start()
+        self.cluster = LocalCluster(3, preset="local")
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 90.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def addrs(self) -> list[str]:
+        return [n.addr for n in self.cluster.nodes]
+
+    def argv(self, args: tuple[str, ...], nodes: list[str] | None, key: bool) -> list[str]:
+        argv = ["kv", *args]
+        for addr in self.addrs if nodes is None else nodes:
+            argv += ["--node", addr]
+        if key:
+            argv += ["--key-file", str(self.cluster.key_file)]
+        return argv
+
+    def kv(
+        self, *args: str, nodes: list[str] | None = None, key: bool = True, stdin: bytes = b""
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``agentcluster kv ARGS`` in this process."""
+        result = CliRunner().invoke(
+            app, self.argv(args, nodes, key), input=stdin, env={**_ENV, "COLUMNS": "200"}
+        )
+        # Anything but a deliberate exit is a crash the user would see as a traceback.
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+        return subprocess.CompletedProcess(
+            args, result.exit_code, result.stdout_bytes, result.stderr_bytes
+        )
+
+    def proc(
+        self, *args: str, nodes: list[str] | None = None, key: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``agentcluster kv ARGS`` as a process of its own."""
+        env = {k: v for k, v in os.environ.items() if k != "AGENTCLUSTER_KEY_FILE"}
+        return subprocess.run(
+            [*CLI, *self.argv(args, nodes, key)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+
+    def ok(self, *args: str, **kw: Any) -> str:
+        out = self.kv(*args, **kw)
+        assert out.returncode == 0, out.stderr.decode()
+        return out.stdout.decode()
+
+
+async def _one_leader(cluster: LocalCluster) -> str | None:
+    """The leader's name once every voter names the same one in the same term."""
+    seen = set()
+    for name in cluster.store_voters:
+        try:
+            store = (await cluster.ask(name, "stats", timeout=1.0))["store"]
+        except Exception:
+            return None
+        seen.add((store.get("leader"), store.get("term")))
+    (leader, _term), *rest = seen
+    return leader if leader and not rest else None
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[Running]:
+    r = Running()
+    try:
+        r.run(r.cluster.start())
+        r.run(eventually(lambda: _one_leader(r.cluster), timeout=60))
+        yield r
+    finally:
+        r.run(r.cluster.close())
+        r.loop.call_soon_threadsafe(r.loop.stop)
+        r.thread.join(10)
+        r.loop.close()
+
+
+def _no_traceback(out: subprocess.CompletedProcess[bytes]) -> str:
+    err = out.stderr.decode()
+    assert "Traceback" not in err, err
+    return err
+
+
+def test_put_get_round_trip_of_text_and_bytes(running: Running) -> None:
+    rev1 = int(running.ok("put", "rt/greeting", "hello, store"))
+    assert running.kv("get", "rt/greeting").stdout == b"hello, store"
+    blob = bytes(range(256)) * 3
+    rev2 = int(running.ok("put", "rt/blob", "--file", "-", stdin=blob))
+    assert rev2 > rev1
+    assert running.kv("get", "rt/blob").stdout == blob  # unchanged, no newline added
+
+
+def test_entry_nodes_are_tried_in_order(running: Running) -> None:
+    dead = f"127.0.0.1:{free_port(avoid=[int(a.rsplit(':', 1)[1]) for a in running.addrs])}"
+    nodes = [dead, running.addrs[2]]
+    rev = int(running.ok("put", "entry/k", "v", nodes=nodes))
+    got = json.loads(running.ok("get", "entry/k", "--json", nodes=nodes))
+    assert got["mod_revision"] == rev
+
+
+def test_json_output_shapes(running: Running) -> None:
+    put = json.loads(running.ok("put", "js/k", "one", "--json"))
+    assert put == {"key": "js/k", "revision": put["revision"]}
+    got = json.loads(running.ok("get", "js/k", "--json"))
+    assert got == {
+        "key": "js/k", "value": "one", "base64": False, "create_revision": put["revision"],
+        "mod_revision": put["revision"], "version": 1, "lease": 0,
+    }  # fmt: skip
+    again = json.loads(running.ok("put", "js/k", "two", "--json"))
+    got = json.loads(running.ok("get", "js/k", "--json"))
+    assert (got["value"], got["version"]) == ("two", 2)
+    assert (got["create_revision"], got["mod_revision"]) == (put["revision"], again["revision"])
+    running.ok("put", "js/bin", "--file", "-", stdin=b"\xff\x00\xfe")
+    got = json.loads(running.ok("get", "js/bin", "--json"))
+    assert got["base64"] is True and base64.b64decode(got["value"]) == b"\xff\x00\xfe"
+
+
+def test_delete_and_range(running: Running) -> None:
+    for key in ("rg/c", "rg/a", "rg/b", "rh/x"):
+        running.ok("put", key, f"value of {key}")
+    rows = json.loads(running.ok("range", "rg/", "--json"))
+    assert [r["key"] for r in rows] == ["rg/a", "rg/b", "rg/c"]
+    assert rows[0]["value"] == "value of rg/a" and rows[0]["version"] == 1
+    assert [r["key"] for r in json.loads(running.ok("range", "rg/", "--limit", "2", "--json"))] == [
+        "rg/a",
+        "rg/b",
+    ]
+    table = running.ok("range", "rg/", "--limit", "2")
+    assert "rg/a" in table and "value of rg/b" in table and "rg/c" not in table
+    assert "raise --limit" in table
+    assert running.ok("del", "rg/a").strip() == "1"
+    assert running.ok("del", "rg/a").strip() == "0"
+    assert json.loads(running.ok("del", "rg/", "--prefix", "--json")) == {"deleted": 2}
+    assert json.loads(running.ok("range", "rg/", "--json")) == []
+    assert [r["key"] for r in json.loads(running.ok("range", "rh", "--json"))] == ["rh/x"]
+
+
+def test_get_of_a_missing_key_exits_1(running: Running) -> None:
+    out = running.proc("get", "no/such/key")
+    assert out.returncode == 1
+    assert out.stdout == b""
+    assert _no_traceback(out).strip() == "error: key 'no/such/key' not found"
+
+
+class _Lines:
+    """A pipe's lines, read by a thread, so a test can wait for one with a deadline."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self.q: queue.Queue[str] = queue.Queue()
+        self.thread = threading.Thread(target=self._pump, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, pipe: IO[bytes]) -> None:
+        for line in pipe:
+            self.q.put(line.decode())
+
+    def next(self, timeout: float = 30.0) -> str:
+        return self.q.get(timeout=timeout)
+
+    def rest(self) -> list[str]:
+        self.thread.join(30)
+        out = []
+        while not self.q.empty():
+            out.append(self.q.get_nowait())
+        return out
+
+
+def test_watch_receives_events_written_after_it_started(running: Running) -> None:
+    cmd = [*CLI, "kv", "watch", "wt/", "--count", "3", "--json"]
+    cmd += ["--key-file", str(running.cluster.key_file), "--node", running.addrs[1]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = _Lines(proc.stdout), _Lines(proc.stderr)
+        ready = stderr.next()
+        assert ready.startswith("watching 'wt/' from revision "), ready
+        start = int(ready.rsplit(" ", 1)[1])
+        r1 = int(running.ok("put", "wt/a", "1"))
+        running.ok("put", "other/a", "not watched")
+        r2 = int(running.ok("put", "wt/b", "two\nlines"))
+        assert running.ok("del", "wt/a").strip() == "1"
+        events = [json.loads(stdout.next()) for _ in range(3)]
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert start <= r1 < r2
+    assert [(e["type"], e["key"]) for e in events] == [
+        ("put", "wt/a"),
+        ("put", "wt/b"),
+        ("delete", "wt/a"),
+    ]
+    assert [e["revision"] for e in events][:2] == [r1, r2]
+    assert events[2]["revision"] > r2
+    assert events[1]["value"] == "two\nlines" and events[2]["prev"]["value"] == "1"
+    assert stdout.rest() == []
+
+
+def test_watch_from_a_revision_replays_history_as_lines(running: Running) -> None:
+    r1 = int(running.ok("put", "wh/x", "first"))
+    running.ok("put", "wh/x", "tab\there")
+    running.ok("del", "wh/x")
+    out = running.ok("watch", "wh/", "--from-revision", str(r1), "--count", "3")
+    assert out.splitlines() == [
+        f"{r1} put wh/x first",
+        f"{r1 + 1} put wh/x " + json.dumps("tab\there"),
+        f"{r1 + 2} delete wh/x",
+    ]
+
+
+def test_leases_attach_and_revoke(running: Running) -> None:
+    lease = int(running.ok("lease", "grant", "60"))
+    running.ok("put", "ls/k", "leased", "--lease", hex(lease))
+    assert json.loads(running.ok("get", "ls/k", "--json"))["lease"] == lease
+    running.ok("lease", "revoke", str(lease))
+    assert running.kv("get", "ls/k").returncode == 1
+    out = running.kv("put", "ls/k", "v", "--lease", str(lease))
+    assert out.returncode == 1
+    assert _no_traceback(out).startswith("error: lease") and "not found" in out.stderr.decode()
+
+
+def test_bad_input_is_a_usage_error(running: Running) -> None:
+    for args in (
+        ("put", "k", "v", "--file", "-"),  # two values
+        ("put", "k"),  # no value
+        ("put", "k", "v", "--lease", "soon"),
+        ("get", "k", "--limit", "1"),
+    ):
+        out = running.kv(*args)
+        assert out.returncode == 2, args
+        _no_traceback(out)
+    out = running.kv("get", "k", nodes=["no-port"])
+    assert out.returncode == 2 and "--node" in _no_traceback(out)
+
+
+def test_a_wrong_key_file_fails_cleanly(running: Running, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.key"
+    Keyring.generate().to_file(wrong)
+    for args in (("get", "rt/greeting"), ("put", "wrong/k", "v")):
+        run = running.proc if args[0] == "get" else running.kv
+        out = run(*args, "--key-file", str(wrong), "--timeout", "2", key=False)
+        assert out.returncode == 1, args
+        err = _no_traceback(out)
+        assert err.startswith("error: ") and "wrong cluster key" in err, err
+    out = running.kv("get", "k", "--key-file", str(tmp_path / "missing.key"), key=False)
+    assert out.returncode == 1
+    assert "cannot read key file" in _no_traceback(out)
+    # Nothing was written with the wrong key.
+    assert running.kv("get", "wrong/k").returncode == 1
+
+
+def test_status_shows_exactly_one_leader(running: Running) -> None:
+    rows = json.loads(running.ok("status", "--json"))
+    assert [r["node"] for r in rows] == running.addrs
+    leaders = [r for r in rows if r["state"] == "leader"]
+    assert len(leaders) == 1
+    assert {r["leader"] for r in rows} == {leaders[0]["name"]}
+    assert len({r["term"] for r in rows}) == 1
+    assert all(r["voter"] and r["commit_index"] >= r["applied_index"] >= 1 for r in rows)
+    table = running.ok("status")
+    assert table.count("leader") == 2  # the column and the leader's state
+    assert all(a in table for a in running.addrs)
+
+    dead = f"127.0.0.1:{free_port(avoid=[int(a.rsplit(':', 1)[1]) for a in running.addrs])}"
+    out = running.kv("status", nodes=[running.addrs[0], dead])
+    assert out.returncode == 1
+    assert f"error: cannot reach {dead}" in _no_traceback(out)
+    assert running.addrs[0] in out.stdout.decode()
