@@ -131,14 +131,26 @@ async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
     if host is None:
         return ControlReply(ok=False, error=f"node {node.name} has no coordination store")
     raw = args.get("req")
+    many = args.get("reqs")
     timeout = args.get("timeout", 5.0)
-    if not isinstance(raw, bytes) or not isinstance(timeout, int | float):
-        return ControlReply(ok=False, error="kv: args need 'req' (bytes) and 'timeout'")
+    if not isinstance(timeout, int | float):
+        return ControlReply(ok=False, error="kv: 'timeout' must be a number")
+    timeout = min(max(float(timeout), 0.001), 60.0)
+    if isinstance(many, list) and all(isinstance(r, bytes) for r in many) and len(many) <= 4096:
+        # A client's batch: run concurrently, so the leader proposes them together.
+        try:
+            reqs = [_kv_req_dec.decode(r) for r in many]
+        except msgspec.DecodeError as exc:
+            return ControlReply(ok=False, error=f"kv: malformed request: {exc}")
+        replies = await asyncio.gather(*(host.store.route(r, timeout=timeout) for r in reqs))
+        return ControlReply(ok=True, data=_kv_enc.encode(replies))
+    if not isinstance(raw, bytes):
+        return ControlReply(ok=False, error="kv: args need 'req' (bytes) or 'reqs' (a list)")
     try:
         req = _kv_req_dec.decode(raw)
     except msgspec.DecodeError as exc:
         return ControlReply(ok=False, error=f"kv: malformed request: {exc}")
-    reply = await host.store.route(req, timeout=min(max(float(timeout), 0.001), 60.0))
+    reply = await host.store.route(req, timeout=timeout)
     return ControlReply(ok=True, data=_kv_enc.encode(reply))
 
 

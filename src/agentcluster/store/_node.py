@@ -9,9 +9,11 @@ Both ride the node's one transport, sealed with the cluster keyring like everyth
 told apart from membership traffic by a one-byte channel prefix (membership frames start with
 the wire version byte, 1):
 
-* ``R`` + frame: a Raft message. Sent as a UDP packet when it fits (heartbeats, small
-  appends: no connection set-up, and Raft tolerates loss, duplication and reordering), else
-  over a stream (large appends, snapshots), fire-and-forget with a bounded number in flight.
+* ``R`` + frame: a Raft message. Over TCP, each peer gets a *pipe*: one long-lived connection
+  to its stream port on which frames are written back to back (the server answers each with
+  an empty reply, which a reader drains); a broken pipe drops what was queued and reconnects
+  on the next message -- Raft retransmits. On a transport without real connections (the
+  simulated network) a message is a packet when it fits, else a one-off stream request.
 * ``K`` + frame: a :class:`~agentcluster.store.raft.KvRequest` forwarded to the leader (or an
   ``events`` long-poll), answered with a :class:`~agentcluster.store.raft.KvReply` frame.
 
@@ -33,7 +35,8 @@ from agentcluster.consensus.raft.presets import raft_preset
 from agentcluster.consensus.raft.shell import ShellConfig
 from agentcluster.store.base import StoreUnavailable
 from agentcluster.store.raft import KvReply, KvRequest, NotSent, RaftKV, RaftStore
-from agentcluster.transport.base import ConnectFailed, TransportError
+from agentcluster.transport.base import ConnectFailed, TransportError, parse_addr
+from agentcluster.transport.udp_tcp import UdpTcpTransport
 from agentcluster.wire import WireCodec
 
 if TYPE_CHECKING:
@@ -60,6 +63,7 @@ class NodeStore:
         self.member: RaftKV | None = None
         self._own_storage: DiskStorage | None = None
         self._streams: set[asyncio.Task[Any]] = set()
+        self._pipes: dict[str, _Pipe] = {}
         self.unroutable = 0
         self.stream_drops = 0
         if node.name in self.voters:
@@ -76,6 +80,7 @@ class NodeStore:
                 shell_config=ShellConfig(
                     snapshot_every=cfg.snapshot_every,
                     snapshot_keep=min(1_000, cfg.snapshot_every),
+                    threaded_writes=isinstance(storage, DiskStorage),
                 ),
             )
         self.store = RaftStore(
@@ -99,6 +104,8 @@ class NodeStore:
         await self.store.close()
         if self.member is not None:
             await self.member.close()
+        for pipe in self._pipes.values():
+            pipe.close()
         for task in list(self._streams):
             task.cancel()
         if self._streams:
@@ -145,6 +152,12 @@ class NodeStore:
             return
         frame = RAFT_PREFIX + self.raft_codec.encode(msg)
         transport = self.node.transport
+        if isinstance(transport, UdpTcpTransport) and len(frame) <= transport.max_stream:
+            pipe = self._pipes.get(addr)
+            if pipe is None:
+                pipe = self._pipes[addr] = _Pipe(addr, self)
+            pipe.send(frame)
+            return
         if len(frame) <= getattr(transport, "max_packet", 1400):
             transport.send_packet(addr, frame)
             return
@@ -197,5 +210,70 @@ class NodeStore:
                 revision=m.kv.revision,
                 keys=len(m.kv),
                 dropped=node.dropped,
+                snapshot_index=node.snapshot.index if node.snapshot is not None else 0,
+                snapshots_installed=m.shell.snapshots_installed,
+                batches=m.shell.batches,
             )
         return out
+
+
+_PIPE_MAX_QUEUED = 4 << 20  # bytes buffered for a slow peer before frames are dropped
+
+
+class _Pipe:
+    """A persistent connection carrying Raft frames to one peer (see the module docstring)."""
+
+    def __init__(self, addr: str, owner: NodeStore) -> None:
+        self.addr = addr
+        self.owner = owner
+        self._writer: asyncio.StreamWriter | None = None
+        self._queue: list[bytes] = []
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def send(self, frame: bytes) -> None:
+        if self._closed:
+            return
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            transport = writer.transport
+            if transport.get_write_buffer_size() > _PIPE_MAX_QUEUED:
+                self.owner.stream_drops += 1  # the peer is not reading: Raft will resend
+                return
+            writer.write(len(frame).to_bytes(4, "big") + frame)
+            return
+        self._queue.append(frame)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        host, port = parse_addr(self.addr)
+        try:
+            async with asyncio.timeout(_RAFT_STREAM_TIMEOUT):
+                reader, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError):
+            self.owner.stream_drops += len(self._queue)
+            self._queue.clear()
+            return
+        queued, self._queue = self._queue, []
+        for frame in queued:
+            writer.write(len(frame).to_bytes(4, "big") + frame)
+        self._writer = writer
+        try:
+            # Drain the server's empty replies; the connection ends when either side closes.
+            while not self._closed:
+                header = await reader.readexactly(4)
+                await reader.readexactly(int.from_bytes(header, "big"))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if self._writer is writer:
+                self._writer = None
+            writer.close()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        if self._task is not None:
+            self._task.cancel()

@@ -33,6 +33,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -85,6 +86,9 @@ class ShellConfig:
     snapshot_every: int = 10_000  # applied entries between two snapshots
     snapshot_keep: int = 1_000  # entries kept behind a snapshot for slow followers
     max_batch: int = 4_096  # proposals appended per loop turn (bounds one Ready)
+    # Write to storage on a thread, so the loop keeps receiving during an fsync (for disk
+    # storage; never with a simulated clock, whose time must not move during a real write).
+    threaded_writes: bool = False
 
     def __post_init__(self) -> None:
         if self.snapshot_every < 1 or self.snapshot_keep < 0 or self.max_batch < 1:
@@ -141,7 +145,13 @@ class RaftShell:
         self._closed = False
         self._was_leader = False
         self._stalled_until = -math.inf
+        self._writer = (
+            ThreadPoolExecutor(1, thread_name_prefix=f"raft-{node_id}-wal")
+            if self.shell_config.threaded_writes
+            else None
+        )
         self.applied_entries = 0
+        self.snapshots_installed = 0
         self.batches = 0
 
     # ----------------------------------------------------------------- state
@@ -183,6 +193,8 @@ class RaftShell:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._fail_all(NotLeader(None))
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
 
     # ----------------------------------------------------------------- inputs
 
@@ -244,7 +256,7 @@ class RaftShell:
                 await self.clock.sleep(pause)
                 continue
             try:
-                self._turn()
+                await self._turn()
             except Exception:
                 # Storage failing to sync is fatal for safety: stop serving, loudly.
                 log.exception("raft node %s stopped: its loop failed", self.id)
@@ -270,7 +282,7 @@ class RaftShell:
             else:
                 await asyncio.sleep(0)
 
-    def _turn(self) -> None:
+    async def _turn(self) -> None:
         node = self.node
         now = self.clock.now()
         inbox = self._inbox
@@ -286,6 +298,7 @@ class RaftShell:
         if rd.snapshot is not None:
             self.storage.save_snapshot(rd.snapshot)
             self.state_machine.restore(rd.snapshot.data)
+            self.snapshots_installed += 1
             self._last_snapshot = rd.snapshot.index
             self._fail_waiting_upto(rd.snapshot.index)
         send = self._send
@@ -301,7 +314,16 @@ class RaftShell:
         # Only entries, term and vote need a sync; a commit index alone is re-learned from
         # the leader after a restart, so it rides along with the next write (as etcd does).
         if rd.entries or (hs is not None and (hs.term, hs.vote) != (stored.term, stored.vote)):
-            self.storage.persist(HardState(node.term, node.vote, node.commit_index), rd.entries)
+            state = HardState(node.term, node.vote, node.commit_index)
+            if self._writer is not None:
+                # The write runs on the writer thread while this loop keeps receiving: the
+                # proposals and messages that arrive meanwhile form the next, larger batch
+                # (group commit). Nothing touches the core until the write is done.
+                await asyncio.get_running_loop().run_in_executor(
+                    self._writer, self.storage.persist, state, rd.entries
+                )
+            else:
+                self.storage.persist(state, rd.entries)
             if rd.entries:
                 self.batches += 1
         if not early:
