@@ -366,3 +366,31 @@ async def test_close_leaves_no_tasks_and_fails_pending_requests() -> None:
     await again.close()
     with pytest.raises(RuntimeError, match="already started"):
         await a.start(lambda s, d: None, echo)
+
+
+async def test_kept_connection_one_way_frames_then_request_reply() -> None:
+    """A client may keep the connection: one-way frames (top bit of the length set) are
+    handled in order and never answered; an ordinary request on the same connection is."""
+    from agentcluster.transport.udp_tcp import ONE_WAY_FLAG
+
+    seen: list[bytes] = []
+
+    async def record(src: str, data: bytes) -> bytes:
+        seen.append(data)
+        return data.upper()
+
+    async with running(record) as (b, _):
+        host, port = parse_addr(b.addr)
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for word in (b"one", b"two", b"three"):
+                writer.write(struct.pack("!I", len(word) | ONE_WAY_FLAG) + word)
+            writer.write(struct.pack("!I", 3) + b"ask")
+            await writer.drain()
+            async with asyncio.timeout(2):
+                (size,) = struct.unpack("!I", await reader.readexactly(4))
+                assert await reader.readexactly(size) == b"ASK"
+            assert seen == [b"one", b"two", b"three", b"ask"]
+            assert b.stats().streams_accepted == 4
+        finally:
+            writer.close()

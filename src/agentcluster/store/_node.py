@@ -10,8 +10,8 @@ told apart from membership traffic by a one-byte channel prefix (membership fram
 the wire version byte, 1):
 
 * ``R`` + frame: a Raft message. Over TCP, each peer gets a *pipe*: one long-lived connection
-  to its stream port on which frames are written back to back (the server answers each with
-  an empty reply, which a reader drains); a broken pipe drops what was queued and reconnects
+  to its stream port on which frames are written back to back, each marked one-way (the
+  server sends no reply); a broken pipe drops what was queued and reconnects
   on the next message -- Raft retransmits. On a transport without real connections (the
   simulated network) a message is a packet when it fits, else a one-off stream request.
 * ``K`` + frame: a :class:`~agentcluster.store.raft.KvRequest` forwarded to the leader (or an
@@ -36,7 +36,7 @@ from agentcluster.consensus.raft.shell import ShellConfig
 from agentcluster.store.base import StoreUnavailable
 from agentcluster.store.raft import KvReply, KvRequest, NotSent, RaftKV, RaftStore
 from agentcluster.transport.base import ConnectFailed, TransportError, parse_addr
-from agentcluster.transport.udp_tcp import UdpTcpTransport
+from agentcluster.transport.udp_tcp import ONE_WAY_FLAG, UdpTcpTransport
 from agentcluster.wire import WireCodec
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ class _Pipe:
             if transport.get_write_buffer_size() > _PIPE_MAX_QUEUED:
                 self.owner.stream_drops += 1  # the peer is not reading: Raft will resend
                 return
-            writer.write(len(frame).to_bytes(4, "big") + frame)
+            writer.write((len(frame) | ONE_WAY_FLAG).to_bytes(4, "big") + frame)
             return
         self._queue.append(frame)
         if self._task is None or self._task.done():
@@ -257,14 +257,13 @@ class _Pipe:
             return
         queued, self._queue = self._queue, []
         for frame in queued:
-            writer.write(len(frame).to_bytes(4, "big") + frame)
+            writer.write((len(frame) | ONE_WAY_FLAG).to_bytes(4, "big") + frame)
         self._writer = writer
         try:
-            # Drain the server's empty replies; the connection ends when either side closes.
-            while not self._closed:
-                header = await reader.readexactly(4)
-                await reader.readexactly(int.from_bytes(header, "big"))
-        except (OSError, asyncio.IncompleteReadError):
+            # Nothing comes back on a pipe: reading only notices the server closing it.
+            while not self._closed and await reader.read(4096):
+                pass
+        except OSError:
             pass
         finally:
             if self._writer is writer:

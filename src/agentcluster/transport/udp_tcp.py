@@ -17,7 +17,9 @@ Streams: each request opens a fresh TCP connection carrying one length-prefixed 
 closes without a reply when the handler says so (or fails). A client may keep the connection
 and send further requests on it, one at a time (the control API's persistent clients do, to
 save a TCP handshake per request); an idle connection is closed after
-``stream_idle_timeout``. The server is defensive: a peer
+``stream_idle_timeout``. A request whose length has the top bit set (:data:`ONE_WAY_FLAG`) is
+one-way: it is handled but never answered, so a peer can stream frames back to back on one
+connection (the store's Raft pipes do). The server is defensive: a peer
 must send its whole request (and take the reply) within ``stream_read_timeout`` seconds each, lengths above
 ``max_stream`` close the connection at once, and at most ``max_connections`` connections are
 served together (more are closed on arrival). Every connection task is owned by the transport
@@ -46,11 +48,13 @@ from agentcluster.transport.base import (
     parse_addr,
 )
 
-__all__ = ["UdpTcpTransport"]
+__all__ = ["ONE_WAY_FLAG", "UdpTcpTransport"]
 
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("!I")
+# Set in a request's length prefix: handle it, send no reply (lengths stay far below 2**31).
+ONE_WAY_FLAG = 1 << 31
 _CACHE_LIMIT = 4096  # distinct peer addresses remembered for formatting / targets
 _DNS_TTL = 60.0
 _DNS_NEGATIVE_TTL = 5.0
@@ -307,6 +311,8 @@ class UdpTcpTransport(Transport):
                 async with asyncio.timeout(wait):
                     header = await reader.readexactly(_LEN.size)
                 (size,) = _LEN.unpack(header)
+                one_way = bool(size & ONE_WAY_FLAG)
+                size &= ~ONE_WAY_FLAG
                 if size > self.max_stream:
                     stats.stream_errors += 1
                     stats.oversized_dropped += 1
@@ -323,6 +329,8 @@ class UdpTcpTransport(Transport):
             reply = await self._serve_stream(src, request)
             if reply is None:
                 return
+            if one_way:
+                continue  # the client wants no answer and keeps sending
             if len(reply) > self.max_stream:
                 stats.oversized_dropped += 1
                 return
