@@ -234,6 +234,10 @@ class Node:
             return
         tg, self._tg = self._tg, None
         try:
+            if self.store_host is not None:
+                # Before leaving membership, while peers still route to us: a leaving leader
+                # hands Raft leadership over, so the store barely notices.
+                await self.store_host.close(graceful=leave)
             if leave and self._membership is not None:
                 self._membership.leave()
                 # Give the leave gossip a few gossip rounds to get out before closing.
@@ -243,8 +247,6 @@ class Node:
                     else self.swim_config.leave_propagate_delay
                 )
                 await self.clock.sleep(wait)
-            if self.store_host is not None:
-                await self.store_host.close()
             if self._membership is not None:
                 self._membership.close()
             await self.runtime.__aexit__(None, None, None)

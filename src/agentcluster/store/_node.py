@@ -100,10 +100,11 @@ class NodeStore:
         if self.member is not None:
             await self.member.start(tg)
 
-    async def close(self) -> None:
+    async def close(self, *, graceful: bool = False) -> None:
+        """Stop; ``graceful`` (a node leaving) hands Raft leadership over first."""
         await self.store.close()
         if self.member is not None:
-            await self.member.close()
+            await self.member.close(hand_over=graceful)
         for pipe in self._pipes.values():
             pipe.close()
         for task in list(self._streams):
