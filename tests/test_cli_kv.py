@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -94,15 +95,15 @@ class Running:
 
 async def _one_leader(cluster: LocalCluster) -> str | None:
     """The leader's name once every voter names the same one in the same term."""
-    seen = set()
+    views = []
     for name in cluster.store_voters:
         try:
             store = (await cluster.ask(name, "stats", timeout=1.0))["store"]
         except Exception:
             return None
-        seen.add((store.get("leader"), store.get("term")))
-    (leader, _term), *rest = seen
-    return leader if leader and not rest else None
+        views.append((store.get("leader"), store.get("term")))
+    leader: str | None = views[0][0]
+    return leader if all(v == views[0] for v in views) else None
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +242,27 @@ def test_watch_receives_events_written_after_it_started(running: Running) -> Non
     assert stdout.rest() == []
 
 
+def test_watch_prints_each_event_at_once_and_stops_on_sigint(running: Running) -> None:
+    cmd = [*CLI, *running.argv(("watch", "wi/"), [running.addrs[0]], True)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = _Lines(proc.stdout), _Lines(proc.stderr)
+        assert stderr.next().startswith("watching 'wi/' from revision ")
+        rev = int(running.ok("put", "wi/k", "live"))
+        # The line arrives while the watch still runs: it is flushed per event.
+        assert stdout.next() == f"{rev} put wi/k live\n"
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert stdout.rest() == []
+    assert "Traceback" not in "".join(stderr.rest())
+
+
 def test_watch_from_a_revision_replays_history_as_lines(running: Running) -> None:
     r1 = int(running.ok("put", "wh/x", "first"))
     running.ok("put", "wh/x", "tab\there")
@@ -254,14 +276,22 @@ def test_watch_from_a_revision_replays_history_as_lines(running: Running) -> Non
 
 
 def test_leases_attach_and_revoke(running: Running) -> None:
-    lease = int(running.ok("lease", "grant", "60"))
-    running.ok("put", "ls/k", "leased", "--lease", hex(lease))
-    assert json.loads(running.ok("get", "ls/k", "--json"))["lease"] == lease
-    running.ok("lease", "revoke", str(lease))
-    assert running.kv("get", "ls/k").returncode == 1
-    out = running.kv("put", "ls/k", "v", "--lease", str(lease))
+    # Enough leases that ids need more than one hex digit: text output is hex, JSON decimal.
+    for _ in range(10):
+        granted = json.loads(running.ok("lease", "grant", "60", "--json"))
+    assert granted["ttl"] == 60.0 and granted["id"] >= 10
+    lease = running.ok("lease", "grant", "60").strip()
+    lease_id = int(lease, 16)
+    assert lease_id == granted["id"] + 1
+    running.ok("put", "ls/k", "leased", "--lease", lease)
+    running.ok("put", "ls/k2", "leased", "--lease", hex(lease_id))
+    assert json.loads(running.ok("get", "ls/k", "--json"))["lease"] == lease_id
+    assert lease in running.ok("range", "ls/").split()
+    running.ok("lease", "revoke", lease)
+    assert json.loads(running.ok("range", "ls/", "--json")) == []
+    out = running.kv("put", "ls/k", "v", "--lease", lease)
     assert out.returncode == 1
-    assert _no_traceback(out).startswith("error: lease") and "not found" in out.stderr.decode()
+    assert _no_traceback(out) == f"error: lease {lease} not found\n"
 
 
 def test_bad_input_is_a_usage_error(running: Running) -> None:
@@ -269,6 +299,8 @@ def test_bad_input_is_a_usage_error(running: Running) -> None:
         ("put", "k", "v", "--file", "-"),  # two values
         ("put", "k"),  # no value
         ("put", "k", "v", "--lease", "soon"),
+        ("put", "k", "v", "--lease", "0"),
+        ("lease", "revoke", "-1"),
         ("get", "k", "--limit", "1"),
     ):
         out = running.kv(*args)
@@ -287,6 +319,9 @@ def test_a_wrong_key_file_fails_cleanly(running: Running, tmp_path: Path) -> Non
         assert out.returncode == 1, args
         err = _no_traceback(out)
         assert err.startswith("error: ") and "wrong cluster key" in err, err
+    # A watch from a given revision fails at once too, rather than long-polling in vain.
+    out = running.kv("watch", "", "--from-revision", "1", "--key-file", str(wrong), key=False)
+    assert out.returncode == 1 and "wrong cluster key" in _no_traceback(out)
     out = running.kv("get", "k", "--key-file", str(tmp_path / "missing.key"), key=False)
     assert out.returncode == 1
     assert "cannot read key file" in _no_traceback(out)

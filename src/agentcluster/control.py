@@ -4,10 +4,13 @@ Theory of operation: a control request is a msgspec Struct sealed with the clust
 sent as one framed request on a TCP connection to the node's port; the node answers with one
 :class:`ControlReply`. There is no separate listener and no separate credential: whoever holds
 the cluster key may ask, nobody else can (the frame does not authenticate and is dropped).
-Operations: ``members``, ``agents``, ``health``, ``stats``, ``leave``.
+Operations: ``members``, ``agents``, ``health``, ``stats``, ``leave`` and ``kv`` (a
+coordination-store request, or a batch of them, routed to the Raft leader -- see
+:mod:`agentcluster.store.remote`).
 
-:func:`request` is the client side, used by ``agentcluster members`` and by the local cluster
-launcher (``agentcluster up``) to watch its nodes.
+:func:`request` is the one-off client side, used by ``agentcluster members`` and by the local
+cluster launcher (``agentcluster up``) to watch its nodes; :class:`ControlClient` keeps its
+connection for further requests (the store client uses it).
 """
 
 from __future__ import annotations

@@ -153,7 +153,29 @@ async def _up(
         next_chaos = loop.time() + rng.uniform(0.5, 1.0) * every
         revive: dict[str, float] = {}
 
-        def render(rows: list[dict[str, Any]] | None, observer: str) -> Group:
+        async def store_line() -> Text | None:
+            # Each running voter's own view; the highest term with a leader wins, so a
+            # deposed leader that has not heard of the new term yet is not shown.
+            voters = [p for p in cluster.nodes if p.name in cluster.store_voters and p.running]
+            if not voters:
+                return None
+            views = await asyncio.gather(
+                *(cluster.ask(p.name, "stats", timeout=1.0) for p in voters),
+                return_exceptions=True,
+            )
+            stores = [v["store"] for v in views if isinstance(v, dict) and v.get("store")]
+            led = [s for s in stores if s.get("leader")]
+            if not led:
+                return Text("store: no leader (election in progress)", style="yellow")
+            best = max(led, key=lambda s: (s["term"], s["commit_index"]))
+            return Text(
+                f"store: leader {best['leader']} · term {best['term']} · "
+                f"revision {best['revision']} · keys {best['keys']} · "
+                f"{len(stores)}/{len(cluster.store_voters)} voters answering",
+                style="bold",
+            )
+
+        def render(rows: list[dict[str, Any]] | None, observer: str, store: Text | None) -> Group:
             table = (
                 _members_table(rows, f"members as seen by {observer}")
                 if rows is not None
@@ -161,9 +183,10 @@ async def _up(
             )
             footer = Text("\n".join(log[-8:]) or "no changes yet", style="dim")
             hint = "Ctrl-C stops every node" + ("; chaos on" if chaos else "") + "\n"
-            return Group(table, footer, Text(hint, style="italic"))
+            parts = (table,) if store is None else (table, store)
+            return Group(*parts, footer, Text(hint, style="italic"))
 
-        with Live(render(None, "-"), console=console, refresh_per_second=4) as live:
+        with Live(render(None, "-", None), console=console, refresh_per_second=4) as live:
             while not stop.is_set() and (deadline is None or loop.time() < deadline):
                 observer = next((p for p in cluster.nodes if p.running), None)
                 rows = None
@@ -178,7 +201,7 @@ async def _up(
                             f"{stamp} {m['name']}: {m['state']} (incarnation {m['incarnation']})"
                         )
                         last[m["name"]] = key
-                live.update(render(rows, observer.name if observer else "-"))
+                live.update(render(rows, observer.name if observer else "-", await store_line()))
                 now = loop.time()
                 if chaos and now >= next_chaos:
                     victims = [p for p in cluster.nodes[1:] if p.running]

@@ -44,7 +44,14 @@ def _register_cluster_commands() -> None:
     app.command()(members)
 
 
+def _register_kv_commands() -> None:
+    from agentcluster.cli.kv import kv_app
+
+    app.add_typer(kv_app, name="kv")
+
+
 _register_cluster_commands()
+_register_kv_commands()
 
 
 def _version(value: bool) -> None:
@@ -158,6 +165,43 @@ def bench_runtime(
         sys.stdout.write(json.dumps(result) + "\n")
         return
     table = Table(title="bench runtime")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@bench_app.command("consensus")
+def bench_consensus(
+    backend: Annotated[str, typer.Option(help="raft (ours) or etcd (a real etcd).")] = "raft",
+    nodes: Annotated[int, typer.Option(help="Cluster size: 3 or 5.")] = 3,
+    puts: Annotated[int, typer.Option(min=10, help="Sequential puts timed.")] = 2000,
+    clients: Annotated[int, typer.Option(min=1, help="Concurrent clients (throughput).")] = 16,
+    seconds: Annotated[float, typer.Option(min=0.5, help="Throughput run length.")] = 3.0,
+    failovers: Annotated[int, typer.Option(min=1, help="Leader kills timed.")] = 10,
+    preset: Annotated[str, typer.Option(help="Raft timing preset (raft backend).")] = "lan",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Put latency, throughput, CAS latency, failover time and lost writes of the store."""
+    from agentcluster.bench.consensus import run
+
+    if backend not in ("raft", "etcd") or nodes not in (3, 5):
+        typer.echo("error: --backend must be raft or etcd and --nodes 3 or 5", err=True)
+        raise typer.Exit(2)
+    logging.getLogger("agentcluster").setLevel(logging.ERROR)
+    try:
+        result = run(
+            backend, nodes=nodes, puts=puts, clients=clients, seconds=seconds,
+            failovers=failovers, preset=preset,
+        )  # fmt: skip
+    except Exception as exc:  # the bench reports, it does not dump a traceback
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    table = Table(title=f"bench consensus ({backend}, {nodes} nodes)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.items():

@@ -1,0 +1,492 @@
+"""``agentcluster kv``: the coordination store from the shell.
+
+Theory of operation: every command opens a :class:`~agentcluster.store.remote.RemoteStore`
+over the ``--node`` entry nodes (tried in order; sealed with the cluster keyring from
+``--key-file`` or ``AGENTCLUSTER_KEY_FILE``), runs one store operation and prints the result:
+text for people, one JSON document (``watch``: one JSON object per line) with ``--json``.
+``status`` is the exception: it asks each given node's ``stats`` control op for its ``store``
+section, so it shows every voter's own view (state, term, leader, indexes) rather than one
+routed answer.
+
+Values are bytes. ``get`` writes them to stdout unchanged (a newline is added only on a
+terminal), so ``kv put k --file x`` / ``kv get k > y`` round-trips any file; JSON renders a
+value as UTF-8 text when it decodes, else as base64 with ``"base64": true``. Lease ids are
+hexadecimal in text (as in etcdctl and the store's messages), plain integers in JSON.
+
+Every failure -- no entry node reachable, a wrong key, an unknown lease, an absent key -- is
+one ``error: ...`` line on stderr and exit code 1; bad input is exit code 2. ``watch`` runs
+until ``--count`` events were printed or SIGINT / SIGTERM (exit code 0 either way); it first
+reports the revision it watches from on stderr, and the long-poll resumes from the last
+revision seen + 1 across reconnects, so no event is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal as os_signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from agentcluster.store.base import KeyValue, WatchEvent
+    from agentcluster.store.remote import RemoteStore
+
+kv_app = typer.Typer(
+    help="The coordination store: get, put, del, range, watch, leases, status.",
+    no_args_is_help=True,
+)
+lease_app = typer.Typer(help="Grant and revoke store leases.", no_args_is_help=True)
+kv_app.add_typer(lease_app, name="lease")
+
+NodeOpt = Annotated[
+    list[str],
+    typer.Option("--node", metavar="HOST:PORT", help="An entry node (repeatable: tried in order)."),
+]
+KeyFileOpt = Annotated[
+    str | None,
+    typer.Option(metavar="PATH", help="Cluster keyring file (default: $AGENTCLUSTER_KEY_FILE)."),
+]
+TimeoutOpt = Annotated[
+    float, typer.Option(min=0.05, help="Seconds to wait for an answer per request.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+class _UsageError(Exception):
+    """Bad input from the command line: exit code 2."""
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(make: Callable[[], Coroutine[Any, Any, int]]) -> NoReturn:
+    """Run a command's coroutine and turn every expected failure into ``error: ...``."""
+    from agentcluster.control import ControlError
+    from agentcluster.store.base import StoreError
+
+    try:
+        code = asyncio.run(make())
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except _UsageError as exc:
+        _fail(str(exc), 2)
+    except (StoreError, ControlError, ValueError, OSError) as exc:
+        # StoreError covers StoreUnavailable, LeaseNotFound, Compacted, InvalidCommand;
+        # ValueError a bad address or key file; OSError an unreadable --file.
+        _fail(str(exc) or type(exc).__name__)
+    raise typer.Exit(code)
+
+
+def _open(nodes: list[str], key_file: str | None, timeout: float) -> RemoteStore:
+    from agentcluster.cli.cluster import _keyring
+    from agentcluster.store.remote import RemoteStore
+    from agentcluster.transport.base import parse_addr
+
+    if not nodes:
+        raise _UsageError("give at least one --node HOST:PORT")
+    for addr in nodes:
+        try:
+            parse_addr(addr)
+        except ValueError as exc:
+            raise _UsageError(f"--node: {exc}") from None
+    return RemoteStore(nodes, keyring=_keyring(key_file), timeout=timeout)
+
+
+def _value_json(value: bytes) -> dict[str, Any]:
+    try:
+        return {"value": value.decode("utf-8"), "base64": False}
+    except UnicodeDecodeError:
+        return {"value": base64.b64encode(value).decode("ascii"), "base64": True}
+
+
+def kv_json(kv: KeyValue) -> dict[str, Any]:
+    """A key-value as a JSON object (the shape every ``--json`` output uses)."""
+    return {
+        "key": kv.key,
+        **_value_json(kv.value),
+        "create_revision": kv.create_revision,
+        "mod_revision": kv.mod_revision,
+        "version": kv.version,
+        "lease": kv.lease,
+    }
+
+
+def event_json(event: WatchEvent) -> dict[str, Any]:
+    return {
+        "revision": event.revision,
+        "type": event.type,
+        **kv_json(event.kv),
+        "prev": None if event.prev is None else kv_json(event.prev),
+    }
+
+
+def value_text(value: bytes) -> str:
+    """A value on one line: the text itself when it is printable UTF-8, a JSON string when
+    it is UTF-8 with control characters, ``base64:...`` otherwise."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(value).decode("ascii")
+    return text if text.isprintable() else json.dumps(text)
+
+
+def _lease_id(text: str | None, what: str = "--lease") -> int:
+    """A lease id as the CLI shows it: hexadecimal, as in etcdctl and the store's own
+    messages and election keys (an optional ``0x`` is accepted)."""
+    if text is None:
+        return 0
+    digits = text[2:] if text.lower().startswith("0x") else text
+    try:
+        lease = int(digits, 16)
+    except ValueError:
+        raise _UsageError(f"{what}: {text!r} is not a lease id (hexadecimal)") from None
+    if lease <= 0:
+        raise _UsageError(f"{what}: a lease id is positive, not {text!r}")
+    return lease
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@kv_app.command("get")
+def get(
+    key: Annotated[str, typer.Argument(help="The key.")],
+    *,
+    node: NodeOpt,
+    key_file: KeyFileOpt = None,
+    timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a key's value (exit code 1 if the key is absent)."""
+
+    async def main() -> int:
+        async with _open(node, key_file, timeout) as store:
+            kv = await store.get(key)
+        if kv is None:
+            typer.echo(f"error: key {key!r} not found", err=True)
+            return 1
+        if as_json:
+            _echo_json(kv_json(kv))
+        else:
+            out = sys.stdout.buffer
+            out.write(kv.value)
+            if sys.stdout.isatty():
+                out.write(b"\n")
+            out.flush()
+        return 0
+
+    _run(main)
+
+
+@kv_app.command("put")
+def put(
+    key: Annotated[str, typer.Argument(help="The key.")],
+    value: Annotated[
+        str | None, typer.Argument(help="The value as text (or use --file).", show_default=False)
+    ] = None,
+    *,
+    node: NodeOpt,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file", metavar="PATH", help="Read the value's bytes from PATH ('-': stdin)."
+        ),
+    ] = None,
+    lease: Annotated[
+        str | None,
+        typer.Option(metavar="ID", help="Attach the key to this lease (hex id)."),
+    ] = None,
+    key_file: KeyFileOpt = None,
+    timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a key; prints the new store revision."""
+
+    async def main() -> int:
+        if (value is None) == (file is None):
+            raise _UsageError("give the value either as an argument or with --file, not both")
+        lease_id = _lease_id(lease)
+        if file is None:
+            assert value is not None
+            data = value.encode("utf-8", "surrogateescape")
+        elif file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(file, "rb") as f:  # noqa: ASYNC230 -- one local read before any I/O
+                data = f.read()
+        async with _open(node, key_file, timeout) as store:
+            revision = await store.put(key, data, lease=lease_id)
+        if as_json:
+            _echo_json({"key": key, "revision": revision})
+        else:
+            typer.echo(str(revision))
+        return 0
+
+    _run(main)
+
+
+@kv_app.command("del")
+def delete(
+    key: Annotated[str, typer.Argument(help="The key (or prefix with --prefix).")],
+    *,
+    node: NodeOpt,
+    prefix: Annotated[bool, typer.Option("--prefix", help="Delete every key under KEY.")] = False,
+    key_file: KeyFileOpt = None,
+    timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a key (or a prefix); prints how many keys were deleted."""
+
+    async def main() -> int:
+        async with _open(node, key_file, timeout) as store:
+            deleted = await store.delete(key, prefix=prefix)
+        if as_json:
+            _echo_json({"deleted": deleted})
+        else:
+            typer.echo(str(deleted))
+        return 0
+
+    _run(main)
+
+
+@kv_app.command("range")
+def range_(
+    prefix: Annotated[str, typer.Argument(help="Key prefix ('' for every key).")],
+    *,
+    node: NodeOpt,
+    limit: Annotated[int, typer.Option(min=0, help="At most this many keys (0: all).")] = 0,
+    key_file: KeyFileOpt = None,
+    timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the keys under a prefix, in key order."""
+
+    async def main() -> int:
+        async with _open(node, key_file, timeout) as store:
+            result = await store.range(prefix, limit=limit)
+        if as_json:
+            _echo_json([kv_json(kv) for kv in result.kvs])
+            return 0
+        title = f"{len(result.kvs)} keys under {prefix!r} at revision {result.revision}"
+        table = Table(title=title + (" (more: raise --limit)" if result.more else ""))
+        for col in ("key", "value", "created", "modified", "version", "lease"):
+            table.add_column(col, justify="left" if col in ("key", "value") else "right")
+        for kv in result.kvs:
+            text = value_text(kv.value)
+            table.add_row(
+                Text(kv.key), Text(text if len(text) <= 60 else text[:57] + "..."),
+                str(kv.create_revision), str(kv.mod_revision), str(kv.version),
+                f"{kv.lease:x}" if kv.lease else "",
+            )  # fmt: skip
+        Console(highlight=False).print(table)
+        return 0
+
+    _run(main)
+
+
+def _print_event(event: WatchEvent, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(event_json(event)))
+        return
+    line = f"{event.revision} {event.type} {event.kv.key}"
+    typer.echo(line + (f" {value_text(event.kv.value)}" if event.type == "put" else ""))
+
+
+@kv_app.command("watch")
+def watch(
+    prefix: Annotated[str, typer.Argument(help="Key prefix ('' for every key).")],
+    *,
+    node: NodeOpt,
+    from_revision: Annotated[
+        int, typer.Option(min=0, help="First revision to report (0: changes from now on).")
+    ] = 0,
+    count: Annotated[
+        int, typer.Option(min=0, help="Stop after this many events (0: run until Ctrl-C).")
+    ] = 0,
+    key_file: KeyFileOpt = None,
+    timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print changes under a prefix as they happen: revision, type, key, value per line."""
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (os_signal.SIGINT, os_signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        async with _open(node, key_file, timeout) as store:
+            # Asked even with --from-revision: a wrong key or no reachable node fails here,
+            # at once, instead of the long-poll retrying in silence.
+            current = await store.revision()
+            start = from_revision or current + 1
+            typer.echo(f"watching {prefix!r} from revision {start}", err=True)
+
+            async def consume() -> None:
+                seen = 0
+                async with store.watch(prefix, start_revision=start) as events:
+                    async for event in events:
+                        _print_event(event, as_json)
+                        seen += 1
+                        if seen == count:
+                            return
+
+            consumer = asyncio.ensure_future(consume())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait((consumer, stopper), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (consumer, stopper):
+                    task.cancel()
+                await asyncio.gather(consumer, stopper, return_exceptions=True)
+            if consumer.done() and not consumer.cancelled():
+                exc = consumer.exception()
+                if isinstance(exc, BrokenPipeError):
+                    _silence_stdout()
+                elif exc is not None:
+                    raise exc
+        return 0
+
+    _run(main)
+
+
+def _silence_stdout() -> None:
+    # The reader went away (``kv watch | head -1``): nothing more to say, and the interpreter
+    # must not complain when it flushes stdout at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@lease_app.command("grant")
+def lease_grant(
+    ttl: Annotated[float, typer.Argument(min=0.001, help="Time to live, seconds.")],
+    *,
+    node: NodeOpt,
+    key_file: KeyFileOpt = None,
+    timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Grant a lease; prints its hex id (keys put with --lease ID vanish when it ends)."""
+
+    async def main() -> int:
+        async with _open(node, key_file, timeout) as store:
+            lease = await store.lease_grant(ttl)
+        if as_json:
+            _echo_json({"id": lease.id, "ttl": lease.ttl})
+        else:
+            typer.echo(f"{lease.id:x}")
+        return 0
+
+    _run(main)
+
+
+@lease_app.command("revoke")
+def lease_revoke(
+    lease_id: Annotated[str, typer.Argument(metavar="ID", help="The lease id (hex).")],
+    *,
+    node: NodeOpt,
+    key_file: KeyFileOpt = None,
+    timeout: TimeoutOpt = 5.0,
+) -> None:
+    """Revoke a lease now, deleting its keys."""
+
+    async def main() -> int:
+        parsed = _lease_id(lease_id, "ID")
+        async with _open(node, key_file, timeout) as store:
+            await store.lease_revoke(parsed)
+        return 0
+
+    _run(main)
+
+
+# ----------------------------------------------------------------------------- status
+
+_STATUS_FIELDS = ("state", "term", "leader", "commit_index", "applied_index", "revision", "keys")
+
+
+async def _status_of(addr: str, keyring: Any, timeout: float) -> dict[str, Any]:
+    from agentcluster.control import ControlError, request
+
+    try:
+        stats = await request(addr, "stats", keyring=keyring, timeout=timeout)
+    except ControlError as exc:
+        return {"node": addr, "error": str(exc)}
+    store = stats.get("store") if isinstance(stats, dict) else None
+    row: dict[str, Any] = {"node": addr, "name": stats.get("node") if stats else None}
+    if store is None:
+        return {**row, "store": False}
+    row.update(store=True, voter="state" in store, voters=store.get("voters", []))
+    row.update({f: store.get(f) for f in _STATUS_FIELDS})
+    return row
+
+
+@kv_app.command("status")
+def status(
+    *,
+    node: NodeOpt,
+    key_file: KeyFileOpt = None,
+    timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Each given node's view of the store: Raft state, term, leader, indexes, revision."""
+
+    async def main() -> int:
+        from agentcluster.cli.cluster import _keyring
+
+        if not node:
+            raise _UsageError("give at least one --node HOST:PORT")
+        keyring = _keyring(key_file)
+        rows = await asyncio.gather(*(_status_of(addr, keyring, timeout) for addr in node))
+        failed = [r for r in rows if "error" in r]
+        for row in failed:
+            typer.echo(f"error: {row['error']}", err=True)
+        if as_json:
+            _echo_json(rows)
+            return 1 if failed else 0
+        # No vertical rules: nine columns still fit an 80-column terminal.
+        table = Table(
+            title="coordination store", box=box.SIMPLE, show_edge=False, collapse_padding=True
+        )
+        for col in ("node", "name", "state", "term", "leader", "commit", "applied", "rev"):
+            table.add_column(
+                col,
+                justify="left" if col in ("node", "name", "state") else "right",
+                no_wrap=col == "node",
+            )
+        table.add_column("keys", justify="right")
+        styles = {"leader": "bold green", "follower": "", "candidate": "yellow"}
+        for row in rows:
+            if "error" in row:
+                continue
+            if not row["store"] or not row["voter"]:
+                state = "no store" if not row["store"] else "non-voter"
+                table.add_row(row["node"], row["name"] or "", Text(state, style="dim"))
+                continue
+            cells = [row[f] for f in _STATUS_FIELDS[1:]]
+            table.add_row(
+                row["node"], row["name"] or "",
+                Text(str(row["state"]), style=styles.get(str(row["state"]), "")),
+                *("-" if c is None else str(c) for c in cells),
+            )  # fmt: skip
+        Console(highlight=False).print(table)
+        return 1 if failed else 0
+
+    _run(main)
