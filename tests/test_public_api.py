@@ -40,7 +40,13 @@ def test_star_import_gives_exactly_all() -> None:
 
 
 def test_subpackages_declare_all_and_it_resolves() -> None:
-    for module in ("agentcluster.signals", "agentcluster.agents", "agentcluster.testing"):
+    for module in (
+        "agentcluster.signals",
+        "agentcluster.agents",
+        "agentcluster.testing",
+        "agentcluster.store",
+        "agentcluster.consensus.raft",
+    ):
         mod = importlib.import_module(module)
         for name in mod.__all__:
             assert hasattr(mod, name), f"{module}.{name}"

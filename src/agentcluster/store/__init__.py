@@ -1,9 +1,15 @@
 """The coordination store: one async interface (:class:`Store`), several backends.
 
-:class:`MemoryStore` runs in one process; elections and locks (:class:`Election`,
+:class:`MemoryStore` runs in one process; a node's ``node.store`` is a
+:class:`~agentcluster.store.raft.RaftStore` (the embedded Raft); :class:`RemoteStore` reaches
+a cluster's store from outside through a node's control API (imported on first use: it pulls in
+the control client); :class:`~agentcluster.store.etcd.EtcdStore` (module ``etcd``, the
+``agentcluster[etcd]`` extra) talks to a real etcd. Elections and locks (:class:`Election`,
 :class:`Lock`) work on every backend. :class:`KVStateMachine`, the command codec,
 :class:`LeaseTimers` and :class:`WatchHub` are the shared pieces backends are built from.
 """
+
+from typing import Any
 
 from agentcluster.store._kv import (
     Command,
@@ -33,6 +39,7 @@ from agentcluster.store.base import (
     WatchEvent,
 )
 from agentcluster.store.memory import MemoryStore
+from agentcluster.store.raft import RaftStore
 
 __all__ = [
     "Command",
@@ -51,7 +58,9 @@ __all__ = [
     "Lock",
     "MemoryStore",
     "PutOp",
+    "RaftStore",
     "RangeResult",
+    "RemoteStore",
     "Store",
     "StoreError",
     "StoreUnavailable",
@@ -62,3 +71,11 @@ __all__ = [
     "decode_command",
     "encode_command",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RemoteStore":
+        from agentcluster.store.remote import RemoteStore
+
+        return RemoteStore
+    raise AttributeError(f"module 'agentcluster.store' has no attribute {name!r}")
