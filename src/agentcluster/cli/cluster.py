@@ -143,6 +143,12 @@ async def _up(
     last: dict[str, str] = {}
     async with LocalCluster(n, preset=preset) as cluster:
         console.print(f"started {n} nodes on loopback (logs in {cluster.workdir}); converging ...")
+        console.print(
+            f"cluster key: {cluster.key_file} -- try: agentcluster kv put greeting hello "
+            f"--node {cluster.nodes[0].addr} --key-file {cluster.key_file}",
+            soft_wrap=True,  # one line, so it can be copied as is
+            highlight=False,
+        )
         try:
             took = await cluster.wait_converged(timeout=60)
             console.print(f"converged in {took:.2f}s")

@@ -315,10 +315,11 @@ class RaftShell:
         # the leader after a restart, so it rides along with the next write (as etcd does).
         if rd.entries or (hs is not None and (hs.term, hs.vote) != (stored.term, stored.vote)):
             state = HardState(node.term, node.vote, node.commit_index)
-            if self._writer is not None:
-                # The write runs on the writer thread while this loop keeps receiving: the
-                # proposals and messages that arrive meanwhile form the next, larger batch
-                # (group commit). Nothing touches the core until the write is done.
+            if self._writer is not None and len(rd.entries) > 1:
+                # Under load (a batch of entries), the write runs on the writer thread while
+                # this loop keeps receiving: what arrives meanwhile forms the next, larger
+                # batch (group commit). Nothing touches the core until the write is done. A
+                # lone entry is written inline: the thread hand-off would only add latency.
                 await asyncio.get_running_loop().run_in_executor(
                     self._writer, self.storage.persist, state, rd.entries
                 )
