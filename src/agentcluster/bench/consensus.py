@@ -335,7 +335,10 @@ def run(
         impl = _EtcdBackend(nodes)
     else:
         raise ValueError(f"backend must be raft or etcd, not {backend!r}")
-    result = asyncio.run(
+    from agentcluster.cli.cluster import run_loop
+
+    # The clients run on uvloop too, like the nodes: the bench measures the store, not the loop.
+    result = run_loop(
         _run(impl, puts=puts, cas=cas, clients=clients, seconds=seconds, failovers=failovers)
     )
     return {"bench": "consensus", "backend": backend, "nodes": nodes, **result}
