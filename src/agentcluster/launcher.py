@@ -53,6 +53,10 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except OSError:
         pass
+    # An event loop such as uvloop may block signals in the thread that forks; the child
+    # inherits that mask, and a Go program like etcd dies of SIGSEGV when its runtime's
+    # signals are blocked. Start the child with none blocked.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 @dataclass

@@ -70,6 +70,10 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except OSError:
         pass
+    # An event loop such as uvloop may block signals in the thread that forks; the child
+    # inherits that mask, and a Go program like etcd dies of SIGSEGV when its runtime's
+    # signals are blocked. Start the child with none blocked.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -221,15 +225,29 @@ class EtcdCluster:
         # etcd reads ETCD_* variables as flags; a stray one from the caller's shell must not
         # reconfigure the test cluster.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+        args = self._args(member)
+        setpriv = shutil.which("setpriv")
         with open(member.log_path, "ab") as log:
-            member.proc = subprocess.Popen(
-                self._args(member),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
+            if setpriv is not None:
+                # util-linux's setpriv sets PR_SET_PDEATHSIG and execs etcd: no Python runs in
+                # the forked child, which matters once gRPC threads live in this process (a
+                # preexec_fn there can crash the child before it execs).
+                member.proc = subprocess.Popen(
+                    [setpriv, "--pdeathsig", "KILL", *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                )
+            else:
+                member.proc = subprocess.Popen(
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    preexec_fn=_die_with_parent,
+                )
 
     async def start(self, *, timeout: float = 30.0) -> EtcdCluster:
         """Start every member and wait until all are healthy."""
