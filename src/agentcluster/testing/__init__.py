@@ -1,4 +1,6 @@
-"""Testing helpers that ship with agentcluster: virtual time, simulated clocks, SimCluster.
+"""Testing helpers that ship with agentcluster: virtual time, simulated clocks, SimCluster, and a
+linearizability checker (:mod:`agentcluster.testing.linearizability`; ``check`` is exported as
+``check_linearizability``).
 
 ``SimCluster`` is imported on first use: it pulls in the whole node stack, which plain
 runtime tests do not need.
@@ -14,12 +16,48 @@ from agentcluster.testing._virtual_time import (
     run_virtual,
     wait_until,
 )
+from agentcluster.testing.linearizability import (
+    UNKNOWN,
+    Candidate,
+    Cas,
+    CompareAndSwap,
+    Delete,
+    Get,
+    HistoryRecorder,
+    KVModel,
+    LinearizabilityResult,
+    Model,
+    Operation,
+    PartitionReport,
+    Put,
+    Read,
+    RegisterModel,
+    Write,
+)
+from agentcluster.testing.linearizability import check as check_linearizability
 
 __all__ = [
+    "UNKNOWN",
+    "Candidate",
+    "Cas",
+    "CompareAndSwap",
+    "Delete",
+    "Get",
+    "HistoryRecorder",
+    "KVModel",
+    "LinearizabilityResult",
+    "Model",
+    "Operation",
+    "PartitionReport",
+    "Put",
+    "Read",
+    "RegisterModel",
     "SimClock",
     "SimCluster",
     "VirtualTimeLoop",
+    "Write",
     "advance",
+    "check_linearizability",
     "eventually",
     "run_virtual",
     "wait_until",

@@ -22,10 +22,13 @@ the outputs the clients saw. :func:`check` searches for such an order:
   taken effect -- even long after the client gave up. Such an operation has ``ret = inf`` and
   output :data:`UNKNOWN`: it may be linearized anywhere after its call, with any output, or
   never. Its return event sits at ``+inf``, so it never forces the search to place it; the
-  search succeeds as soon as every *known* operation is linearized. Because consuming such an
-  operation is optional, a configuration is also pruned when one with the same known
-  operations and state, but a subset of the unknown ones consumed, was already explored --
-  it can do everything this one can.
+  search succeeds as soon as every *known* operation is linearized.
+* **Reductions** (each keeps every linearization reachable, see the comments in ``_search``):
+  a read that is legal now is placed now, without trying other orders (``Model.is_read_only``);
+  since placing an unknown operation is optional, a configuration is pruned when one with the
+  same known operations and state but a *subset* of the unknown ones placed was seen, and an
+  unknown operation is pruned right away when the next operation does not depend on it; of
+  unknown operations with equal inputs, the one called first is placed first.
 
 A violation report names the partition (the key), the longest linearizable prefix the search
 found, the model state after it, and for every operation that could have come next what the
@@ -47,6 +50,7 @@ from typing import Any, Generic, TypeVar
 
 __all__ = [
     "UNKNOWN",
+    "Candidate",
     "Cas",
     "CompareAndSwap",
     "Delete",
@@ -56,11 +60,10 @@ __all__ = [
     "LinearizabilityResult",
     "Model",
     "Operation",
+    "PartitionReport",
     "Put",
     "Read",
     "RegisterModel",
-    "Violation",
-    "ViolationCandidate",
     "Write",
     "check",
 ]
@@ -68,7 +71,7 @@ __all__ = [
 S = TypeVar("S", bound=Hashable)
 
 # How many search steps pass between two looks at the clock when a timeout is set.
-_CLOCK_EVERY = 1024
+_CLOCK_EVERY = 256
 # Report only the tail of a long prefix: the operations just before the violation matter.
 _PREFIX_SHOWN = 10
 _CANDIDATES_SHOWN = 20
@@ -101,10 +104,6 @@ class Operation:
     input: Any
     output: Any
     id: int | str | None = None
-
-    @property
-    def unknown(self) -> bool:
-        return self.output is UNKNOWN or self.ret == math.inf
 
 
 class Model(ABC, Generic[S]):
@@ -213,10 +212,11 @@ def _kv_assign(state: KVState, key: str, value: Hashable | None) -> KVState:
 
 
 def _fmt_value(value: Any) -> str:
-    if value is UNKNOWN:
-        return "?"
-    if value is None:
-        return "absent"
+    """An output or value in a report (a CAS's outcome reads ``ok`` / ``failed``)."""
+    if value is UNKNOWN or value is None:
+        return "?" if value is UNKNOWN else "absent"
+    if isinstance(value, bool):
+        return "ok" if value else "failed"
     return repr(value)
 
 
@@ -235,27 +235,21 @@ class KVModel(Model[KVState]):
 
     def step(self, state: KVState, input: Any, output: Any) -> tuple[bool, KVState]:
         if isinstance(input, Get):
-            if output is UNKNOWN:
-                return True, state
-            return _kv_lookup(state, input.key) == output, state
+            return output is UNKNOWN or _kv_lookup(state, input.key) == output, state
         if isinstance(input, Put):
             return True, _kv_assign(state, input.key, input.value)
         if isinstance(input, Cas):
             matches = _kv_lookup(state, input.key) == input.expected
             if output is UNKNOWN or output is True:
-                if matches:
-                    return True, _kv_assign(state, input.key, input.new)
-                return False, state
+                return matches, _kv_assign(state, input.key, input.new) if matches else state
             if output is False:
                 return not matches, state
             raise TypeError(f"Cas output must be a bool or UNKNOWN, not {output!r}")
         if isinstance(input, Delete):
             existed = _kv_lookup(state, input.key) is not None
-            if output is UNKNOWN:
-                return existed, _kv_assign(state, input.key, None)
-            if output is not None and int(output) != int(existed):
-                return False, state
-            return True, _kv_assign(state, input.key, None)
+            # An unknown delete of an absent key is as good as omitted: answer False to prune.
+            legal = existed if output is UNKNOWN else output is None or int(output) == existed
+            return legal, _kv_assign(state, input.key, None)
         raise TypeError(f"KVModel cannot apply {input!r}")
 
     def partition(self, ops: Sequence[Operation]) -> list[list[Operation]]:
@@ -287,8 +281,8 @@ class KVModel(Model[KVState]):
         if isinstance(input, Put):
             return f"put {input.key!r} = {input.value!r}"
         if isinstance(input, Cas):
-            verdict = {True: "ok", False: "failed"}.get(output, _fmt_value(output))
-            return f"cas {input.key!r} {_fmt_value(input.expected)} -> {input.new!r}: {verdict}"
+            expected = _fmt_value(input.expected)
+            return f"cas {input.key!r} {expected} -> {input.new!r}: {_fmt_value(output)}"
         if isinstance(input, Delete):
             suffix = "" if output is None else f" -> {_fmt_value(output)}"
             return f"delete {input.key!r}{suffix}"
@@ -365,8 +359,7 @@ class RegisterModel(Model[Hashable]):
         if isinstance(input, Write):
             return f"write {input.value!r}"
         if isinstance(input, CompareAndSwap):
-            verdict = {True: "ok", False: "failed"}.get(output, _fmt_value(output))
-            return f"cas {input.expected!r} -> {input.new!r}: {verdict}"
+            return f"cas {input.expected!r} -> {input.new!r}: {_fmt_value(output)}"
         return f"{input!r} -> {output!r}"
 
     def is_read_only(self, input: Any, output: Any) -> bool:
@@ -394,10 +387,19 @@ _SENTINEL_OP = Operation("sentinel", 0.0, math.inf, None, UNKNOWN)
 class _Entry:
     """A call or return event in the doubly linked event list (sentinels link to themselves)."""
 
-    __slots__ = ("bit", "index", "is_call", "match", "next", "op", "prev", "read_only", "ret_inf")
+    __slots__ = (
+        "bit",
+        "is_call",
+        "match",
+        "next",
+        "op",
+        "prev",
+        "read_only",
+        "ret_inf",
+        "twin_bit",
+    )
 
     def __init__(self, index: int, is_call: bool, op: Operation) -> None:
-        self.index = index
         self.bit = 1 << index if index >= 0 else 0
         self.is_call = is_call
         self.op = op
@@ -405,6 +407,7 @@ class _Entry:
         # return, which ends the search with success (nothing known is left).
         self.ret_inf = op.ret == math.inf
         self.read_only = False
+        self.twin_bit = 0  # an earlier unknown op with the same input (see _event_list)
         self.match: _Entry = self
         self.prev: _Entry = self
         self.next: _Entry = self
@@ -420,6 +423,20 @@ def _event_list(ops: Sequence[Operation], model: Model[Any]) -> _Entry:
         events.append((op.call, 0, i, call))
         events.append((op.ret, 1, i, ret))
     events.sort(key=lambda e: (e[0], e[1], e[2]))
+    # Unknown ops with equal inputs are interchangeable, and the one called first can stand in
+    # for any later one: the search only places an unknown op once its earlier twin is placed,
+    # instead of trying every choice among them (many timed-out deletes of one key, say).
+    last_twin: dict[Any, _Entry] = {}
+    for _, is_return, _, entry in events:
+        if is_return or not entry.ret_inf:
+            continue
+        try:
+            twin = last_twin.get(entry.op.input)
+            last_twin[entry.op.input] = entry
+        except TypeError:  # an unhashable input has no twins we can find cheaply
+            continue
+        if twin is not None:
+            entry.twin_bit = twin.bit
     head = prev = _Entry(-1, False, _SENTINEL_OP)
     for *_, entry in events:
         prev.next = entry
@@ -459,24 +476,29 @@ class _Outcome:
 def _search(ops: Sequence[Operation], model: Model[Any], deadline: float | None) -> _Outcome:
     state: Any = model.init()
     head = _event_list(ops, model)
-    unknown_mask = 0
-    for i, op in enumerate(ops):
-        if op.ret == math.inf:
-            unknown_mask |= 1 << i
+    unknown_mask = sum(1 << i for i, op in enumerate(ops) if op.ret == math.inf)
     known_mask = ((1 << len(ops)) - 1) & ~unknown_mask
     step = model.step
     plain_cache: set[tuple[int, Any]] = set()
     dominance_cache: dict[tuple[int, Any], list[int]] = {}
 
     def remember(bits: int, new_state: Any) -> bool:
-        """Record a configuration; False when it (or one that dominates it) was seen."""
+        """Record a configuration; False when it, or one that dominates it, was seen."""
         if not unknown_mask:
             key = (bits, new_state)
             if key in plain_cache:
                 return False
             plain_cache.add(key)
             return True
-        return _remember(dominance_cache, (bits & known_mask, new_state), bits & unknown_mask)
+        # The same known ops and state with a subset of the unknown ops placed dominates: it
+        # can do all this one can. Each key keeps an antichain of unknown-op masks.
+        unknown = bits & unknown_mask
+        seen = dominance_cache.setdefault((bits & known_mask, new_state), [])
+        if any(mask & ~unknown == 0 for mask in seen):
+            return False
+        seen[:] = [mask for mask in seen if unknown & ~mask]
+        seen.append(unknown)
+        return True
 
     def overwrites(op: Operation, new_state: Any) -> bool:
         """Does ``op`` reach ``new_state`` without the unknown op just placed before it? Then
@@ -495,7 +517,6 @@ def _search(ops: Sequence[Operation], model: Model[Any], deadline: float | None)
     iterations = 0
     entry = head.next
     new_config = True
-    unknown_phase = False
     while True:
         if deadline is not None and iterations % _CLOCK_EVERY == 0 and time.monotonic() >= deadline:
             return _Outcome("timeout", explored, best_prefix, best_state, best_linearized)
@@ -519,11 +540,10 @@ def _search(ops: Sequence[Operation], model: Model[Any], deadline: float | None)
                         break
                 candidate = candidate.next
         after_unknown = bool(stack) and stack[-1][0].ret_inf
-        while chosen is None and not dead:
-            # Known ops first, then unknown ones: paths that consume fewer unknown ops are
-            # explored first, so the dominance check prunes the paths that consume more.
+        if chosen is None and not dead:
             while entry.is_call:
-                if entry.ret_inf is unknown_phase and not entry.read_only:
+                # An unknown op waits for its earlier twin (see _event_list).
+                if not entry.read_only and (linearized & entry.twin_bit) == entry.twin_bit:
                     legal, new_state = step(state, entry.op.input, entry.op.output)
                     if (
                         legal
@@ -533,15 +553,9 @@ def _search(ops: Sequence[Operation], model: Model[Any], deadline: float | None)
                         chosen = entry
                         break
                 entry = entry.next
-            if chosen is not None or unknown_phase:
-                break
-            if entry.ret_inf:
+            if chosen is None and entry.ret_inf:
                 # Only unknown outcomes are left unplaced: they may never have happened.
                 return _Outcome("ok", explored, best_prefix, best_state, best_linearized)
-            if not unknown_mask:
-                break
-            unknown_phase = True
-            entry = head.next
         if chosen is not None:
             explored += 1
             stack.append((chosen, state, forced))
@@ -551,10 +565,10 @@ def _search(ops: Sequence[Operation], model: Model[Any], deadline: float | None)
                 known_done += 1
                 if known_done > best_known:
                     best_known, best_state, best_linearized = known_done, state, linearized
-                    best_prefix = [e.index for e, _, _ in stack]
+                    best_prefix = [e.bit.bit_length() - 1 for e, _, _ in stack]
             _lift(chosen)
             entry = head.next
-            new_config, unknown_phase = True, False
+            new_config = True
             continue
         while True:
             if not stack:
@@ -565,30 +579,15 @@ def _search(ops: Sequence[Operation], model: Model[Any], deadline: float | None)
                 known_done -= 1
             _unlift(popped)
             if not was_forced:
-                entry, unknown_phase = popped.next, popped.ret_inf
+                entry = popped.next
                 break
-
-
-def _remember(cache: dict[tuple[int, Any], list[int]], key: tuple[int, Any], unknown: int) -> bool:
-    """Record a configuration; False when one with a subset of its unknown ops was seen."""
-    seen = cache.get(key)
-    if seen is None:
-        cache[key] = [unknown]
-        return True
-    for mask in seen:
-        if mask & ~unknown == 0:
-            return False
-    # Keep an antichain: masks that are supersets of the new one are now dominated by it.
-    seen[:] = [mask for mask in seen if unknown & ~mask]
-    seen.append(unknown)
-    return True
 
 
 # --- Results and reports ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class ViolationCandidate:
+class Candidate:
     """An operation that could have been linearized right after the longest prefix."""
 
     op: Operation
@@ -597,56 +596,45 @@ class ViolationCandidate:
 
 
 @dataclass(frozen=True, slots=True)
-class Violation:
-    """Where the search for one partition got furthest before running out of choices."""
+class PartitionReport:
+    """The furthest point the search of one partition reached: a definite violation, or (when
+    ``definite`` is false) where the timeout found it."""
 
     partition: int
     label: str
     operations: int
+    definite: bool
     prefix: tuple[Operation, ...]
     state: Any
-    candidates: tuple[ViolationCandidate, ...]
+    candidates: tuple[Candidate, ...]
     text: str
 
 
 @dataclass(frozen=True, slots=True)
 class LinearizabilityResult:
-    """The verdict of :func:`check`.
-
-    ``ok`` only when every partition was shown linearizable. ``partial`` when the timeout left
-    some partition undecided (``undecided`` names them); ``violations`` found before that are
-    still definite.
-    """
+    """The verdict of :func:`check`: ``ok`` only when every partition was shown linearizable;
+    ``partial`` when the timeout left some undecided. ``violations`` are definite either way."""
 
     ok: bool
     partial: bool
     partitions: int
     partitions_checked: int
     explored: int
-    violations: tuple[Violation, ...]
-    undecided: tuple[str, ...]
+    violations: tuple[PartitionReport, ...]
+    undecided: tuple[PartitionReport, ...]
 
     def report(self) -> str:
+        head = f"{self.partitions_checked} of {self.partitions} partition(s) checked, "
+        head += f"{self.explored} states explored"
         if self.ok:
-            return (
-                f"linearizable: {self.partitions_checked} partition(s) checked, "
-                f"{self.explored} states explored"
-            )
-        lines: list[str] = []
+            return f"linearizable: {head}"
+        lines = []
         if self.violations:
-            lines.append(
-                f"NOT LINEARIZABLE: {len(self.violations)} of {self.partitions} partition(s) "
-                f"violated ({self.explored} states explored)"
-            )
+            lines.append(f"NOT LINEARIZABLE: {len(self.violations)} partition(s) violated; {head}")
         if self.partial:
-            lines.append(
-                f"UNDECIDED: the timeout stopped the search with {len(self.undecided)} of "
-                f"{self.partitions} partition(s) undecided: {', '.join(self.undecided)} "
-                f"({self.partitions_checked} checked, {self.explored} states explored)"
-            )
-        for violation in self.violations:
-            lines.append("")
-            lines.append(violation.text)
+            names = ", ".join(u.label for u in self.undecided)
+            lines.append(f"UNDECIDED: the timeout stopped the search of {names}; {head}")
+        lines.extend(f"\n{r.text}" for r in (*self.violations, *self.undecided))
         return "\n".join(lines)
 
 
@@ -663,34 +651,37 @@ def _fmt_op(model: Model[Any], op: Operation) -> str:
     )
 
 
-def _violation(
+def _partition_report(
     index: int, label: str, ops: Sequence[Operation], model: Model[Any], outcome: _Outcome
-) -> Violation:
-    state = outcome.best_state
-    done = outcome.best_linearized
-    remaining = [i for i in range(len(ops)) if not done >> i & 1]
-    # Every remaining known op must be placed before the earliest pending return: the ops called
-    # by then are the ones the search could try next.
-    horizon = min(ops[i].ret for i in remaining if ops[i].ret != math.inf)
-    blocking = next(i for i in remaining if ops[i].ret == horizon)
-    next_up = sorted((i for i in remaining if ops[i].call <= horizon), key=lambda i: ops[i].call)
-    candidates: list[ViolationCandidate] = []
-    for i in next_up:
-        op = ops[i]
-        accepted, _ = model.step(state, op.input, op.output)
-        candidates.append(ViolationCandidate(op, accepted, model.expected_output(state, op.input)))
+) -> PartitionReport:
+    state, done, definite = outcome.best_state, outcome.best_linearized, outcome.status != "timeout"
     prefix = tuple(ops[i] for i in outcome.best_prefix)
-
-    lines = [f"partition {label} ({len(ops)} operations):"]
     shown = prefix[-_PREFIX_SHOWN:]
     more = f", last {len(shown)} shown" if len(shown) < len(prefix) else ""
-    lines.append(f"  longest linearizable prefix: {len(prefix)} operation(s){more}")
+    what = "a violation" if definite else "undecided: the timeout stopped the search"
+    lines = [f"partition {label} ({len(ops)} operations), {what}"]
+    lines.append(f"  longest linearizable prefix found: {len(prefix)} operation(s){more}")
     lines.extend(f"    {_fmt_op(model, op)}" for op in shown)
     lines.append(f"  model state after it: {model.describe_state(state)}")
-    lines.append(
-        f"  no operation can be linearized next; by the return of "
-        f"{_fmt_op(model, ops[blocking])} one of these had to be:"
-    )
+    remaining = [i for i in range(len(ops)) if not done >> i & 1]
+    pending = [i for i in remaining if ops[i].ret != math.inf]
+    candidates: list[Candidate] = []
+    if pending:
+        # Every remaining known op must follow the earliest pending return, so the ops called
+        # by then are the ones that could have come next.
+        blocking = min(pending, key=lambda i: ops[i].ret)
+        horizon = ops[blocking].ret
+        for i in sorted(remaining, key=lambda i: ops[i].call):
+            if ops[i].call <= horizon:
+                op = ops[i]
+                accepted, _ = model.step(state, op.input, op.output)
+                expected = model.expected_output(state, op.input)
+                candidates.append(Candidate(op, accepted, expected))
+        verb = "can be" if definite else "was found to be"
+        lines.append(
+            f"  no operation {verb} linearized next; one of these had to be, by the return "
+            f"of {_fmt_op(model, ops[blocking])}:"
+        )
     for cand in candidates[:_CANDIDATES_SHOWN]:
         if cand.accepted:
             why = "legal here, but no linearization continues from there"
@@ -701,14 +692,13 @@ def _violation(
         lines.append(f"    {_fmt_op(model, cand.op)}  <- {why}")
     if len(candidates) > _CANDIDATES_SHOWN:
         lines.append(f"    ... and {len(candidates) - _CANDIDATES_SHOWN} more")
-    return Violation(index, label, len(ops), prefix, state, tuple(candidates), "\n".join(lines))
+    text = "\n".join(lines)
+    return PartitionReport(index, label, len(ops), definite, prefix, state, tuple(candidates), text)
 
 
 def _normalise(op: Operation) -> Operation:
-    if math.isnan(op.call) or math.isinf(op.call):
-        raise ValueError(f"operation call time must be finite: {op!r}")
-    if math.isnan(op.ret) or op.ret < op.call:
-        raise ValueError(f"operation returns before it is called: {op!r}")
+    if not math.isfinite(op.call) or math.isnan(op.ret) or op.ret < op.call:
+        raise ValueError(f"operation times must satisfy finite call <= ret: {op!r}")
     if op.ret == math.inf and op.output is not UNKNOWN:
         raise ValueError(f"an operation with ret=inf must have output UNKNOWN: {op!r}")
     if op.output is UNKNOWN and op.ret != math.inf:
@@ -723,25 +713,27 @@ def check(
 
     ``timeout`` (seconds of wall-clock time, ``None``: unbounded) bounds the whole check; a
     partition it leaves undecided makes the result ``partial`` and not ``ok``. Raises
-    ``ValueError`` for a malformed operation (times out of order, ``ret=inf`` with a known
-    output) and whatever the model raises for an input it cannot apply.
+    ``ValueError`` for a malformed operation (``ret < call``, ``ret=inf`` with a known output)
+    and whatever the model raises for an input it cannot apply.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     parts = model.partition([_normalise(op) for op in history])
-    explored = 0
-    checked = 0
-    violations: list[Violation] = []
-    undecided: list[str] = []
+    explored = checked = 0
+    violations: list[PartitionReport] = []
+    undecided: list[PartitionReport] = []
     for index, part in enumerate(parts):
         label = model.describe_partition(part) or f"#{index}"
         outcome = _search(part, model, deadline)
         explored += outcome.explored
-        if outcome.status == "timeout":
-            undecided.append(label)
+        if outcome.status == "ok":
+            checked += 1
             continue
-        checked += 1
-        if outcome.status == "violation":
-            violations.append(_violation(index, label, part, model, outcome))
+        report = _partition_report(index, label, part, model, outcome)
+        if report.definite:
+            checked += 1
+            violations.append(report)
+        else:
+            undecided.append(report)
     return LinearizabilityResult(
         ok=not violations and not undecided,
         partial=bool(undecided),
@@ -756,62 +748,45 @@ def check(
 # --- Recording histories ---------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Record:
-    client: int | str
-    call: float
-    input: Any
-    ret: float = math.inf
-    output: Any = UNKNOWN
-    done: bool = False
-
-
 class HistoryRecorder:
     """Records a history from concurrent (async) clients; the caller passes its clock's ``now``.
 
     ``invoke`` before sending, then exactly one of ``ok`` (the output), ``unknown`` (a timeout:
     the op may or may not have taken effect) or ``fail`` (definitely did not take effect; the
     op leaves the history). An op still pending when ``history()`` is called -- its client
-    crashed or was cancelled -- is recorded as unknown.
+    crashed or was cancelled -- is recorded as unknown. Handles are the ops' ``id`` s.
     """
 
     def __init__(self) -> None:
-        self._records: dict[int, _Record] = {}
+        self._ops: dict[int, Operation] = {}
+        self._done: set[int] = set()
         self._next = 0
 
     def invoke(self, client: int | str, input: Any, now: float) -> int:
-        handle = self._next
-        self._next += 1
-        self._records[handle] = _Record(client, now, input)
+        handle, self._next = self._next, self._next + 1
+        self._ops[handle] = Operation(client, now, math.inf, input, UNKNOWN, handle)
         return handle
 
     def ok(self, handle: int, output: Any, now: float) -> None:
-        record = self._complete(handle, now)
-        record.ret, record.output = now, output
+        self._ops[handle] = dataclasses.replace(self._complete(handle, now), ret=now, output=output)
 
     def unknown(self, handle: int, now: float) -> None:
         self._complete(handle, now)
 
     def fail(self, handle: int, now: float) -> None:
         self._complete(handle, now)
-        del self._records[handle]
+        del self._ops[handle]
 
     def history(self) -> list[Operation]:
-        return [
-            Operation(r.client, r.call, r.ret, r.input, r.output, handle)
-            for handle, r in self._records.items()
-        ]
+        return list(self._ops.values())
 
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def _complete(self, handle: int, now: float) -> _Record:
-        record = self._records.get(handle)
-        if record is None:
+    def _complete(self, handle: int, now: float) -> Operation:
+        op = self._ops.get(handle)
+        if op is None:
             raise ValueError(f"unknown or failed operation handle {handle}")
-        if record.done:
+        if handle in self._done:
             raise ValueError(f"operation {handle} already completed")
-        if now < record.call:
-            raise ValueError(f"operation {handle} completes at {now} before its call {record.call}")
-        record.done = True
-        return record
+        if now < op.call:
+            raise ValueError(f"operation {handle} completes at {now} before its call {op.call}")
+        self._done.add(handle)
+        return op
