@@ -387,17 +387,7 @@ _SENTINEL_OP = Operation("sentinel", 0.0, math.inf, None, UNKNOWN)
 class _Entry:
     """A call or return event in the doubly linked event list (sentinels link to themselves)."""
 
-    __slots__ = (
-        "bit",
-        "is_call",
-        "match",
-        "next",
-        "op",
-        "prev",
-        "read_only",
-        "ret_inf",
-        "twin_bit",
-    )
+    __slots__ = ("bit", "is_call", "match", "next", "op", "prev", "read_only", "ret_inf", "twin")
 
     def __init__(self, index: int, is_call: bool, op: Operation) -> None:
         self.bit = 1 << index if index >= 0 else 0
@@ -407,7 +397,7 @@ class _Entry:
         # return, which ends the search with success (nothing known is left).
         self.ret_inf = op.ret == math.inf
         self.read_only = False
-        self.twin_bit = 0  # an earlier unknown op with the same input (see _event_list)
+        self.twin = 0  # the bit of an earlier unknown op with the same input (see _event_list)
         self.match: _Entry = self
         self.prev: _Entry = self
         self.next: _Entry = self
@@ -436,7 +426,7 @@ def _event_list(ops: Sequence[Operation], model: Model[Any]) -> _Entry:
         except TypeError:  # an unhashable input has no twins we can find cheaply
             continue
         if twin is not None:
-            entry.twin_bit = twin.bit
+            entry.twin = twin.bit
     head = prev = _Entry(-1, False, _SENTINEL_OP)
     for *_, entry in events:
         prev.next = entry
@@ -474,6 +464,15 @@ class _Outcome:
 
 
 def _search(ops: Sequence[Operation], model: Model[Any], deadline: float | None) -> _Outcome:
+    """Depth-first search for a linearization of one partition.
+
+    Why the reductions lose nothing: every configuration pruned is *dominated* by one the
+    search explores or has explored -- same known ops and state, with fewer unknown ops placed
+    (cache, overwrite rule), an earlier-called twin in place of an unknown op (twin rule), or
+    a legal read placed first (forced reads) -- and a dominating configuration can finish every
+    linearization the dominated one could, in as few steps. So if any linearization exists,
+    the explored configuration closest to finishing one is never stuck.
+    """
     state: Any = model.init()
     head = _event_list(ops, model)
     unknown_mask = sum(1 << i for i, op in enumerate(ops) if op.ret == math.inf)
@@ -543,7 +542,7 @@ def _search(ops: Sequence[Operation], model: Model[Any], deadline: float | None)
         if chosen is None and not dead:
             while entry.is_call:
                 # An unknown op waits for its earlier twin (see _event_list).
-                if not entry.read_only and (linearized & entry.twin_bit) == entry.twin_bit:
+                if not entry.read_only and (linearized & entry.twin) == entry.twin:
                     legal, new_state = step(state, entry.op.input, entry.op.output)
                     if (
                         legal
@@ -677,14 +676,18 @@ def _partition_report(
                 accepted, _ = model.step(state, op.input, op.output)
                 expected = model.expected_output(state, op.input)
                 candidates.append(Candidate(op, accepted, expected))
-        verb = "can be" if definite else "was found to be"
+        why_next = (
+            "no operation can be linearized next" if definite else "the search got no further"
+        )
         lines.append(
-            f"  no operation {verb} linearized next; one of these had to be, by the return "
-            f"of {_fmt_op(model, ops[blocking])}:"
+            f"  {why_next}; one of these had to be, by the return of "
+            f"{_fmt_op(model, ops[blocking])}:"
         )
     for cand in candidates[:_CANDIDATES_SHOWN]:
         if cand.accepted:
             why = "legal here, but no linearization continues from there"
+        elif cand.op.ret == math.inf:
+            why = "cannot take effect here (and need not: its outcome is unknown)"
         elif cand.expected is UNKNOWN:
             why = "rejected by the model"
         else:
