@@ -9,10 +9,11 @@ certainly never left (connection refused), since otherwise its outcome is unknow
 ``events`` long-polls that resume from the last revision seen + 1, so a reconnect (or another
 entry node) misses nothing. ``agentcluster kv`` and the consensus bench use this client.
 
-Concurrent requests to one entry node are *batched*: while one ``kv`` call is in flight, the
-requests that arrive queue up and leave together in the next call, which the node runs
+Concurrent requests to one entry node are *batched*: the requests that arrive while the
+node's connections are busy queue up and leave together in the next call, which the node runs
 concurrently -- so the leader proposes them in one Raft batch (one fsync, one append per
-follower) and one round trip carries them all. A single sequential caller pays nothing for it.
+follower) and one round trip carries them all; up to four calls are in flight, so batches
+pipeline. A single sequential caller pays nothing for it.
 Watches' long-polls use a connection of their own, so they never hold a batch back.
 """
 
@@ -36,24 +37,32 @@ _req_enc = msgspec.msgpack.Encoder()
 _reply_dec = msgspec.msgpack.Decoder(KvReply)
 _replies_dec = msgspec.msgpack.Decoder(list[KvReply])
 _MAX_BATCH = 256
+_PIPELINE = 4  # batches in flight per entry node (connections are opened only when needed)
 
 
 class _Batcher:
-    """Coalesces concurrent requests to one entry node into ``kv`` calls, one in flight."""
+    """Coalesces concurrent requests to one entry node into ``kv`` calls, with up to
+    ``len(clients)`` calls in flight (one per connection): while one batch commits, the next
+    one forms and is already on its way -- Raft pipelines them."""
 
-    def __init__(self, client: ControlClient) -> None:
-        self.client = client
+    def __init__(self, clients: Sequence[ControlClient]) -> None:
+        self.clients = list(clients)
+        self.addr = self.clients[0].addr
         self._queue: list[tuple[bytes, float, asyncio.Future[KvReply]]] = []
-        self._task: asyncio.Task[None] | None = None
+        self._workers: dict[int, asyncio.Task[None]] = {}
 
     async def submit(self, req: KvRequest, timeout: float) -> KvReply:
-        fut: asyncio.Future[KvReply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[KvReply] = loop.create_future()
         self._queue.append((_req_enc.encode(req), timeout, fut))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._send_all())
+        for k, client in enumerate(self.clients):
+            task = self._workers.get(k)
+            if task is None or task.done():
+                self._workers[k] = loop.create_task(self._send_all(client))
+                break
         return await fut
 
-    async def _send_all(self) -> None:
+    async def _send_all(self, client: ControlClient) -> None:
         while self._queue:
             batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
             live = [(r, t, f) for r, t, f in batch if not f.done()]
@@ -61,7 +70,7 @@ class _Batcher:
                 continue
             timeout = max(t for _, t, _ in live)
             try:
-                raw = await self.client.call(
+                raw = await client.call(
                     "kv", {"reqs": [r for r, _, _ in live], "timeout": timeout}, timeout=timeout + 1
                 )
                 replies = _replies_dec.decode(raw) if isinstance(raw, bytes) else None
@@ -73,7 +82,7 @@ class _Batcher:
             except msgspec.DecodeError:
                 replies = None
             if replies is None or len(replies) != len(live):
-                bad = StoreUnavailable(f"{self.client.addr} sent a malformed store reply")
+                bad = StoreUnavailable(f"{client.addr} sent a malformed store reply")
                 for _, _, f in live:
                     if not f.done():
                         f.set_exception(bad)
@@ -83,15 +92,18 @@ class _Batcher:
                     f.set_result(reply)
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
+        workers, self._workers = list(self._workers.values()), {}
+        for task in workers:
             task.cancel()
+        for task in workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for _, _, f in self._queue:
             if not f.done():
                 f.set_exception(StoreUnavailable("the store is closed"))
         self._queue.clear()
+        for client in self.clients:
+            await client.close()
 
 
 class RemoteStore(KvClient):
@@ -116,7 +128,10 @@ class RemoteStore(KvClient):
         # Persistent connections per entry node (a TCP handshake per request would cost more
         # than the write itself on a LAN): one for batched requests, one for watch polls.
         self._batchers = {
-            a: _Batcher(ControlClient(a, keyring=keyring, timeout=timeout)) for a in nodes
+            a: _Batcher(
+                [ControlClient(a, keyring=keyring, timeout=timeout) for _ in range(_PIPELINE)]
+            )
+            for a in nodes
         }
         self._pollers = {a: ControlClient(a, keyring=keyring, timeout=timeout) for a in nodes}
 
@@ -161,7 +176,6 @@ class RemoteStore(KvClient):
         self._closed = True
         for batcher in self._batchers.values():
             await batcher.close()
-            await batcher.client.close()
         for client in self._pollers.values():
             await client.close()
 
