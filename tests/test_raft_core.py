@@ -483,7 +483,13 @@ def simulate(seed: int, n: int) -> Cluster:
     with compaction on random nodes), then heal everything, restart every node and demand that
     all apply the same log. Every proposal comes with a ReadIndex read, which must not be
     released below any index committed before it was asked (thesis §6.4)."""
-    c = Cluster(n, seed=seed, config=RaftConfig(election_timeout=0.5, heartbeat_interval=0.05))
+    # Five-node runs also exercise a delayed commit broadcast.
+    delay = 0.005 if n == 5 else 0.0
+    c = Cluster(
+        n,
+        seed=seed,
+        config=RaftConfig(election_timeout=0.5, heartbeat_interval=0.05, commit_delay=delay),
+    )
     rng = random.Random(seed ^ 0x5EED)
     queue: list[tuple[float, int, Message]] = []
     seq = 0

@@ -328,3 +328,22 @@ def test_new_messages_roundtrip() -> None:
         assert decode_message(encode_message(m)) == m
     with pytest.raises(msgspec.ValidationError):
         decode_message(msgspec.msgpack.encode(["tn", 1, "", "b"]))
+
+
+def test_commit_delay_rides_on_next_append_or_a_late_empty_one() -> None:
+    """A new commit index waits ``commit_delay`` for an append to carry it; without one an
+    empty append tells the followers when the delay is up -- never later."""
+    cfg = RaftConfig(election_timeout=1.0, heartbeat_interval=0.1, commit_delay=0.01)
+    c = Cluster(3, config=cfg)
+    leader = c.elect("n1")
+    c.advance_time(c.now + 0.05)
+    index = leader.propose(b"x", c.now)
+    assert index is not None
+    c.deliver()
+    assert leader.commit_index == index
+    assert c.nodes["n2"].commit_index < index  # not told yet: no extra message was sent
+    assert leader.next_deadline() <= c.now + 0.01
+    c.advance_time(c.now + 0.011)
+    assert c.nodes["n2"].commit_index == index and c.nodes["n3"].commit_index == index
+    with pytest.raises(ValueError, match="commit_delay"):
+        RaftConfig(heartbeat_interval=0.1, commit_delay=0.2)

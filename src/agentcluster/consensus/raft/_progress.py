@@ -32,6 +32,7 @@ class Progress:
     recent_active: bool = False
     acked_seq: int = 0
     snapshot_ticks: int = 0
+    commit_sent: int = 0  # the commit index the last message to this peer carried
 
     def become_probe(self) -> None:
         self.state = "probe"

@@ -111,12 +111,18 @@ class RaftConfig:
     check_quorum: bool = True
     lease_reads: bool = True
     clock_drift: float = 0.1
+    # How long a new commit index may wait for an append to carry it to the followers before
+    # an empty one is sent (0: in the same Ready). A few ms keeps that message off the write's
+    # critical path; followers then apply at most this much later.
+    commit_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.election_timeout:
             raise ValueError("need 0 < heartbeat_interval < election_timeout")
         if self.max_entries_per_append < 1 or self.max_inflight < 1:
             raise ValueError("max_entries_per_append and max_inflight must be >= 1")
+        if not 0 <= self.commit_delay < self.heartbeat_interval:
+            raise ValueError("need 0 <= commit_delay < heartbeat_interval")
         if not 0 <= self.clock_drift < 1:
             raise ValueError("clock_drift must be in [0, 1)")
         if self.lease_reads and not self.check_quorum:
@@ -179,6 +185,8 @@ class RaftNode(ReadsMixin):
         self._votes: dict[str, bool] = {}
         self._progress: dict[str, Progress] = {}
         self._commit_broadcast = False
+        self._commit_deadline = math.inf
+        self._now = now
         self._last_leader_contact = -math.inf
         # A restarted voter forgot when it last heard from a leader: it honours the lease of a
         # leader it may have acknowledged by refusing votes for one election timeout. (A node
@@ -271,13 +279,14 @@ class RaftNode(ReadsMixin):
 
     def next_deadline(self) -> float:
         if self.state == "leader":
-            deadline = self._heartbeat_deadline
+            deadline = min(self._heartbeat_deadline, self._commit_deadline)
             if self.config.check_quorum:
                 deadline = min(deadline, self._check_quorum_deadline)
             return min(deadline, self._transfer_deadline)
         return self._election_deadline
 
     def tick(self, now: float) -> None:
+        self._now = now
         if self.state == "leader":
             if self.config.check_quorum and now >= self._check_quorum_deadline:
                 active = sum(
@@ -293,7 +302,13 @@ class RaftNode(ReadsMixin):
                 self._check_quorum_deadline = now + self.config.election_timeout
             if now >= self._transfer_deadline:
                 self._abort_transfer()
+            if now >= self._commit_deadline and now < self._heartbeat_deadline:
+                self._commit_deadline = math.inf
+                for peer, pr in self._progress.items():
+                    if pr.commit_sent < self.commit_index and pr.state == "replicate":
+                        self._send_empty(peer, pr)
             if now >= self._heartbeat_deadline:
+                self._commit_deadline = math.inf
                 self._heartbeat_deadline = now + self.config.heartbeat_interval
                 self._new_round(now)
                 limit = self.config.election_timeout / self.config.heartbeat_interval
@@ -318,11 +333,13 @@ class RaftNode(ReadsMixin):
         while it hands leadership over)."""
         if self.state != "leader" or self._transferee is not None:
             return None
+        self._now = now
         index = self.log.last_index + 1
         self.log.append(Entry(self.term, index, data, "normal"))
         return index
 
     def step(self, msg: Message, now: float) -> None:
+        self._now = now
         if msg.dst != self.id or msg.src == self.id:
             self.dropped += 1
             return
@@ -508,6 +525,7 @@ class RaftNode(ReadsMixin):
         self._seq_sent.clear()
         self._transferee = None
         self._transfer_deadline = math.inf
+        self._commit_deadline = math.inf
         self._heartbeat_deadline = math.inf
         self._check_quorum_deadline = math.inf
         self._reset_election_timer(now)
@@ -717,7 +735,10 @@ class RaftNode(ReadsMixin):
         if n > self.commit_index and self.log.term(n) == self.term:
             first_in_term = self.log.term(self.commit_index) != self.term
             self._commit_to(n)
-            self._commit_broadcast = True
+            if self.config.commit_delay <= 0:
+                self._commit_broadcast = True
+            elif self._commit_deadline == math.inf:
+                self._commit_deadline = self._now + self.config.commit_delay
             if first_in_term and self._reads_waiting:
                 waiting, self._reads_waiting = self._reads_waiting, []
                 for rid in waiting:
@@ -763,6 +784,7 @@ class RaftNode(ReadsMixin):
                 self._seq,
             )
         )
+        pr.commit_sent = self.commit_index
         if pr.state == "probe":
             pr.probe_sent = True
         elif entries:
@@ -787,6 +809,7 @@ class RaftNode(ReadsMixin):
             if pr.state != "snapshot":
                 self._send_snapshot(peer, pr)
             return
+        pr.commit_sent = self.commit_index
         self._send(
             AppendEntries(
                 self.term, self.id, peer, prev, prev_term, (), self.commit_index, self._seq
