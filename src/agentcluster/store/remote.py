@@ -74,7 +74,9 @@ class _Batcher:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[KvReply] = loop.create_future()
         self._queue.append((_req_enc.encode(req), timeout, fut))
-        for k, client in enumerate(self.clients[1:], start=1):
+        # Batches use the connections after the first (all of them if there is just one).
+        first = 1 if len(self.clients) > 1 else 0
+        for k, client in enumerate(self.clients[first:], start=first):
             task = self._workers.get(k)
             if task is None or task.done():
                 self._workers[k] = loop.create_task(self._send_all(client))
