@@ -26,7 +26,7 @@ from typing import Any
 from agentcluster import control
 from agentcluster.wire import Keyring
 
-__all__ = ["LocalCluster", "ProcNode", "free_port"]
+__all__ = ["LocalCluster", "ProcNode", "die_with_parent", "free_port"]
 
 
 def free_port(host: str = "127.0.0.1", *, avoid: Sequence[int] = ()) -> int:
@@ -46,8 +46,10 @@ def free_port(host: str = "127.0.0.1", *, avoid: Sequence[int] = ()) -> int:
     raise RuntimeError(f"no free TCP+UDP port on {host} after 100 tries")
 
 
-def _die_with_parent() -> None:
-    # Linux only: the kernel sends SIGKILL to the child when the launcher dies.
+def die_with_parent() -> None:
+    """A ``preexec_fn``: the child gets SIGKILL when its parent dies, and starts with no
+    signals blocked."""
+    # Linux only: the kernel sends SIGKILL to the child when the thread that forked it dies.
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
@@ -55,7 +57,7 @@ def _die_with_parent() -> None:
         pass
     # An event loop such as uvloop may block signals in the thread that forks; the child
     # inherits that mask, and a Go program like etcd dies of SIGSEGV when its runtime's
-    # signals are blocked. Start the child with none blocked.
+    # signals are blocked.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
@@ -166,7 +168,7 @@ class LocalCluster:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         finally:

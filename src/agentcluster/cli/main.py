@@ -150,6 +150,19 @@ def demo(
     raise typer.Exit(code)
 
 
+def _print_result(result: dict[str, Any], title: str, *, as_json: bool) -> None:
+    """A bench result: one JSON object on stdout, or a two-column table."""
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
 @bench_app.command("runtime")
 def bench_runtime(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -161,15 +174,7 @@ def bench_runtime(
 
     logging.getLogger("agentcluster").setLevel(logging.ERROR)
     result = run(quick=quick, use_uvloop=uvloop)
-    if as_json:
-        sys.stdout.write(json.dumps(result) + "\n")
-        return
-    table = Table(title="bench runtime")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    Console().print(table)
+    _print_result(result, "bench runtime", as_json=as_json)
 
 
 @bench_app.command("consensus")
@@ -198,15 +203,7 @@ def bench_consensus(
     except Exception as exc:  # the bench reports, it does not dump a traceback
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
-    if as_json:
-        sys.stdout.write(json.dumps(result) + "\n")
-        return
-    table = Table(title=f"bench consensus ({backend}, {nodes} nodes)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    Console().print(table)
+    _print_result(result, f"bench consensus ({backend}, {nodes} nodes)", as_json=as_json)
 
 
 @bench_app.command("membership")
@@ -245,12 +242,4 @@ def bench_membership(
         typer.echo(f"error: --mode must be sim or real, not {mode!r}", err=True)
         raise typer.Exit(2)
     result = {"bench": "membership", "mode": mode, **result}
-    if as_json:
-        sys.stdout.write(json.dumps(result) + "\n")
-        return
-    table = Table(title=f"bench membership ({mode})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    Console().print(table)
+    _print_result(result, f"bench membership ({mode})", as_json=as_json)

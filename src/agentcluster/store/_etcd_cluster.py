@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -37,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from agentcluster.launcher import die_with_parent
 
 __all__ = ["EtcdCluster", "EtcdMember", "EtcdNotInstalled", "find_etcd"]
 
@@ -61,19 +62,6 @@ def find_etcd(binary: str | None = None) -> str:
     if found is None:
         raise EtcdNotInstalled(f"looked for {candidate!r} on PATH")
     return found
-
-
-def _die_with_parent() -> None:
-    # Linux only: the kernel sends SIGKILL to the child when the thread that forked it dies.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass
-    # An event loop such as uvloop may block signals in the thread that forks; the child
-    # inherits that mask, and a Go program like etcd dies of SIGSEGV when its runtime's
-    # signals are blocked. Start the child with none blocked.
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -246,7 +234,7 @@ class EtcdCluster:
                     stdout=log,
                     stderr=log,
                     env=env,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
 
     async def start(self, *, timeout: float = 30.0) -> EtcdCluster:
