@@ -7,13 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from agentcluster.clock import MonotonicClock
-from agentcluster.consensus.raft import ConfChange, MemoryStorage, Message, RaftConfig
-from agentcluster.consensus.raft.shell import NotLeader, ProposalDropped, RaftShell
+from agentcluster.consensus.raft import (
+    ConfChange,
+    DiskStorage,
+    Entry,
+    HardState,
+    MemoryStorage,
+    Message,
+    RaftConfig,
+)
+from agentcluster.consensus.raft.shell import NotLeader, ProposalDropped, RaftShell, ShellConfig
 from agentcluster.testing import wait_until
 
 CFG = RaftConfig(election_timeout=0.3, heartbeat_interval=0.05)
@@ -177,3 +188,79 @@ async def test_replaced_proposal_fails_with_proposal_dropped() -> None:
         assert b"doomed" not in net.machines[old.id].items
     finally:
         await done(net)
+
+
+class SlowDisk:
+    """A DiskStorage whose writes take a while, so a leader's pipelined writes overlap."""
+
+    def __init__(self, inner: DiskStorage, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def persist(self, hard_state: HardState | None, entries: Sequence[Entry]) -> None:
+        time.sleep(self.delay)  # the disk is slow, on the writer thread (noqa: sleep)
+        self.inner.persist(hard_state, entries)
+
+
+async def test_leader_pipelines_writes_and_everything_survives_a_restart(tmp_path: Path) -> None:
+    """A leader on disk storage does not wait for its own write before the next batch: its
+    own copy counts only once written, and after every node restarts from its directory the
+    logs agree and hold every acknowledged proposal."""
+    net = Net()
+    await net.tg.__aenter__()
+    names = ["n1", "n2", "n3"]
+    disks: dict[str, DiskStorage] = {}
+
+    async def start(name: str) -> None:
+        disks[name] = DiskStorage.open(tmp_path / name)
+        machine = ListMachine()
+        shell = RaftShell(
+            name,
+            [v for v in names if v != name],
+            storage=SlowDisk(disks[name], 0.003),  # type: ignore[arg-type]
+            state_machine=machine,
+            send=net.send,
+            clock=net.clock,
+            rng=random.Random(name),
+            config=CFG,
+            shell_config=ShellConfig(threaded_writes=True),
+        )
+        net.shells[name], net.machines[name] = shell, machine
+        await shell.start(net.tg)
+
+    try:
+        for name in names:
+            await start(name)
+        leader = await net.elected()
+        pipelined: list[int] = []
+        persisting = leader.node.persisting
+
+        def spy(index: int) -> None:
+            pipelined.append(index)
+            persisting(index)
+
+        leader.node.persisting = spy  # type: ignore[method-assign]
+        results = await asyncio.gather(*(leader.propose(b"%d" % i) for i in range(300)))
+        assert sorted(results) == list(range(1, 301))
+        assert leader.batches < 150
+        assert pipelined, "the leader never wrote in the background"
+        await net.close()
+        for d in disks.values():
+            d.close()
+        net.shells.clear()
+        for name in names:
+            await start(name)
+        leader = await net.elected()
+        await leader.propose(b"after-restart")
+        await wait_until(
+            lambda: all(len(m.items) == 301 for m in net.machines.values()), timeout=10
+        )
+        assert len({tuple(m.items) for m in net.machines.values()}) == 1
+        assert sorted(net.machines["n1"].items[:300]) == sorted(b"%d" % i for i in range(300))
+    finally:
+        await done(net)
+        for d in disks.values():
+            d.close()

@@ -140,7 +140,7 @@ class RaftLog:
     """Entries after ``offset`` (the last compacted index); ``offset_term`` is its term when
     known (it is when ``offset`` is the snapshot's index), else None."""
 
-    __slots__ = ("entries", "offset", "offset_term", "unstable_from")
+    __slots__ = ("entries", "offset", "offset_term", "persisting_to", "unstable_from")
 
     def __init__(
         self, stored: Sequence[Entry], offset: int = 0, offset_term: int | None = 0
@@ -149,6 +149,9 @@ class RaftLog:
         self.offset = offset
         self.offset_term = offset_term
         self.unstable_from = self.last_index + 1
+        # Entries up to here are being written asynchronously (a leader's pipelined write):
+        # not stable yet, but not to be handed out again either.
+        self.persisting_to = 0
 
     @property
     def first_index(self) -> int:
@@ -194,6 +197,7 @@ class RaftLog:
         assert index > self.offset
         del self.entries[index - self.offset - 1 :]
         self.unstable_from = min(self.unstable_from, index)
+        self.persisting_to = min(self.persisting_to, index - 1)
 
     def compact(self, through: int) -> None:
         """Forget the entries with ``index <= through`` (they are in a snapshot)."""
@@ -210,6 +214,7 @@ class RaftLog:
         self.offset = index
         self.offset_term = term
         self.unstable_from = index + 1
+        self.persisting_to = min(self.persisting_to, index)
 
     def first_index_of_term(self, index: int) -> int:
         """The first index (not compacted) of the run of entries sharing the term at ``index``."""
@@ -233,7 +238,8 @@ class RaftLog:
         return None
 
     def unstable(self) -> list[Entry]:
-        return self.entries[self.unstable_from - self.offset - 1 :]
+        start = max(self.unstable_from, self.persisting_to + 1)
+        return self.entries[start - self.offset - 1 :]
 
     def stable_to(self, index: int, term: int) -> None:
         if self.term(index) == term:

@@ -411,6 +411,18 @@ class RaftNode(ReadsMixin):
     def snapshot(self) -> Snapshot | None:
         return self._snapshot
 
+    def persisting(self, index: int) -> None:
+        """The shell started writing the Ready's entries (through ``index``) in the
+        background: later Readys leave them out. Until :meth:`persisted` says the write is
+        done they are not stable, so a leader does not count its own copy of them."""
+        self.log.persisting_to = max(self.log.persisting_to, index)
+
+    def persisted(self, index: int, term: int) -> None:
+        """A background write of the entries through ``(index, term)`` completed."""
+        self.log.stable_to(index, term)
+        if self.state == "leader":
+            self._maybe_commit()
+
     # ----------------------------------------------------------------- outputs
 
     def ready(self) -> Ready:

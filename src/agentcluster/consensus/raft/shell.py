@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import random
@@ -145,6 +147,8 @@ class RaftShell:
         self._closed = False
         self._was_leader = False
         self._stalled_until = -math.inf
+        self._write_tail: asyncio.Future[None] | None = None
+        self._write_failed: BaseException | None = None
         self._writer = (
             ThreadPoolExecutor(1, thread_name_prefix=f"raft-{node_id}-wal")
             if self.shell_config.threaded_writes
@@ -256,6 +260,8 @@ class RaftShell:
                 await self.clock.sleep(pause)
                 continue
             try:
+                if self._write_failed is not None:
+                    raise self._write_failed
                 await self._turn()
             except Exception:
                 # Storage failing to sync is fatal for safety: stop serving, loudly.
@@ -296,6 +302,7 @@ class RaftShell:
             self._check_role()
             return
         if rd.snapshot is not None:
+            await self._drain()
             self.storage.save_snapshot(rd.snapshot)
             self.state_machine.restore(rd.snapshot.data)
             self.snapshots_installed += 1
@@ -313,9 +320,24 @@ class RaftShell:
         stored = self.storage.hard_state
         # Only entries, term and vote need a sync; a commit index alone is re-learned from
         # the leader after a restart, so it rides along with the next write (as etcd does).
+        pipelined = False
         if rd.entries or (hs is not None and (hs.term, hs.vote) != (stored.term, stored.vote)):
             state = HardState(node.term, node.vote, node.commit_index)
-            if self._writer is not None and len(rd.entries) > 1:
+            if early and self._writer is not None and rd.entries and len(rd.entries) > 1:
+                # A leader under load does not wait for its own write: its appends are out,
+                # it counts its own copy once the write completes (:meth:`_written`), and the
+                # next batch is appended, sent and written behind this one meanwhile -- writes
+                # stay in order on the one writer thread.
+                last = rd.entries[-1]
+                node.persisting(last.index)
+                write = asyncio.get_running_loop().run_in_executor(
+                    self._writer, self.storage.persist, state, rd.entries
+                )
+                write.add_done_callback(functools.partial(self._written, last.index, last.term))
+                self._write_tail = write
+                pipelined = True
+            elif self._writer is not None and len(rd.entries) > 1:
+                await self._drain()
                 # Under load (a batch of entries), the write runs on the writer thread while
                 # this loop keeps receiving: what arrives meanwhile forms the next, larger
                 # batch (group commit). Nothing touches the core until the write is done. A
@@ -324,6 +346,7 @@ class RaftShell:
                     self._writer, self.storage.persist, state, rd.entries
                 )
             else:
+                await self._drain()
                 self.storage.persist(state, rd.entries)
             if rd.entries:
                 self.batches += 1
@@ -336,12 +359,29 @@ class RaftShell:
             fut = self._reads.pop(rid, None)
             if fut is not None:
                 self._read_ready.append((index, fut))
-        node.advance(rd)
+        node.advance(dataclasses.replace(rd, entries=[]) if pipelined else rd)
         if rd.conf is not None and self._on_conf is not None:
             self._on_conf(rd.conf)
         self._release_reads()
         self._check_role()
-        self._maybe_snapshot()
+        await self._maybe_snapshot()
+
+    async def _drain(self) -> None:
+        """Wait for the background write in flight, if any: storage is touched in order."""
+        tail = self._write_tail
+        if tail is not None and not tail.done():
+            await tail
+        self._write_tail = None
+
+    def _written(self, index: int, term: int, write: asyncio.Future[None]) -> None:
+        if write.cancelled():
+            return
+        exc = write.exception()
+        if exc is not None:
+            self._write_failed = exc
+        else:
+            self.node.persisted(index, term)
+        self._wake.set()
 
     def _admit(self, now: float) -> None:
         node = self.node
@@ -438,11 +478,12 @@ class RaftShell:
         if self._on_role is not None:
             self._on_role(leader)
 
-    def _maybe_snapshot(self) -> None:
+    async def _maybe_snapshot(self) -> None:
         cfg = self.shell_config
         applied = self.node.applied_index
         if applied - self._last_snapshot < cfg.snapshot_every:
             return
+        await self._drain()
         snap = self.node.snapshot_at(applied, self.state_machine.snapshot())
         self.storage.save_snapshot(snap)
         through = max(self.node.log.offset, applied - cfg.snapshot_keep)
