@@ -13,7 +13,9 @@ Theory of operation: the same measurements run against either backend, through t
 Keys: ``put_p50_ms`` / ``put_p99_ms`` -- one client, sequential puts to the leader;
 ``puts_per_s`` -- 16 concurrent clients for a few seconds, sharing one client connection
 (our client batches concurrent requests; etcd's gRPC client multiplexes them on one channel);
-``puts_per_s_separate_connections`` -- the same with one connection per client; ``cas_p99_ms`` -- sequential
+``puts_per_s_separate_connections`` -- the same with one connection per client;
+``puts_per_s_64_clients`` -- four times as many clients on one connection (how throughput
+scales with outstanding requests); ``cas_p99_ms`` -- sequential
 compare-and-sets on one key; ``failover_p50_ms`` / ``failover_p99_ms`` -- SIGKILL the leader,
 then time until the first put through a surviving member succeeds (10 runs; the killed member
 is restarted and caught up between runs); ``lost_acknowledged_writes`` -- every put that was
@@ -287,6 +289,7 @@ async def _run(
             await store.close()
         rate = await _throughput(backend, leader, clients, seconds, shared=True)
         rate_own = await _throughput(backend, leader, clients, seconds, shared=False)
+        rate_many = await _throughput(backend, leader, 4 * clients, seconds, shared=True)
         writer = _Writer()
         writer_store = await backend.client(backend.members(), timeout=2.0)
         reader = await backend.client(backend.members(), timeout=10.0)
@@ -307,6 +310,7 @@ async def _run(
             "put_p99_ms": _ms(seq, 0.99),
             "puts_per_s": round(rate, 1),
             "puts_per_s_separate_connections": round(rate_own, 1),
+            f"puts_per_s_{4 * clients}_clients": round(rate_many, 1),
             "cas_p99_ms": _ms(cas_lat, 0.99),
             "failover_p50_ms": _ms(fo, 0.5),
             "failover_p99_ms": _ms(fo, 0.99),
