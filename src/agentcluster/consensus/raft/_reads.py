@@ -1,10 +1,23 @@
 """Linearizable reads (ReadIndex, leader lease) and leadership transfer for :class:`RaftNode`.
 
-Theory of operation: see the "Linearizable reads" and "Leadership transfer" sections of
-:mod:`agentcluster.consensus.raft.core`. This mixin holds the leader-side bookkeeping: numbered
-heartbeat rounds and when each was sent, reads waiting for a round (or for the first commit of
-the term), and the transfer target. It reads and writes the node's state through the attributes
-declared below, which :class:`~agentcluster.consensus.raft.core.RaftNode` initialises.
+Theory of operation: this mixin holds the leader-side bookkeeping -- numbered heartbeat rounds
+and when each was sent, reads waiting for a round (or for the first commit of the term), and
+the transfer target. It reads and writes the node's state through the attributes declared
+below, which :class:`~agentcluster.consensus.raft.core.RaftNode` initialises.
+
+**Linearizable reads (thesis §6.4).** :meth:`~RaftNode.read_index` returns (through
+``Ready.read_states``) an index after which the state machine may answer a read. Every
+heartbeat round has a sequence number echoed by the followers; a read waits for a quorum to
+acknowledge a round started after it arrived (ReadIndex). With ``lease_reads`` and
+check-quorum, a leader whose quorum acknowledged a round less than ``election_timeout * (1 -
+clock_drift)`` ago answers at once: until then no voter grants a vote to anybody else. A
+restarted node refuses votes for one election timeout too, since it forgot when it last heard
+from the leader. Reads wait until the leader has committed an entry of its term.
+
+**Leadership transfer (thesis §3.10).** The leader stops accepting proposals and lease reads,
+brings the target up to date and sends it TimeoutNow; the target starts an election at once,
+marked so that voters skip the live-leader check. The transfer is abandoned after an election
+timeout.
 """
 
 from __future__ import annotations

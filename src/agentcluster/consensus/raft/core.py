@@ -12,7 +12,9 @@ Ready, and the Ready's hard state and entries are computed when it is drained, a
 message in it was produced -- so a vote grant (which changed ``vote``) or an append
 acknowledgement (which appended entries) always travels in the same Ready as the durable
 state it promises, and is sent only after that state is on disk. The leader counts its *own*
-replica only up to the entries the shell confirmed persisted.
+replica only up to the entries the shell confirmed persisted. A shell may also write a leader's
+entries in the background (:meth:`~RaftNode.persisting`, then :meth:`~RaftNode.persisted`
+when the write is done): later Readys leave them out, and they count only once written.
 
 **Elections (§5.2).** Election timeouts are drawn from the caller's rng in
 ``[election_timeout, 2 * election_timeout)``. With ``pre_vote`` (thesis §9.6) a node whose
@@ -50,19 +52,8 @@ Ongaro described in 2015). Learners receive the log but neither vote nor count f
 removed leader steps down once its removal commits. Vote requests from nodes outside the
 configuration are dropped, so a removed server cannot disrupt the cluster.
 
-**Linearizable reads (thesis §6.4).** :meth:`~RaftNode.read_index` returns (through
-``Ready.read_states``) an index after which the state machine may answer a read. Every
-heartbeat round has a sequence number echoed by the followers; a read waits for a quorum to
-acknowledge a round started after it arrived (ReadIndex). With ``lease_reads`` and
-check-quorum, a leader whose quorum acknowledged a round less than ``election_timeout * (1 -
-clock_drift)`` ago answers at once: until then no voter grants a vote to anybody else. A
-restarted node refuses votes for one election timeout too, since it forgot when it last heard
-from the leader. Reads wait until the leader has committed an entry of its term.
-
-**Leadership transfer (thesis §3.10).** The leader stops accepting proposals and lease reads,
-brings the target up to date and sends it TimeoutNow; the target starts an election at once,
-marked so that voters skip the live-leader check. The transfer is abandoned after an election
-timeout.
+**Linearizable reads (thesis §6.4) and leadership transfer (thesis §3.10)** live in
+:mod:`._reads`: ReadIndex rounds, the leader lease, and handing leadership over.
 """
 
 from __future__ import annotations
