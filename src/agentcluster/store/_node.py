@@ -105,8 +105,9 @@ class NodeStore:
         await self.store.close()
         if self.member is not None:
             await self.member.close(hand_over=graceful)
-        for pipe in self._pipes.values():
-            pipe.close()
+        pipe_tasks = [t for pipe in self._pipes.values() if (t := pipe.close()) is not None]
+        if pipe_tasks:
+            await asyncio.gather(*pipe_tasks, return_exceptions=True)
         for task in list(self._streams):
             task.cancel()
         if self._streams:
@@ -271,9 +272,12 @@ class _Pipe:
                 self._writer = None
             writer.close()
 
-    def close(self) -> None:
+    def close(self) -> asyncio.Task[None] | None:
+        """Close the connection; returns the connection task (cancelled) for the caller to
+        await."""
         self._closed = True
         if self._writer is not None:
             self._writer.close()
         if self._task is not None:
             self._task.cancel()
+        return self._task
