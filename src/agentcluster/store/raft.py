@@ -291,7 +291,9 @@ class RaftKV:
         shell = self.shell
         if req.op == "events":
             return await self._events(req)
-        if not shell.is_leader:
+        if not shell.is_leader or not self.leading:
+            # (``leading`` follows once the new leader restarted its lease timers: until then
+            # a keep-alive would find no timer and wrongly report the lease expired.)
             raise NotLeader(shell.leader_id)
         if req.op == "cmd":
             decode_command(req.cmd)  # reject garbage before it reaches the log
