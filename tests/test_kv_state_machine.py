@@ -636,3 +636,10 @@ def test_unwrap(result: Result, kind: type[PutResult], error: type[Exception] | 
     else:
         with pytest.raises(error):
             unwrap(result, kind)
+
+
+def test_command_with_a_key_that_is_not_utf8_is_an_invalid_command() -> None:
+    from agentcluster.store._kv import decode_command
+
+    with pytest.raises(InvalidCommand):
+        decode_command(b"\x93\xa1p\xa2\x80\x81\xc4\x00")  # ["p", <not UTF-8>, b""]

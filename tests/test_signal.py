@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from agentcluster.signals import (
@@ -231,6 +231,8 @@ def test_property_codecs_round_trip(type_: str, data: object, subject: str | Non
 
 
 @given(st.binary(max_size=64))
+@example(b'"\x80"')  # a JSON string that is not UTF-8 (once escaped as UnicodeDecodeError)
+@example(b"\xa2\x80\x81")  # the same in msgpack
 def test_property_garbage_never_escapes_as_another_error(blob: bytes) -> None:
     for decode in (decode_msgpack, decode_json, from_cloudevent):
         try:

@@ -143,7 +143,7 @@ async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
         # A client's batch: run concurrently, so the leader proposes them together.
         try:
             reqs = [_kv_req_dec.decode(r) for r in many]
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             return ControlReply(ok=False, error=f"kv: malformed request: {exc}")
         replies = await asyncio.gather(*(host.store.route(r, timeout=timeout) for r in reqs))
         return ControlReply(ok=True, data=_kv_enc.encode(replies))
@@ -151,7 +151,7 @@ async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
         return ControlReply(ok=False, error="kv: args need 'req' (bytes) or 'reqs' (a list)")
     try:
         req = _kv_req_dec.decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         return ControlReply(ok=False, error=f"kv: malformed request: {exc}")
     reply = await host.store.route(req, timeout=timeout)
     return ControlReply(ok=True, data=_kv_enc.encode(reply))

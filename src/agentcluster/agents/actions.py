@@ -257,7 +257,7 @@ class Action(ABC, Generic[P]):
             return cast(P, msgspec.json.decode(data, type=cls.Params))
         except msgspec.ValidationError as exc:
             raise _validation_error(cls.name, exc) from exc
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise ActionValidationError(None, f"malformed JSON: {exc}", action=cls.name) from exc
 
     @classmethod

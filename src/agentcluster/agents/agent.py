@@ -257,7 +257,7 @@ class Agent:
     def restore(cls, data: bytes) -> Self:
         try:
             ckpt = _CKPT_DEC.decode(data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"not an agent checkpoint: {exc}") from None
         if ckpt.agent != cls.name:
             raise CheckpointError(

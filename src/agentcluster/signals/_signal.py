@@ -186,7 +186,8 @@ def encode_msgpack(sig: Signal) -> bytes:
 def decode_msgpack(buf: bytes) -> Signal:
     try:
         return _check(_mp_dec.decode(buf))
-    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+    # ValidationError is a DecodeError; a string that is not UTF-8 raises UnicodeDecodeError.
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise SignalError(f"malformed msgpack signal: {exc}") from None
 
 
@@ -197,7 +198,7 @@ def encode_json(sig: Signal) -> bytes:
 def decode_json(buf: bytes | str) -> Signal:
     try:
         return _check(_js_dec.decode(buf))
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise SignalError(f"malformed JSON signal: {exc}") from None
 
 
@@ -274,7 +275,7 @@ def from_cloudevent(event: dict[str, Any] | bytes | str) -> Signal:
     if isinstance(event, bytes | str):
         try:
             event = msgspec.json.decode(event)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise SignalError(f"CloudEvent is not valid JSON: {exc}") from None
     if not isinstance(event, dict):
         raise SignalError(f"CloudEvent must be a JSON object, got {type(event).__name__}")

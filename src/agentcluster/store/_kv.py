@@ -206,7 +206,7 @@ def decode_command(data: bytes) -> Command:
     """Decode one command; raises :class:`InvalidCommand` on any malformed input."""
     try:
         return _command_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise InvalidCommand(f"undecodable command: {exc}") from exc
 
 
@@ -218,7 +218,7 @@ def decode_result(data: bytes) -> Result:
     """Decode one result; raises :class:`InvalidCommand` on any malformed input."""
     try:
         return _result_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise InvalidCommand(f"undecodable result: {exc}") from exc
 
 
@@ -550,7 +550,7 @@ class KVStateMachine:
         (and changes nothing) when ``data`` is not a consistent snapshot."""
         try:
             snap = _snapshot_decoder.decode(data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise InvalidCommand(f"undecodable snapshot: {exc}") from exc
         leases = {lease.id: _LeaseRecord(lease.ttl) for lease in snap.leases}
         kvs: dict[str, KeyValue] = {}

@@ -100,7 +100,7 @@ class _Batcher:
                     if not f.done():
                         f.set_exception(exc)
                 continue
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 replies = None
             if replies is None or len(replies) != len(live):
                 bad = StoreUnavailable(f"{client.addr} sent a malformed store reply")
@@ -178,7 +178,7 @@ class RemoteStore(KvClient):
                         f"{addr}: {exc}; the write's outcome is unknown"
                     ) from exc
                 continue
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 raise StoreUnavailable(f"{addr} sent a malformed store reply: {exc}") from exc
             self._current = (self._current + k) % len(self.nodes)
             return reply

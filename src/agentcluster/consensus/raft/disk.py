@@ -306,7 +306,7 @@ def _scan(path: Path, data: bytes, *, last: bool) -> tuple[list[tuple[int, _Reco
             raise StorageCorruption(path, off, "record CRC mismatch")
         try:
             rec = _record_decoder.decode(payload)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise StorageCorruption(path, off, f"undecodable record: {exc}") from None
         out.append((off, rec))
         off = end
@@ -327,7 +327,7 @@ def _read_snapshot(path: Path, term: int, index: int) -> Snapshot:
         raise StorageCorruption(path, _HEADER.size, "snapshot CRC mismatch")
     try:
         snap = _snapshot_decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise StorageCorruption(path, _HEADER.size, f"undecodable snapshot: {exc}") from None
     if (snap.term, snap.index) != (term, index):
         raise StorageCorruption(
