@@ -40,6 +40,19 @@ _MAX_BATCH = 256
 _PIPELINE = 4  # calls in flight per entry node (connections are opened only when needed)
 
 
+async def _call(client: ControlClient, reqs: list[bytes], timeout: float) -> list[KvReply]:
+    """One ``kv`` call carrying ``reqs``; a reply per request, or ControlError /
+    StoreUnavailable (a malformed answer)."""
+    raw = await client.call("kv", {"reqs": reqs, "timeout": timeout}, timeout=timeout + 1)
+    try:
+        replies = _replies_dec.decode(raw) if isinstance(raw, bytes) else None
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        replies = None
+    if replies is None or len(replies) != len(reqs):
+        raise StoreUnavailable(f"{client.addr} sent a malformed store reply")
+    return replies
+
+
 class _Batcher:
     """Coalesces concurrent requests to one entry node into ``kv`` calls, with up to
     ``len(clients)`` calls in flight (one per connection): while one batch commits, the next
@@ -62,15 +75,10 @@ class _Batcher:
             # (no hand-off to a worker: one loop turn less for a sequential client).
             self._inline = True
             try:
-                raw = await self.clients[0].call(
-                    "kv", {"reqs": [_req_enc.encode(req)], "timeout": timeout}, timeout=timeout + 1
-                )
+                (reply,) = await _call(self.clients[0], [_req_enc.encode(req)], timeout)
             finally:
                 self._inline = False
-            replies = _replies_dec.decode(raw) if isinstance(raw, bytes) else None
-            if replies is None or len(replies) != 1:
-                raise StoreUnavailable(f"{self.addr} sent a malformed store reply")
-            return replies[0]
+            return reply
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[KvReply] = loop.create_future()
         self._queue.append((_req_enc.encode(req), timeout, fut))
@@ -91,22 +99,11 @@ class _Batcher:
                 continue
             timeout = max(t for _, t, _ in live)
             try:
-                raw = await client.call(
-                    "kv", {"reqs": [r for r, _, _ in live], "timeout": timeout}, timeout=timeout + 1
-                )
-                replies = _replies_dec.decode(raw) if isinstance(raw, bytes) else None
-            except ControlError as exc:
+                replies = await _call(client, [r for r, _, _ in live], timeout)
+            except (ControlError, StoreUnavailable) as exc:
                 for _, _, f in live:
                     if not f.done():
                         f.set_exception(exc)
-                continue
-            except (msgspec.DecodeError, UnicodeDecodeError):
-                replies = None
-            if replies is None or len(replies) != len(live):
-                bad = StoreUnavailable(f"{client.addr} sent a malformed store reply")
-                for _, _, f in live:
-                    if not f.done():
-                        f.set_exception(bad)
                 continue
             for (_, _, f), reply in zip(live, replies, strict=True):
                 if not f.done():

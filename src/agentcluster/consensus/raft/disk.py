@@ -27,10 +27,10 @@ file is created, renamed or removed). The directory holds:
   Recovery replays the records through the same state machine the live calls use. Because
   every segment starts with a checkpoint, whole segments can be deleted from the front once
   none of the current entries lives in them (after a compaction or a discarding snapshot):
-  replay then starts at the first surviving checkpoint, with placeholders for the entries it
-  names that lived in deleted segments. Those entries were dead when their segment was
-  deleted, so a later record (in a surviving segment) removes every placeholder; one that is
-  left is reported as corruption. A new segment is started when the current one has reached
+  replay then starts at the first surviving checkpoint, with *holes* standing for the entries
+  it names that lived in deleted segments. Those entries were dead when their segment was
+  deleted, so a later record (in a surviving segment) removes every hole; one that is left is
+  reported as corruption. A new segment is started when the current one has reached
   ``segment_bytes``.
 * ``snap-<term>-<index>.snap`` -- the snapshot the log's latest ``_SnapMark`` names, written
   to ``*.tmp``, synced, renamed, directory synced -- before the mark is appended. A snapshot
@@ -168,7 +168,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 class _State:
     """The log as MemoryStorage keeps it, plus where each entry's record lives (its segment
-    ``seq``, -1 for a placeholder) and how many leading entries are placeholders."""
+    ``seq``, -1 for a hole) and how many leading entries are holes (see the module docstring)."""
 
     __slots__ = ("entries", "first", "hard_state", "holes", "locs", "snap")
 
@@ -227,8 +227,8 @@ class _State:
             self.locs.extend([loc] * len(entries))
 
     def keeps(self, index: int, term: int) -> bool | None:
-        """Whether a snapshot at (index, term) keeps the entries; None when a placeholder
-        stands at ``index`` (the decision is then taken from the record)."""
+        """Whether a snapshot at (index, term) keeps the entries; None when a hole stands at
+        ``index`` (the decision is then taken from the record)."""
         pos = index - self.base()
         if pos < 0:
             return True  # at or behind a compaction: what follows is committed, and kept

@@ -323,7 +323,7 @@ class RaftShell:
         pipelined = False
         if rd.entries or (hs is not None and (hs.term, hs.vote) != (stored.term, stored.vote)):
             state = HardState(node.term, node.vote, node.commit_index)
-            if early and self._writer is not None and rd.entries and len(rd.entries) > 1:
+            if early and self._writer is not None and len(rd.entries) > 1:
                 # A leader under load does not wait for its own write: its appends are out,
                 # it counts its own copy once the write completes (:meth:`_written`), and the
                 # next batch is appended, sent and written behind this one meanwhile -- writes
