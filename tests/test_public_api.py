@@ -20,7 +20,22 @@ EXPECTED = {
     "Subscription", "Supervisor", "SupervisorEscalation", "UnknownAgent", "Workflow",
     "WorkflowError", "__version__", "acmd", "action", "cmd", "configure_logging", "execute",
     "from_cloudevent", "run_chain", "run_parallel", "to_cloudevent",
+    # The cluster-level API (issue 5), imported lazily on first use.
+    "AgentEntry", "Cluster", "ClusterError", "Cond", "ConsensusError", "ConsensusTimeout",
+    "Decision", "NameTaken", "Node", "NodeCluster", "RegistryError", "RemoteCluster",
+    "RemoteError", "Rule", "VoteAction", "VoteRequest", "connect", "elect_by",
 }  # fmt: skip
+
+
+def test_import_stays_light() -> None:
+    """``import agentcluster`` must not pull in the node stack (transport, Raft): programs
+    that only run agents pay for what they use."""
+    import subprocess
+    import sys
+
+    code = "import sys, agentcluster; print('agentcluster.node' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_all_matches_the_contract() -> None:
@@ -46,6 +61,7 @@ def test_subpackages_declare_all_and_it_resolves() -> None:
         "agentcluster.testing",
         "agentcluster.store",
         "agentcluster.consensus.raft",
+        "agentcluster.coordination",
     ):
         mod = importlib.import_module(module)
         for name in mod.__all__:

@@ -5,6 +5,8 @@ under supervision on every node. This package's public API is exactly ``__all__`
 else (underscored modules, subpackage internals) may change without notice.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from agentcluster.agents import (
     Action,
     ActionContext,
@@ -70,6 +72,24 @@ from agentcluster.signals import (
     to_cloudevent,
 )
 
+if TYPE_CHECKING:  # the lazily imported names below, for type checkers
+    from agentcluster.cluster import (
+        Cluster,
+        ClusterError,
+        NodeCluster,
+        RemoteCluster,
+        RemoteError,
+        connect,
+        elect_by,
+    )
+    from agentcluster.coordination.consensus_service import ConsensusError, ConsensusTimeout
+    from agentcluster.coordination.proposals import Decision, VoteAction, VoteRequest
+    from agentcluster.coordination.query import Cond
+    from agentcluster.coordination.registry import AgentEntry
+    from agentcluster.coordination.registry_service import NameTaken, RegistryError
+    from agentcluster.coordination.voting import Rule
+    from agentcluster.node import Node
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -80,6 +100,7 @@ __all__ = [
     "ActionValidationError",
     "Agent",
     "AgentCrashed",
+    "AgentEntry",
     "AgentError",
     "AgentServer",
     "AgentStopped",
@@ -90,7 +111,13 @@ __all__ = [
     "CheckpointError",
     "ChildSpec",
     "Clock",
+    "Cluster",
+    "ClusterError",
+    "Cond",
+    "ConsensusError",
+    "ConsensusTimeout",
     "Correlation",
+    "Decision",
     "Directive",
     "Emit",
     "ErrorPolicy",
@@ -100,12 +127,19 @@ __all__ = [
     "Instruction",
     "MailboxFull",
     "MonotonicClock",
+    "NameTaken",
+    "Node",
+    "NodeCluster",
     "PeriodicSensor",
+    "RegistryError",
+    "RemoteCluster",
+    "RemoteError",
     "Reply",
     "Result",
     "RetryableError",
     "Route",
     "Router",
+    "Rule",
     "Runtime",
     "Schedule",
     "Send",
@@ -124,6 +158,8 @@ __all__ = [
     "Supervisor",
     "SupervisorEscalation",
     "UnknownAgent",
+    "VoteAction",
+    "VoteRequest",
     "Workflow",
     "WorkflowError",
     "__version__",
@@ -131,9 +167,43 @@ __all__ = [
     "action",
     "cmd",
     "configure_logging",
+    "connect",
+    "elect_by",
     "execute",
     "from_cloudevent",
     "run_chain",
     "run_parallel",
     "to_cloudevent",
 ]
+
+# The cluster-level API pulls in the whole node stack (transport, membership, Raft): imported
+# on first use, so ``import agentcluster`` stays light for programs that only run agents.
+_LAZY = {
+    "AgentEntry": "agentcluster.coordination.registry",
+    "Cluster": "agentcluster.cluster",
+    "ClusterError": "agentcluster.cluster",
+    "Cond": "agentcluster.coordination.query",
+    "ConsensusError": "agentcluster.coordination.consensus_service",
+    "ConsensusTimeout": "agentcluster.coordination.consensus_service",
+    "Decision": "agentcluster.coordination.proposals",
+    "NameTaken": "agentcluster.coordination.registry_service",
+    "Node": "agentcluster.node",
+    "NodeCluster": "agentcluster.cluster",
+    "RegistryError": "agentcluster.coordination.registry_service",
+    "RemoteCluster": "agentcluster.cluster",
+    "RemoteError": "agentcluster.cluster",
+    "Rule": "agentcluster.coordination.voting",
+    "VoteAction": "agentcluster.coordination.proposals",
+    "VoteRequest": "agentcluster.coordination.proposals",
+    "connect": "agentcluster.cluster",
+    "elect_by": "agentcluster.cluster",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agentcluster' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

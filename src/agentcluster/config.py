@@ -71,9 +71,13 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fsync: bool = True
     # Applied entries between two snapshots of the store (then the log is compacted).
     snapshot_every: int = 10_000
+    # User agents this node starts and registers, as "package.module:AgentClass". A class
+    # may declare ``capabilities`` (a tuple of strings) for its registry entry. None by
+    # default: a bare node runs only the clustering agents.
+    agents: list[str] = []
 
 
-_LIST_FIELDS = {"seeds", "capabilities", "dns_a", "dns_srv", "store_voters"}
+_LIST_FIELDS = {"seeds", "capabilities", "dns_a", "dns_srv", "store_voters", "agents"}
 _BOOL_FIELDS = {"multicast", "fsync"}
 _NUMBER_FIELDS: dict[str, type[int] | type[float]] = {
     "multicast_port": int,
@@ -180,5 +184,11 @@ def _check(config: NodeConfig) -> None:
         raise ConfigError("invalid node configuration: discovery_interval must be > 0")
     if config.snapshot_every < 1:
         raise ConfigError("invalid node configuration: snapshot_every must be >= 1")
+    for spec in config.agents:
+        module, sep, attr = spec.partition(":")
+        if not (sep and module and attr):
+            raise ConfigError(
+                f"invalid node configuration: agent {spec!r} must be 'package.module:Class'"
+            )
     if len(set(config.store_voters)) != len(config.store_voters) or "" in config.store_voters:
         raise ConfigError("invalid node configuration: store_voters must be distinct names")

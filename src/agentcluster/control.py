@@ -4,9 +4,10 @@ Theory of operation: a control request is a msgspec Struct sealed with the clust
 sent as one framed request on a TCP connection to the node's port; the node answers with one
 :class:`ControlReply`. There is no separate listener and no separate credential: whoever holds
 the cluster key may ask, nobody else can (the frame does not authenticate and is dropped).
-Operations: ``members``, ``agents``, ``health``, ``stats``, ``leave`` and ``kv`` (a
+Operations: ``members``, ``agents``, ``health``, ``stats``, ``leave``, ``kv`` (a
 coordination-store request, or a batch of them, routed to the Raft leader -- see
-:mod:`agentcluster.store.remote`).
+:mod:`agentcluster.store.remote`) and ``mabeam`` (registry queries, registrations and
+proposals -- see :mod:`agentcluster.coordination._control`).
 
 :func:`request` is the one-off client side, used by ``agentcluster members`` and by the local
 cluster launcher (``agentcluster up``) to watch its nodes; :class:`ControlClient` keeps its
@@ -44,7 +45,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OPS = ("members", "agents", "health", "stats", "leave", "kv")
+OPS = ("members", "agents", "health", "stats", "leave", "kv", "mabeam")
 
 
 class ControlRequest(msgspec.Struct, frozen=True, array_like=True, tag="ctl", tag_field="t"):
@@ -100,7 +101,7 @@ def _members(node: Node) -> list[dict[str, Any]]:
 def _health(node: Node) -> dict[str, Any]:
     now = node.clock.now()
     agents: dict[str, dict[str, Any]] = {}
-    for name in ("failure_detector", "node_discovery"):
+    for name in ("failure_detector", "node_discovery", "consensus_coordinator"):
         server = node.runtime.get(name)
         if server is None:
             agents[name] = {"status": "down"}
@@ -140,12 +141,13 @@ async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
         return ControlReply(ok=False, error="kv: 'timeout' must be a number")
     timeout = min(max(float(timeout), 0.001), 60.0)
     if isinstance(many, list) and all(isinstance(r, bytes) for r in many) and len(many) <= 4096:
-        # A client's batch: run concurrently, so the leader proposes them together.
+        # A client's batch: run concurrently, so the leader proposes them together (and,
+        # when this node leads, without a task per request: see RaftStore.route_many).
         try:
             reqs = [_kv_req_dec.decode(r) for r in many]
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             return ControlReply(ok=False, error=f"kv: malformed request: {exc}")
-        replies = await asyncio.gather(*(host.store.route(r, timeout=timeout) for r in reqs))
+        replies = await host.store.route_many(reqs, timeout=timeout)
         return ControlReply(ok=True, data=_kv_enc.encode(replies))
     if not isinstance(raw, bytes):
         return ControlReply(ok=False, error="kv: args need 'req' (bytes) or 'reqs' (a list)")
@@ -174,6 +176,13 @@ async def handle_control(node: Node, req: ControlRequest) -> ControlReply:
             return ControlReply(ok=True, data={"leaving": node.name})
         if req.op == "kv":
             return await _kv(node, req.args)
+        if req.op == "mabeam":
+            from agentcluster.coordination._control import handle_mabeam
+
+            try:
+                return ControlReply(ok=True, data=await handle_mabeam(node, req.args))
+            except ValueError as exc:  # bad arguments, a bad query or rule: the caller's error
+                return ControlReply(ok=False, error=f"{type(exc).__name__}: {exc}")
         return ControlReply(ok=False, error=f"unknown op {req.op!r}; known: {', '.join(OPS)}")
     except Exception as exc:
         log.exception("control op %s failed", req.op)

@@ -92,10 +92,11 @@ class LocalCluster:
         store_voters: int | None = None,
         fsync: bool = True,
         snapshot_every: int | None = None,
+        agents: Sequence[str] = (),
     ) -> None:
         """``store_voters``: how many nodes (the first ones) hold the coordination store's
         Raft log, each under ``workdir/<name>/``; default 3 (fewer in smaller clusters), 0 for
-        no store."""
+        no store. ``agents``: user agents (``module:Class``) every node starts."""
         if n < 1:
             raise ValueError(f"a cluster needs at least one node, got {n}")
         voters = min(n, 3) if store_voters is None else store_voters
@@ -103,6 +104,7 @@ class LocalCluster:
             raise ValueError(f"store_voters must be within 0..{n}, got {voters}")
         self.fsync = fsync
         self.snapshot_every = snapshot_every
+        self.agents = list(agents)
         self.n = n
         self.preset = preset
         self.zones = list(zones) or ["z1"]
@@ -159,6 +161,8 @@ class LocalCluster:
             args += ["--fsync" if self.fsync else "--no-fsync"]
             if self.snapshot_every is not None:
                 args += ["--snapshot-every", str(self.snapshot_every)]
+        for agent in self.agents:
+            args += ["--agent", agent]
         args += node.extra_args
         # A local file open is instant; the child inherits the descriptor.
         log = open(node.log_path, "ab")  # noqa: SIM115, ASYNC230

@@ -19,6 +19,7 @@ can neither join nor inject); a node without a keyring logs a warning at start.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import random
 from collections.abc import Callable
@@ -26,10 +27,11 @@ from typing import Any
 
 import msgspec
 
-from agentcluster.agents import AgentServer, MailboxFull, Runtime
+from agentcluster.agents import Agent, AgentServer, MailboxFull, Runtime
 from agentcluster.agents.runtime import UnknownAgent
 from agentcluster.clock import Clock, MonotonicClock
 from agentcluster.clustering.base import Discover, JoinPeers, MemberEventData, MemberEvents
+from agentcluster.clustering.consensus_coordinator import ConsensusCoordinator
 from agentcluster.clustering.failure_detector import FailureDetector
 from agentcluster.clustering.node_discovery import NodeDiscovery, NodeDiscoveryState
 from agentcluster.config import NodeConfig
@@ -41,6 +43,9 @@ from agentcluster.control import (
     NodeStream,
     handle_control,
 )
+from agentcluster.coordination.auction_service import AuctionService
+from agentcluster.coordination.consensus_service import ConsensusService
+from agentcluster.coordination.registry_service import REGISTRY_PREFIX, RegistryService
 from agentcluster.discovery import (
     DEFAULT_PORT,
     AddressFile,
@@ -72,6 +77,21 @@ log = logging.getLogger(__name__)
 
 CLUSTERING_AGENTS = ("failure_detector", "node_discovery")
 EventListener = Callable[[MemberEvent], None]
+
+
+def load_agent_class(spec: str) -> type[Agent]:
+    """``"package.module:AgentClass"`` -> the class; ValueError saying what is wrong."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"agent {spec!r} must be given as 'package.module:AgentClass'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"agent {spec!r}: cannot import {module_name}: {exc}") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise ValueError(f"agent {spec!r}: {attr} is not an Agent class in {module_name}")
+    return cls
 
 
 class Node:
@@ -115,6 +135,9 @@ class Node:
         self._stopped = asyncio.Event()
         self._raft_storage = raft_storage
         self.store_host: NodeStore | None = None
+        self.registry = RegistryService(self)
+        self.consensus = ConsensusService(self)
+        self.auctions = AuctionService(self)
 
     # ------------------------------------------------------------------ lifecycle
     def _default_strategies(self) -> list[Strategy]:
@@ -207,6 +230,8 @@ class Node:
             self.runtime.remote_sender = self._send_remote
             self.runtime.register_directive(Discover, self._run_discover)
             self.runtime.register_directive(JoinPeers, self._run_join)
+            self.consensus.attach()
+            self.auctions.attach()
             await self.runtime.start_supervisor(
                 "clustering",
                 [
@@ -215,6 +240,7 @@ class Node:
                         NodeDiscovery,
                         state=NodeDiscoveryState(interval=self.config.discovery_interval),
                     ),
+                    self.runtime.agent_spec(ConsensusCoordinator),
                 ],
                 strategy="one_for_one",
             )
@@ -222,6 +248,9 @@ class Node:
             if self.config.store_voters:
                 self.store_host = NodeStore(self, storage=self._raft_storage)
                 await self.store_host.start(self._tg)
+            await self.registry.start(self._tg)
+            for spec in self.config.agents:
+                await self._start_user_agent(spec)
             seeds = [format_addr(*parse_seed(s)) for s in self.config.seeds]
             seeds = [s for s in seeds if s != self.addr]
             if seeds:
@@ -234,6 +263,9 @@ class Node:
             return
         tg, self._tg = self._tg, None
         try:
+            await self.registry.close()
+            await self.consensus.close()
+            await self.auctions.close()
             if self.store_host is not None:
                 # Before leaving membership, while peers still route to us: a leaving leader
                 # hands Raft leadership over, so the store barely notices.
@@ -265,6 +297,12 @@ class Node:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    async def _start_user_agent(self, spec: str) -> None:
+        """Start ``module:Class`` under the root supervisor and register it."""
+        cls = load_agent_class(spec)
+        server = await self.runtime.spawn(cls)
+        await self.registry.register(server.id, capabilities=getattr(cls, "capabilities", ()) or ())
+
     # ------------------------------------------------------------------ inbound
     def _on_packet(self, src: str, data: bytes) -> None:
         if data[:1] == RAFT_PREFIX:
@@ -275,6 +313,8 @@ class Node:
 
     async def _on_stream(self, src: str, data: bytes) -> bytes | None:
         prefix = data[:1]
+        if prefix == REGISTRY_PREFIX:
+            return await self.registry.on_stream(src, data[1:])
         if prefix in (RAFT_PREFIX, KV_PREFIX):
             if self.store_host is None:
                 return None
@@ -439,4 +479,7 @@ class Node:
             "events_dropped": self.events_dropped,
             "agents": len(self.runtime),
             "store": self.store_host.stats() if self.store_host is not None else None,
+            "registry": self.registry.stats(),
+            "consensus": self.consensus.stats(),
+            "auctions": self.auctions.stats(),
         }

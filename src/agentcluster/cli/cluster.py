@@ -67,6 +67,10 @@ def node_run(
     uvloop: Annotated[
         bool, typer.Option("--uvloop/--no-uvloop", help="Run on uvloop when it is installed.")
     ] = True,
+    agent: Annotated[
+        list[str] | None,
+        typer.Option(help="A user agent to start and register, MODULE:CLASS (repeatable)."),
+    ] = None,
 ) -> None:
     """Run one node until SIGTERM / Ctrl-C (then it leaves the cluster gracefully)."""
     from agentcluster.config import ConfigError, load_config
@@ -77,6 +81,7 @@ def node_run(
         "name": name, "bind": bind, "seeds": seed or None, "zone": zone, "region": region,
         "key_file": key_file, "preset": preset, "store_voters": store_voter or None,
         "data_dir": data_dir, "fsync": fsync, "snapshot_every": snapshot_every,
+        "agents": agent or None,
     }  # fmt: skip
     try:
         cfg = load_config(config, overrides=overrides)

@@ -50,8 +50,16 @@ def _register_kv_commands() -> None:
     app.add_typer(kv_app, name="kv")
 
 
+def _register_mabeam_commands() -> None:
+    from agentcluster.cli.mabeam import agents, consensus_app
+
+    app.command()(agents)
+    app.add_typer(consensus_app, name="consensus")
+
+
 _register_cluster_commands()
 _register_kv_commands()
+_register_mabeam_commands()
 
 
 def _version(value: bool) -> None:
@@ -204,6 +212,35 @@ def bench_consensus(
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
     _print_result(result, f"bench consensus ({backend}, {nodes} nodes)", as_json=as_json)
+
+
+@bench_app.command("coordination")
+def bench_coordination(
+    nodes: Annotated[
+        int, typer.Option(min=1, help="Nodes whose voters take part in proposals.")
+    ] = 5,
+    cluster_nodes: Annotated[
+        int, typer.Option(min=1, help="Real node processes (registry convergence).")
+    ] = 10,
+    entries: Annotated[int, typer.Option(min=1, help="Registry entries queried.")] = 10_000,
+    rounds: Annotated[int, typer.Option(min=1, help="Registry convergence rounds.")] = 30,
+    proposals: Annotated[int, typer.Option(min=1, help="Proposals decided.")] = 200,
+    locks: Annotated[int, typer.Option(min=1, help="Lock acquisitions timed.")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Registry lookup and convergence, consensus decision and lock acquisition times."""
+    from agentcluster.bench.coordination import run
+
+    logging.getLogger("agentcluster").setLevel(logging.ERROR)
+    try:
+        result = run(
+            nodes=nodes, cluster_nodes=cluster_nodes, entries=entries, rounds=rounds,
+            proposals=proposals, locks=locks,
+        )  # fmt: skip
+    except Exception as exc:  # the bench reports, it does not dump a traceback
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _print_result(result, f"bench coordination ({nodes} nodes)", as_json=as_json)
 
 
 @bench_app.command("membership")

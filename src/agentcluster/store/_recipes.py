@@ -51,7 +51,7 @@ from agentcluster.store.base import (
     StoreError,
 )
 
-__all__ = ["Election", "Leadership", "Lock"]
+__all__ = ["Election", "Leadership", "Lock", "keep_lease_alive"]
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,31 @@ class Election:
                             yield leader
 
 
+async def keep_lease_alive(
+    store: Store, lease_id: int, ttl: float, clock: Clock, *, what: str
+) -> None:
+    """Keep ``lease_id`` alive every ``ttl / 3``; return once it is (or may be) gone: refused
+    as unknown, or no keep-alive succeeded for a whole TTL. The caller then treats what the
+    lease guarded as lost."""
+    interval = ttl / 3
+    last_ok = clock.now()
+    while True:
+        await clock.sleep(interval)
+        sent = clock.now()
+        try:
+            await store.lease_keepalive(lease_id)
+        except LeaseNotFound:
+            return
+        except StoreError:
+            if clock.now() - last_ok >= ttl:
+                return  # the lease may be gone: assume the worst
+            continue
+        except Exception:
+            log.exception("%s: keep-alive failed; treating the lease as lost", what)
+            return
+        last_ok = sent
+
+
 class Lock:
     """A distributed lock with a fencing token; an async context manager.
 
@@ -314,26 +339,10 @@ class Lock:
             await self._store.lease_revoke(self._lease)
 
     async def _keep_alive(self, lease_id: int) -> None:
-        interval = self.ttl / 3
-        last_ok = self._clock.now()
-        while True:
-            await self._clock.sleep(interval)
-            sent = self._clock.now()
-            try:
-                await self._store.lease_keepalive(lease_id)
-            except LeaseNotFound:
-                self._lost = True
-                return
-            except StoreError:
-                if self._clock.now() - last_ok >= self.ttl:
-                    self._lost = True  # the lease may be gone: assume the worst
-                    return
-                continue
-            except Exception:
-                log.exception("lock %s: keep-alive failed; the lock is lost", self.name)
-                self._lost = True
-                return
-            last_ok = sent
+        await keep_lease_alive(
+            self._store, lease_id, self.ttl, self._clock, what=f"lock {self.name}"
+        )
+        self._lost = True
 
     async def __aenter__(self) -> Lock:
         await self.acquire()

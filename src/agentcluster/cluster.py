@@ -1,0 +1,601 @@
+"""The ``Cluster`` facade: the API users write against, in-process or remote.
+
+Theory of operation: one interface, two ways in.
+
+* :class:`NodeCluster` wraps a running :class:`~agentcluster.node.Node` in this process
+  (``Cluster.of(node)``): registry reads are function calls on the node's local index,
+  proposals go to the node's ConsensusCoordinator, store primitives use ``node.store``.
+* :class:`RemoteCluster` (``agentcluster.connect("host:port", key_file=...)``) talks to a
+  node over the authenticated control API: registry and consensus functions through the
+  ``mabeam`` op, store primitives through :class:`~agentcluster.store.remote.RemoteStore`,
+  events by long-polling the node's bus journal.
+
+Locks, elections, barriers and semaphores are recipes over the store interface, so both
+facades hand out the very same objects. Errors are typed: :class:`ClusterError` and its
+subclasses; a remote error keeps the remote exception's type name in ``remote_type``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from agentcluster.coordination.auction_service import AuctionOutcome
+from agentcluster.coordination.auctions import AuctionError, AuctionKind
+from agentcluster.coordination.barrier import Barrier
+from agentcluster.coordination.consensus_service import ConsensusError, ConsensusTimeout
+from agentcluster.coordination.proposals import Decision
+from agentcluster.coordination.query import Cond, parse_cond
+from agentcluster.coordination.registry import AgentEntry, Health
+from agentcluster.coordination.registry_service import NameTaken, RegistryError
+from agentcluster.coordination.semaphore import Semaphore
+from agentcluster.coordination.voting import Rule, parse_rule
+from agentcluster.signals import Signal
+from agentcluster.store._recipes import Election, Leadership, Lock
+from agentcluster.store.base import Store
+
+if TYPE_CHECKING:
+    from agentcluster.node import Node
+
+__all__ = [
+    "Cluster",
+    "ClusterError",
+    "MemberInfo",
+    "NodeCluster",
+    "RemoteCluster",
+    "RemoteError",
+    "connect",
+    "elect_by",
+]
+
+
+class ClusterError(Exception):
+    """Base of the facade's own errors. The coordination layer's errors come through as they
+    are (:class:`RegistryError`, :class:`NameTaken`, :class:`ConsensusError`,
+    :class:`ConsensusTimeout`); from a remote node they are also :class:`RemoteError`."""
+
+
+class RemoteError(ClusterError):
+    """The node answered with an error; ``remote_type`` names the exception it raised."""
+
+    def __init__(self, message: str, remote_type: str = "") -> None:
+        # Not super(): the remote twins below also derive from errors with other signatures.
+        Exception.__init__(self, message)
+        self.remote_type = remote_type
+
+
+class MemberInfo(msgspec.Struct, frozen=True):
+    name: str
+    addr: str
+    state: str
+    zone: str = ""
+    region: str = ""
+    capabilities: list[str] = []
+
+
+Where = Cond | str
+
+
+def _conds(where: Iterable[Where], capability: str | None, healthy_only: bool) -> list[Cond]:
+    conds = [w if isinstance(w, Cond) else parse_cond(w) for w in where]
+    if capability is not None:
+        conds.append(Cond("capability", "eq", capability))
+    if healthy_only:
+        conds.append(Cond("health", "eq", "healthy"))
+    return conds
+
+
+def _rule(rule: Rule | str) -> Rule:
+    return parse_rule(rule) if isinstance(rule, str) else rule
+
+
+def _participants(participants: Iterable[AgentEntry | str]) -> list[str]:
+    return [p.id if isinstance(p, AgentEntry) else p for p in participants]
+
+
+def elect_by(
+    candidates: Iterable[AgentEntry], criteria: Callable[[AgentEntry], float]
+) -> AgentEntry | None:
+    """The candidate with the highest ``criteria`` score; ties go to the smallest id, so every
+    node that sees the same registry elects the same agent (no messages needed)."""
+    best: AgentEntry | None = None
+    best_key: tuple[float, str] | None = None
+    for entry in candidates:
+        score = float(criteria(entry))
+        key = (-score, entry.id)
+        if best_key is None or key < best_key:
+            best, best_key = entry, key
+    return best
+
+
+class Cluster(ABC):
+    """What a user program sees of the cluster."""
+
+    @staticmethod
+    def of(node: Node) -> NodeCluster:
+        return NodeCluster(node)
+
+    # ----------------------------------------------------------------- registry
+    @abstractmethod
+    async def register(
+        self,
+        agent: str,
+        *,
+        capabilities: Iterable[str] = (),
+        resources: Mapping[str, float] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        health: Health = "healthy",
+        unique: bool = False,
+        name: str | None = None,
+    ) -> AgentEntry:
+        """Register an agent running on the node (by id or name) with its capabilities."""
+
+    @abstractmethod
+    async def unregister(self, entry_id: str) -> bool: ...
+
+    @abstractmethod
+    async def find(
+        self,
+        *where: Where,
+        capability: str | None = None,
+        healthy_only: bool = False,
+        limit: int = 0,
+        order_by: str | None = None,
+        descending: bool = False,
+    ) -> list[AgentEntry]:
+        """Registered agents matching every condition (``"resources.gpu>=1"`` or a Cond)."""
+
+    async def least_loaded(
+        self, capability: str, *, n: int = 1, resource: str = "load"
+    ) -> list[AgentEntry]:
+        return await self.find(
+            capability=capability, healthy_only=True, order_by=f"resources.{resource}", limit=n
+        )
+
+    @abstractmethod
+    async def members(self) -> list[MemberInfo]: ...
+
+    # ----------------------------------------------------------------- consensus
+    @abstractmethod
+    async def start_consensus(
+        self,
+        participants: Iterable[AgentEntry | str],
+        proposal: Any,
+        *,
+        rule: Rule | str = "majority",
+        timeout: float = 5.0,
+        topic: str = "",
+        ref: str | None = None,
+    ) -> str:
+        """Open a proposal among agents; returns its reference."""
+
+    @abstractmethod
+    async def consensus_result(self, ref: str, *, timeout: float = 15.0) -> Decision: ...
+
+    async def consensus(
+        self,
+        participants: Iterable[AgentEntry | str],
+        proposal: Any,
+        *,
+        rule: Rule | str = "majority",
+        timeout: float = 5.0,
+        topic: str = "",
+    ) -> Decision:
+        """Run a proposal to its committed decision."""
+        ref = await self.start_consensus(
+            participants, proposal, rule=rule, timeout=timeout, topic=topic
+        )
+        return await self.consensus_result(ref, timeout=timeout + 10.0)
+
+    @abstractmethod
+    async def consensus_history(
+        self, *, limit: int = 100, topic: str | None = None
+    ) -> list[Decision]: ...
+
+    # ----------------------------------------------------------------- auctions
+    @abstractmethod
+    async def auction(
+        self,
+        bidders: Iterable[AgentEntry | str],
+        item: str,
+        *,
+        kind: AuctionKind = "vickrey",
+        duration: float = 2.0,
+        reserve: float = 0.0,
+        start_price: float = 0.0,
+        min_increment: float = 1.0,
+        step: float = 1.0,
+        step_interval: float = 0.1,
+    ) -> AuctionOutcome:
+        """Auction ``item`` among bidder agents (sealed_first_price, vickrey, english,
+        dutch); returns the committed outcome once it closes."""
+
+    # ----------------------------------------------------------------- store primitives
+    @property
+    @abstractmethod
+    def store(self) -> Store: ...
+
+    def lock(self, name: str, *, ttl: float = 10.0) -> Lock:
+        """A distributed lock with a fencing token (``async with cluster.lock("x") as l``)."""
+        return Lock(self.store, f"mabeam/locks/{name}", ttl=ttl)
+
+    def election(self, name: str) -> Election:
+        return Election(self.store, f"mabeam/elections/{name}")
+
+    async def elect(self, name: str, value: bytes, *, ttl: float = 10.0) -> Leadership:
+        """Campaign until elected; the leadership carries its fencing token. The lease (``ttl``)
+        must be kept alive by the caller (``cluster.store.lease_keepalive``)."""
+        lease = await self.store.lease_grant(ttl)
+        return await self.election(name).campaign(value, lease=lease.id)
+
+    def barrier(self, name: str, parties: int) -> Barrier:
+        return Barrier(self.store, f"mabeam/barriers/{name}", parties)
+
+    def semaphore(self, name: str, limit: int, *, ttl: float = 10.0) -> Semaphore:
+        """A counting semaphore / resource pool of ``limit`` units, with fencing tokens."""
+        return Semaphore(self.store, f"mabeam/semaphores/{name}", limit, ttl=ttl)
+
+    # ----------------------------------------------------------------- events
+    @abstractmethod
+    def watch(self, pattern: str = "cluster.**") -> AsyncIterator[Signal]:
+        """Signals on the node's bus matching ``pattern`` (e.g. ``cluster.consensus.*``)."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Cluster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class NodeCluster(Cluster):
+    """The facade over a node running in this process."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def register(
+        self,
+        agent: str,
+        *,
+        capabilities: Iterable[str] = (),
+        resources: Mapping[str, float] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        health: Health = "healthy",
+        unique: bool = False,
+        name: str | None = None,
+    ) -> AgentEntry:
+        return await self.node.registry.register(
+            agent,
+            capabilities=capabilities,
+            resources=resources,
+            metadata=metadata,
+            health=health,
+            unique=unique,
+            name=name,
+        )
+
+    async def unregister(self, entry_id: str) -> bool:
+        return await self.node.registry.unregister(entry_id)
+
+    async def find(
+        self,
+        *where: Where,
+        capability: str | None = None,
+        healthy_only: bool = False,
+        limit: int = 0,
+        order_by: str | None = None,
+        descending: bool = False,
+    ) -> list[AgentEntry]:
+        return self.node.registry.index.query(
+            _conds(where, capability, healthy_only),
+            limit=limit,
+            order_by=order_by,
+            descending=descending,
+        )
+
+    async def members(self) -> list[MemberInfo]:
+        return [
+            MemberInfo(
+                m.name, m.addr, m.state, m.meta.zone, m.meta.region, list(m.meta.capabilities)
+            )
+            for m in sorted(self.node.members(), key=lambda m: m.name)
+        ]
+
+    async def start_consensus(
+        self,
+        participants: Iterable[AgentEntry | str],
+        proposal: Any,
+        *,
+        rule: Rule | str = "majority",
+        timeout: float = 5.0,
+        topic: str = "",
+        ref: str | None = None,
+    ) -> str:
+        return await self.node.consensus.start(
+            _participants(participants),
+            proposal,
+            rule=_rule(rule),
+            timeout=timeout,
+            topic=topic,
+            ref=ref,
+        )
+
+    async def consensus_result(self, ref: str, *, timeout: float = 15.0) -> Decision:
+        return await self.node.consensus.result(ref, timeout=timeout)
+
+    async def consensus_history(
+        self, *, limit: int = 100, topic: str | None = None
+    ) -> list[Decision]:
+        return await self.node.consensus.history(limit=limit, topic=topic)
+
+    async def auction(
+        self,
+        bidders: Iterable[AgentEntry | str],
+        item: str,
+        *,
+        kind: AuctionKind = "vickrey",
+        duration: float = 2.0,
+        reserve: float = 0.0,
+        start_price: float = 0.0,
+        min_increment: float = 1.0,
+        step: float = 1.0,
+        step_interval: float = 0.1,
+    ) -> AuctionOutcome:
+        svc = self.node.auctions
+        ref = await svc.start(
+            _participants(bidders), item, kind=kind, duration=duration, reserve=reserve,
+            start_price=start_price, min_increment=min_increment, step=step,
+            step_interval=step_interval,
+        )  # fmt: skip
+        return await svc.result(ref, timeout=duration + 15.0)
+
+    @property
+    def store(self) -> Store:
+        return self.node.store
+
+    async def watch(self, pattern: str = "cluster.**") -> AsyncIterator[Signal]:
+        bus = self.node.runtime.bus
+        sub = bus.subscribe(pattern, queue_size=4096, overflow="drop_oldest")
+        try:
+            async for signal in sub:
+                yield signal
+        finally:
+            bus.unsubscribe(sub)
+
+    async def close(self) -> None:
+        """Nothing to release: the node belongs to its owner."""
+
+
+_REMOTE_TYPES: dict[str, type[ClusterError]] = {}
+
+
+class _NameTakenRemote(RemoteError, NameTaken):
+    pass
+
+
+class _ConsensusTimeoutRemote(RemoteError, ConsensusTimeout):
+    pass
+
+
+class _ConsensusRemote(RemoteError, ConsensusError):
+    pass
+
+
+class _RegistryRemote(RemoteError, RegistryError):
+    pass
+
+
+class _AuctionRemote(RemoteError, AuctionError):
+    pass
+
+
+_REMOTE_TYPES.update(
+    AuctionError=_AuctionRemote,
+    NameTaken=_NameTakenRemote,
+    ConsensusTimeout=_ConsensusTimeoutRemote,
+    ConsensusError=_ConsensusRemote,
+    RegistryError=_RegistryRemote,
+)
+
+
+class RemoteCluster(Cluster):
+    """The facade over a node's control API (see :func:`connect`)."""
+
+    def __init__(self, nodes: Sequence[str], *, keyring: Any, timeout: float = 5.0) -> None:
+        from agentcluster.control import ControlClient
+        from agentcluster.store.remote import RemoteStore
+
+        if not nodes:
+            raise ValueError("connect needs at least one node address")
+        self.nodes = list(nodes)
+        self.timeout = timeout
+        self._client = ControlClient(self.nodes[0], keyring=keyring, timeout=timeout)
+        self._watcher = ControlClient(self.nodes[0], keyring=keyring, timeout=timeout)
+        self._store = RemoteStore(self.nodes, keyring=keyring, timeout=timeout)
+
+    async def _call(self, fn: str, *, timeout: float | None = None, **args: Any) -> Any:
+        from agentcluster.control import ControlError
+
+        try:
+            return await self._client.call("mabeam", {"fn": fn, **args}, timeout=timeout)
+        except ControlError as exc:
+            raise _remote_error(str(exc)) from None
+
+    async def register(
+        self,
+        agent: str,
+        *,
+        capabilities: Iterable[str] = (),
+        resources: Mapping[str, float] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        health: Health = "healthy",
+        unique: bool = False,
+        name: str | None = None,
+    ) -> AgentEntry:
+        raw = await self._call(
+            "register",
+            agent=agent,
+            capabilities=list(capabilities),
+            resources=dict(resources or {}),
+            metadata=dict(metadata or {}),
+            health=health,
+            unique=unique,
+            name=name,
+        )
+        return msgspec.convert(raw, AgentEntry)
+
+    async def unregister(self, entry_id: str) -> bool:
+        return bool(await self._call("unregister", id=entry_id))
+
+    async def find(
+        self,
+        *where: Where,
+        capability: str | None = None,
+        healthy_only: bool = False,
+        limit: int = 0,
+        order_by: str | None = None,
+        descending: bool = False,
+    ) -> list[AgentEntry]:
+        conds = [msgspec.to_builtins(c) for c in _conds(where, capability, healthy_only)]
+        raw = await self._call(
+            "find", where=conds, limit=limit, order_by=order_by, descending=descending
+        )
+        return msgspec.convert(raw, list[AgentEntry])
+
+    async def members(self) -> list[MemberInfo]:
+        from agentcluster.control import ControlError
+
+        try:
+            rows = await self._client.call("members")
+        except ControlError as exc:
+            raise _remote_error(str(exc)) from None
+        return [
+            MemberInfo(r["name"], r["addr"], r["state"], r["zone"], r["region"], r["capabilities"])
+            for r in rows
+        ]
+
+    async def start_consensus(
+        self,
+        participants: Iterable[AgentEntry | str],
+        proposal: Any,
+        *,
+        rule: Rule | str = "majority",
+        timeout: float = 5.0,
+        topic: str = "",
+        ref: str | None = None,
+    ) -> str:
+        return str(
+            await self._call(
+                "consensus_start",
+                participants=_participants(participants),
+                proposal=proposal,
+                rule=msgspec.to_builtins(_rule(rule)),
+                timeout=timeout,
+                topic=topic,
+                ref=ref,
+            )
+        )
+
+    async def consensus_result(self, ref: str, *, timeout: float = 15.0) -> Decision:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            wait = min(max(0.0, deadline - loop.time()), 25.0)
+            try:
+                raw = await self._call(
+                    "consensus_result", ref=ref, wait=wait, timeout=wait + self.timeout
+                )
+            except ConsensusTimeout:
+                if loop.time() >= deadline:
+                    raise
+                continue
+            return msgspec.convert(raw, Decision)
+
+    async def consensus_history(
+        self, *, limit: int = 100, topic: str | None = None
+    ) -> list[Decision]:
+        raw = await self._call("consensus_history", limit=limit, topic=topic)
+        return msgspec.convert(raw, list[Decision])
+
+    async def auction(
+        self,
+        bidders: Iterable[AgentEntry | str],
+        item: str,
+        *,
+        kind: AuctionKind = "vickrey",
+        duration: float = 2.0,
+        reserve: float = 0.0,
+        start_price: float = 0.0,
+        min_increment: float = 1.0,
+        step: float = 1.0,
+        step_interval: float = 0.1,
+    ) -> AuctionOutcome:
+        raw = await self._call(
+            "auction", timeout=duration + 15.0 + self.timeout,
+            bidders=_participants(bidders), item=item, kind=kind, duration=duration,
+            reserve=reserve, start_price=start_price, min_increment=min_increment, step=step,
+            step_interval=step_interval,
+        )  # fmt: skip
+        return msgspec.convert(raw, AuctionOutcome)
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    async def watch(self, pattern: str = "cluster.**") -> AsyncIterator[Signal]:
+        from agentcluster.control import ControlError
+
+        after: str | None = None
+        while True:
+            try:
+                raw = await self._watcher.call(
+                    "mabeam",
+                    {"fn": "watch", "pattern": pattern, "after": after, "wait": 10.0},
+                    timeout=10.0 + self.timeout,
+                )
+            except ControlError as exc:
+                raise _remote_error(str(exc)) from None
+            for item in raw:
+                signal = msgspec.convert(item, Signal)
+                after = signal.id
+                yield signal
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.close()
+        with contextlib.suppress(Exception):
+            await self._watcher.close()
+        await self._store.close()
+
+
+def _remote_error(message: str) -> ClusterError:
+    # Control errors read "<addr>: <Type>: <message>" when the node raised.
+    _, _, rest = message.partition(": ")
+    type_name, sep, _ = rest.partition(": ")
+    if sep and type_name.isidentifier():
+        cls = _REMOTE_TYPES.get(type_name, RemoteError)
+        return cls(message, type_name)
+    return RemoteError(message)
+
+
+def connect(
+    node: str | Sequence[str], *, key_file: str | None = None, timeout: float = 5.0
+) -> RemoteCluster:
+    """A :class:`RemoteCluster` through the control API of ``node`` (``host:port``); the
+    cluster key file is ``key_file`` or ``$AGENTCLUSTER_KEY_FILE``."""
+    import os
+
+    from agentcluster.wire import Keyring
+
+    path = key_file or os.environ.get("AGENTCLUSTER_KEY_FILE")
+    keyring = Keyring.from_file(path) if path else None
+    nodes = [node] if isinstance(node, str) else list(node)
+    return RemoteCluster(nodes, keyring=keyring, timeout=timeout)
