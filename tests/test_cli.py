@@ -105,3 +105,17 @@ def test_up_runs_a_multi_node_cluster_with_chaos_and_leaves_no_orphans() -> None
     assert "all nodes stopped cleanly" in out.stdout
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     assert "agentcluster.cli node run --name n3" not in ps.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("up", "--nodes", "1", "--agent", "agentcluster.examples.voter"),
+        ("up", "--nodes", "1", "--agent", "agentcluster.nowhere:Voter"),
+        ("node", "run", "--agent", "agentcluster.examples.voter:Nope"),
+    ],
+)
+def test_a_bad_agent_spec_fails_before_anything_starts(argv: tuple[str, ...]) -> None:
+    out = run(*argv, timeout=30)
+    assert out.returncode == 2
+    assert "error:" in out.stderr and "agent" in out.stderr

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
-from agentcluster.agents import ActionContext, Agent
+from agentcluster.agents import Action, ActionContext, Agent
 from agentcluster.cluster import Cluster, NodeCluster, elect_by
 from agentcluster.coordination.proposals import CONSENSUS_PREFIX, VoteAction, VoteRequest
 from agentcluster.coordination.registry_service import NameTaken
@@ -213,3 +214,53 @@ async def test_elect_by_criteria_is_the_same_everywhere() -> None:
             n: elect_by(c.nodes[n].registry.index.find_capable("vote"), score) for n in c.names
         }
         assert {w.id for w in winners.values() if w is not None} == {"n2/voter"}
+
+
+class ConflictState(msgspec.Struct):
+    conflicts: list[str] = []
+
+
+class _NoteConflict(Action[msgspec.Struct]):
+    name = "note_conflict"
+
+    def run(self, params: msgspec.Struct, ctx: ActionContext) -> dict[str, Any]:
+        assert ctx.signal is not None
+        winner = ctx.signal.data["winner"]
+        return {"conflicts": [*ctx.state.conflicts, winner[0]]}
+
+
+class NoteConflicts(Agent):
+    """Votes yes and remembers the name conflicts it is told about (the winner's id)."""
+
+    name = "voter"
+    State = ConflictState
+    actions = (_Yes, _NoteConflict)
+    routes = (
+        ("cluster.consensus.vote_request", "vote_yes"),
+        ("cluster.registry.name_conflict", "note_conflict"),
+    )
+
+
+@pytest.mark.virtual_time
+async def test_a_unique_name_taken_on_both_sides_of_a_partition_is_settled_on_heal() -> None:
+    async with SimCluster(5, seed=29, store_voters=3) as c:
+        await c.wait_until(c.converged, timeout=30)
+        majority, minority = ["n1", "n2", "n3", "n4"], ["n5"]
+        c.partition(majority, minority)
+        await c.wait_until(lambda: c.view("n1")["n5"] == "dead", timeout=60)
+        # The minority side cannot reach the store: its registration stays unclaimed.
+        await c.nodes["n5"].runtime.spawn(NoteConflicts)
+        lost = await Cluster.of(c.nodes["n5"]).register("voter", unique=True, name="chair")
+        assert lost.name_token == 0
+        await c.nodes["n2"].runtime.spawn(NoteConflicts)
+        won = await Cluster.of(c.nodes["n2"]).register("voter", unique=True, name="chair")
+        assert won.name_token > 0
+        c.heal()
+        await c.wait_until(c.converged, timeout=120)
+        n5_agent = c.nodes["n5"].runtime.lookup("voter")
+        await c.wait_until(lambda: len(n5_agent.agent.state.conflicts) == 1, timeout=30)
+        assert n5_agent.agent.state.conflicts == ["n2/voter"]
+        # Every node ranks the store-backed claim first.
+        for n in c.names:
+            assert c.nodes[n].registry.index.by_name("chair")[0].id == "n2/voter"
+        assert c.nodes["n2"].runtime.lookup("voter").agent.state.conflicts == []

@@ -88,7 +88,20 @@ def node_run(
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    _check_agents(cfg.agents)
     run_loop(_run_node(cfg), uvloop=uvloop)
+
+
+def _check_agents(specs: list[str]) -> None:
+    """Fail before starting anything when an agent cannot be loaded."""
+    from agentcluster.node import load_agent_class
+
+    for spec in specs:
+        try:
+            load_agent_class(spec)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
 
 def run_loop(main: Coroutine[Any, Any, T], *, uvloop: bool = True) -> T:
@@ -153,7 +166,12 @@ def members(
 
 
 async def _up(
-    n: int, duration: float | None, chaos: float | None, preset: str, console: Console
+    n: int,
+    duration: float | None,
+    chaos: float | None,
+    preset: str,
+    console: Console,
+    agents: list[str] | None = None,
 ) -> int:
     from agentcluster.launcher import LocalCluster
 
@@ -165,7 +183,7 @@ async def _up(
     rng = random.Random()
     log: list[str] = []
     last: dict[str, str] = {}
-    async with LocalCluster(n, preset=preset) as cluster:
+    async with LocalCluster(n, preset=preset, agents=agents or ()) as cluster:
         console.print(f"started {n} nodes on loopback (logs in {cluster.workdir}); converging ...")
         console.print(
             f"cluster key: {cluster.key_file} -- try: agentcluster kv put greeting hello "
@@ -173,6 +191,13 @@ async def _up(
             soft_wrap=True,  # one line, so it can be copied as is
             highlight=False,
         )
+        if agents:
+            console.print(
+                f"agents: {', '.join(agents)} on every node -- try: agentcluster agents "
+                f"--node {cluster.nodes[0].addr} --key-file {cluster.key_file}",
+                soft_wrap=True,
+                highlight=False,
+            )
         try:
             took = await cluster.wait_converged(timeout=60)
             console.print(f"converged in {took:.2f}s")
@@ -268,9 +293,19 @@ def up(
         float, typer.Option(min=1.0, help="Mean seconds between chaos kills.")
     ] = 15.0,
     preset: Annotated[str, typer.Option(help="Membership timing preset.")] = "local",
+    agent: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A user agent every node starts and registers, MODULE:CLASS (repeatable; "
+            "e.g. agentcluster.examples.voter:Voter)."
+        ),
+    ] = None,
 ) -> None:
     """Run a local cluster of N node processes on loopback with a live members view."""
+    _check_agents(agent or [])
     console = Console(highlight=False)
     raise typer.Exit(
-        asyncio.run(_up(nodes, duration, chaos_every if chaos else None, preset, console))
+        asyncio.run(
+            _up(nodes, duration, chaos_every if chaos else None, preset, console, agent or [])
+        )
     )
