@@ -347,3 +347,34 @@ def test_commit_delay_rides_on_next_append_or_a_late_empty_one() -> None:
     assert c.nodes["n2"].commit_index == index and c.nodes["n3"].commit_index == index
     with pytest.raises(ValueError, match="commit_delay"):
         RaftConfig(heartbeat_interval=0.1, commit_delay=0.2)
+
+
+def test_steady_writes_carry_every_commit_index_without_an_empty_append() -> None:
+    """Writes closer together than ``commit_delay``: each new commit index rides on the next
+    write's append, and the delay restarts from the commit it waits for -- so between
+    heartbeats no empty append is sent, yet the last commit still reaches the followers
+    within ``commit_delay``."""
+    cfg = RaftConfig(election_timeout=1.0, heartbeat_interval=0.1, commit_delay=0.01)
+    c = Cluster(3, config=cfg)
+    leader = c.elect("n1")
+    c.advance_time(c.now + 0.1)  # just past a heartbeat: the next is 0.1 s away
+    empty: list[AppendEntries] = []
+
+    def watch(m: Message) -> bool:
+        if isinstance(m, AppendEntries) and not m.entries:
+            empty.append(m)
+        return True
+
+    index = 0
+    for k in range(12):
+        c.advance_time(c.now + 0.006, watch)
+        proposed = leader.propose(b"w%d" % k, c.now)
+        assert proposed is not None
+        index = proposed
+        c.deliver(watch)
+        assert leader.commit_index == index
+    assert empty == []
+    assert c.nodes["n2"].commit_index == index - 1  # carried by the last append
+    c.advance_time(c.now + 0.011, watch)
+    assert c.nodes["n2"].commit_index == index and c.nodes["n3"].commit_index == index
+    assert empty  # the last commit index needed one, and got it in time

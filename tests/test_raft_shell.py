@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -264,3 +265,60 @@ async def test_leader_pipelines_writes_and_everything_survives_a_restart(tmp_pat
         await done(net)
         for d in disks.values():
             d.close()
+
+
+class ThreadSpy:
+    """A MemoryStorage that records on which thread each write with entries ran."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStorage()
+        self.writes: list[tuple[int, bool]] = []  # (entries, on the loop's thread)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def persist(self, hard_state: HardState | None, entries: Sequence[Entry]) -> None:
+        if entries:
+            self.writes.append((len(entries), threading.current_thread() is MAIN_THREAD))
+        self.inner.persist(hard_state, entries)
+
+
+MAIN_THREAD = threading.main_thread()
+
+
+async def test_small_batches_are_written_inline_large_ones_on_the_writer_thread() -> None:
+    """``threaded_min_entries``: a write of fewer entries is done on the loop (a thread
+    hand-off costs more than the fsync), a larger batch on the writer thread -- and every
+    proposal still resolves."""
+    net = Net()
+    await net.tg.__aenter__()
+    names = ["n1", "n2", "n3"]
+    spies = {name: ThreadSpy() for name in names}
+    for name in names:
+        shell = RaftShell(
+            name,
+            [v for v in names if v != name],
+            storage=spies[name],  # type: ignore[arg-type]
+            state_machine=ListMachine(),
+            send=net.send,
+            clock=net.clock,
+            rng=random.Random(name),
+            config=CFG,
+            shell_config=ShellConfig(threaded_writes=True, threaded_min_entries=8),
+        )
+        net.shells[name] = shell
+        await shell.start(net.tg)
+    try:
+        leader = await net.elected()
+        for i in range(5):  # sequential: one entry per write
+            await leader.propose(b"s%d" % i)
+        results = await asyncio.gather(*(leader.propose(b"b%d" % i) for i in range(64)))
+        assert len(set(results)) == 64
+        writes = spies[leader.id].writes
+        assert all(inline for n, inline in writes if n < 8)
+        assert any(n < 8 for n, _ in writes)
+        assert any(n >= 8 and not inline for n, inline in writes)
+        with pytest.raises(ValueError, match="threaded_min_entries"):
+            ShellConfig(threaded_min_entries=0)
+    finally:
+        await done(net)

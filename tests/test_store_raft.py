@@ -21,6 +21,8 @@ from agentcluster.store import (
     TxnResult,
     WatchEvent,
 )
+from agentcluster.store._kv import PutCmd, PutResult, decode_result, encode_command, unwrap
+from agentcluster.store.raft import KvRequest
 from agentcluster.testing import SimCluster, wait_until
 from store_contract import StoreContract
 
@@ -191,5 +193,35 @@ async def test_leaving_leader_hands_leadership_over() -> None:
         await store.put("after", b"2")
         kv = await c.nodes[new].store.get("before")
         assert kv is not None and kv.value == b"1"
+    finally:
+        await c.stop()
+
+
+@pytest.mark.virtual_time
+async def test_a_client_batch_on_the_leader_is_one_raft_batch() -> None:
+    """RaftStore.route_many (a client's batch through the control API): on the leader the
+    writes are proposed together -- one Raft batch, each with its own revision -- a malformed
+    one is refused alone, reads take the general path; on a follower every request is routed
+    to the leader."""
+    c = await started(3, 3, seed=8)
+    try:
+        leader = leader_of(c)
+        host = c.nodes[leader].store_host
+        assert host is not None and host.member is not None
+        shell = host.member.shell
+        before = shell.batches
+        reqs = [KvRequest("cmd", encode_command(PutCmd(f"b{i}", b"%d" % i))) for i in range(10)]
+        reqs += [KvRequest("cmd", b"\xc1"), KvRequest("get", key="b3")]
+        replies = await c.nodes[leader].store.route_many(reqs, timeout=5.0)
+        assert [r.ok for r in replies] == [True] * 10 + [False, True]
+        assert replies[10].error == "invalid"
+        revisions = [unwrap(decode_result(r.data), PutResult).revision for r in replies[:10]]
+        assert revisions == sorted(set(revisions))
+        assert shell.batches == before + 1
+        follower = next(n for n in c.names if n != leader)
+        replies = await c.nodes[follower].store.route_many(reqs[:2] + reqs[-1:], timeout=5.0)
+        assert [r.ok for r in replies] == [True] * 3
+        kv = await c.nodes[follower].store.get("b3")
+        assert kv is not None and kv.value == b"3"
     finally:
         await c.stop()

@@ -394,3 +394,49 @@ async def test_kept_connection_one_way_frames_then_request_reply() -> None:
             assert b.stats().streams_accepted == 4
         finally:
             writer.close()
+
+
+async def test_read_deadlines_cut_slow_peers_but_never_a_slow_handler() -> None:
+    """One deadline per connection (no timer per frame): a kept connection idle past
+    ``stream_idle_timeout`` or a request stalled mid-frame past ``stream_read_timeout`` is
+    closed, while a handler taking longer than either is answered, and many frames in a row
+    each get the full timeouts."""
+
+    async def slow(src: str, data: bytes) -> bytes:
+        if data == b"slow":
+            await asyncio.sleep(0.5)
+        return data
+
+    async with running(slow, stream_read_timeout=0.2, stream_idle_timeout=0.3) as (b, _):
+        host, port = parse_addr(b.addr)
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for word in (b"slow", b"a", b"b", b"slow"):
+                writer.write(struct.pack("!I", len(word)) + word)
+                await writer.drain()
+                async with asyncio.timeout(2):
+                    (size,) = struct.unpack("!I", await reader.readexactly(4))
+                    assert await reader.readexactly(size) == word
+                await asyncio.sleep(0.15)  # idle, but within the idle timeout
+            writer.write(struct.pack("!I", 10) + b"abc")  # stalls mid-frame
+            started = time.monotonic()
+            async with asyncio.timeout(2):
+                assert await reader.read() == b""  # closed by the server
+            assert 0.15 < time.monotonic() - started < 1.5
+        finally:
+            writer.close()
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(struct.pack("!I", 2) + b"hi")
+            await writer.drain()
+            async with asyncio.timeout(2):
+                assert await reader.readexactly(6) == struct.pack("!I", 2) + b"hi"
+                started = time.monotonic()
+                assert await reader.read() == b""  # idle past the idle timeout
+            assert 0.25 < time.monotonic() - started < 1.5
+        finally:
+            writer.close()
+        assert b.stats().stream_errors == 0  # neither cut came before a first request
+        assert await raw_exchange(b.addr, struct.pack("!I", 2) + b"ok") == (
+            struct.pack("!I", 2) + b"ok"
+        )

@@ -517,14 +517,25 @@ class KVStateMachine:
         excess = len(self._history) - self._hist_start - self.max_events
         if excess > 0:
             # Drop whole revisions: a watcher must never see part of one.
-            cut_rev = _event_revision(self._history[self._hist_start + excess - 1]) + 1
-            self._drop_before(min(cut_rev, self._revision))
+            first_kept = self._hist_start + excess
+            cut_rev = _event_revision(self._history[first_kept - 1]) + 1
+            if cut_rev <= self._revision:
+                # Every event before ``first_kept`` is older than ``cut_rev``: the cut is
+                # there or after it (a steady writer trims one event per write, and a
+                # bisection of the whole history for it was a tenth of the apply).
+                self._drop_before(cut_rev, first_kept)
+            else:
+                self._drop_before(self._revision)
 
-    def _drop_before(self, revision: int) -> None:
-        """Forget the history of every revision below ``revision``."""
+    def _drop_before(self, revision: int, lo: int | None = None) -> None:
+        """Forget the history of every revision below ``revision``; ``lo``, when given, is
+        an index before which every event is older than ``revision``."""
         if revision <= self._oldest:
             return
-        cut = bisect_left(self._history, revision, lo=self._hist_start, key=_event_revision)
+        history = self._history
+        cut = self._hist_start if lo is None else lo
+        if lo is None or (cut < len(history) and _event_revision(history[cut]) < revision):
+            cut = bisect_left(history, revision, lo=cut, key=_event_revision)
         self._hist_start = cut
         self._oldest = revision
         if cut > 64 and cut * 2 > len(self._history):

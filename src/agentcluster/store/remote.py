@@ -13,7 +13,7 @@ Concurrent requests to one entry node are *batched*: the requests that arrive wh
 node's connections are busy queue up and leave together in the next call, which the node runs
 concurrently -- so the leader proposes them in one Raft batch (one fsync, one append per
 follower) and one round trip carries them all; up to four calls are in flight, so batches
-pipeline. A single sequential caller pays nothing for it.
+pipeline. A single sequential caller pays one loop turn for it (see :class:`_Batcher`).
 Watches' long-polls use a connection of their own, so they never hold a batch back.
 """
 
@@ -56,8 +56,14 @@ async def _call(client: ControlClient, reqs: list[bytes], timeout: float) -> lis
 class _Batcher:
     """Coalesces concurrent requests to one entry node into ``kv`` calls, with up to
     ``len(clients)`` calls in flight (one per connection): while one batch commits, the next
-    one forms and is already on its way -- Raft pipelines them. A lone request goes out from
-    its caller's task on the first connection; batches use the others."""
+    one forms and is already on its way -- Raft pipelines them.
+
+    A caller that finds nothing queued and nothing in flight yields once before sending, so
+    that every caller ready in the same loop turn (say, the clients a batch's replies just
+    woke) joins it: they leave together as one call, one Raft batch. Still alone after that
+    yield, it sends its request itself on the first connection (no hand-off to a worker: a
+    sequential client pays one loop turn, not a task). Otherwise one worker task takes the
+    whole queue."""
 
     def __init__(self, clients: Sequence[ControlClient]) -> None:
         self.clients = list(clients)
@@ -65,38 +71,59 @@ class _Batcher:
         self._queue: list[tuple[bytes, float, asyncio.Future[KvReply]]] = []
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._inline = False  # a caller is sending on clients[0] itself
+        self._starting = False  # a worker was started and has not taken the queue yet
 
     def _busy(self) -> bool:
         return any(not task.done() for task in self._workers.values())
 
     async def submit(self, req: KvRequest, timeout: float) -> KvReply:
-        if not self._inline and not self._queue and not self._busy():
-            # Nothing else in flight: send from the caller's own task on the first connection
-            # (no hand-off to a worker: one loop turn less for a sequential client).
-            self._inline = True
-            try:
-                (reply,) = await _call(self.clients[0], [_req_enc.encode(req)], timeout)
-            finally:
-                self._inline = False
-            return reply
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[KvReply] = loop.create_future()
-        self._queue.append((_req_enc.encode(req), timeout, fut))
+        entry = (_req_enc.encode(req), timeout, fut)
+        queue = self._queue
+        queue.append(entry)
+        if len(queue) == 1 and not self._inline and not self._busy():
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                fut.cancel()  # a worker skips it
+                raise
+            if self._queue == [entry] and not self._inline and not self._busy():
+                self._queue = []
+                self._inline = True
+                try:
+                    (reply,) = await _call(self.clients[0], [entry[0]], timeout)
+                finally:
+                    self._inline = False
+                    fut.cancel()  # never awaited: the reply came straight back
+                    if self._queue:
+                        self._kick()  # callers that queued behind this one
+                return reply
+        self._kick()
+        return await fut
+
+    def _kick(self) -> None:
+        """Start a worker on an idle connection, unless one is about to take the queue."""
+        if self._starting or not self._queue:
+            return
         # Batches use the connections after the first (all of them if there is just one).
         first = 1 if len(self.clients) > 1 else 0
         for k, client in enumerate(self.clients[first:], start=first):
             task = self._workers.get(k)
             if task is None or task.done():
-                self._workers[k] = loop.create_task(self._send_all(client))
-                break
-        return await fut
+                self._starting = True
+                self._workers[k] = asyncio.get_running_loop().create_task(self._send_all(client))
+                return
 
     async def _send_all(self, client: ControlClient) -> None:
+        self._starting = False
         while self._queue:
             batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
             live = [(r, t, f) for r, t, f in batch if not f.done()]
             if not live:
                 continue
+            if self._queue:
+                self._kick()  # more than one call's worth: another connection takes the rest
             timeout = max(t for _, t, _ in live)
             try:
                 replies = await _call(client, [r for r, _, _ in live], timeout)

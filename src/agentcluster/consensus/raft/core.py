@@ -761,6 +761,14 @@ class RaftNode(ReadsMixin):
             if (self._commit_broadcast or read_round) and not sent:
                 self._send_empty(peer, pr)
         self._commit_broadcast = False
+        if self._commit_deadline != math.inf and all(
+            pr.commit_sent >= self.commit_index
+            for pr in self._progress.values()
+            if pr.state == "replicate"
+        ):
+            # Appends carried the commit index to every follower: the next commit arms a fresh
+            # delay, so steady writes never cost an empty append round (2 messages per peer).
+            self._commit_deadline = math.inf
 
     def _send_append(self, peer: str, pr: Progress, *, allow_empty: bool) -> bool:
         if pr.state == "snapshot" or (pr.state == "probe" and pr.probe_sent):

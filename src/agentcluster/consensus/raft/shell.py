@@ -91,10 +91,22 @@ class ShellConfig:
     # Write to storage on a thread, so the loop keeps receiving during an fsync (for disk
     # storage; never with a simulated clock, whose time must not move during a real write).
     threaded_writes: bool = False
+    # ... but only batches of at least this many entries: a smaller write is done inline,
+    # since handing it to the thread and back (a queue, a lock, a wake-up of the loop
+    # through its self-pipe) costs more CPU than the fdatasync blocks the loop.
+    threaded_min_entries: int = 64
 
     def __post_init__(self) -> None:
-        if self.snapshot_every < 1 or self.snapshot_keep < 0 or self.max_batch < 1:
-            raise ValueError("snapshot_every and max_batch must be >= 1, snapshot_keep >= 0")
+        if (
+            self.snapshot_every < 1
+            or self.snapshot_keep < 0
+            or self.max_batch < 1
+            or self.threaded_min_entries < 1
+        ):
+            raise ValueError(
+                "snapshot_every, max_batch and threaded_min_entries must be >= 1, "
+                "snapshot_keep >= 0"
+            )
 
 
 class RaftShell:
@@ -213,10 +225,17 @@ class RaftShell:
         """Replicate ``data``; the state machine's result once applied. Raises NotLeader
         (nothing happened) or ProposalDropped (certainly not applied). Cancel the await for a
         deadline -- the entry may still commit."""
+        return await self.submit(data)
+
+    def submit(self, data: bytes) -> asyncio.Future[Any]:
+        """:meth:`propose` without the coroutine: the future it awaits. A caller with many
+        proposals (a client's batch) submits them all and waits once, instead of paying a
+        task per proposal; cancelling the future abandons the wait as cancelling
+        :meth:`propose` does."""
         fut = self._new_future()
         self._proposals.append((data, fut))
         self._wake.set()
-        return await fut
+        return fut
 
     async def read_barrier(self) -> None:
         """Return once a linearizable read of the local state machine is possible."""
@@ -323,7 +342,11 @@ class RaftShell:
         pipelined = False
         if rd.entries or (hs is not None and (hs.term, hs.vote) != (stored.term, stored.vote)):
             state = HardState(node.term, node.vote, node.commit_index)
-            if early and self._writer is not None and len(rd.entries) > 1:
+            threaded = (
+                self._writer is not None
+                and len(rd.entries) >= self.shell_config.threaded_min_entries
+            )
+            if early and threaded:
                 # A leader under load does not wait for its own write: its appends are out,
                 # it counts its own copy once the write completes (:meth:`_written`), and the
                 # next batch is appended, sent and written behind this one meanwhile -- writes
@@ -336,12 +359,13 @@ class RaftShell:
                 write.add_done_callback(functools.partial(self._written, last.index, last.term))
                 self._write_tail = write
                 pipelined = True
-            elif self._writer is not None and len(rd.entries) > 1:
+            elif threaded:
                 await self._drain()
                 # Under load (a batch of entries), the write runs on the writer thread while
                 # this loop keeps receiving: what arrives meanwhile forms the next, larger
                 # batch (group commit). Nothing touches the core until the write is done. A
-                # lone entry is written inline: the thread hand-off would only add latency.
+                # smaller write is done inline (``threaded_min_entries``): the hand-off to the
+                # thread and back would cost more than it saves.
                 await asyncio.get_running_loop().run_in_executor(
                     self._writer, self.storage.persist, state, rd.entries
                 )

@@ -1,0 +1,98 @@
+"""RemoteStore's request batching (:class:`agentcluster.store.remote._Batcher`), against fake
+control connections: a lone caller sends its own request, callers ready in the same loop turn
+leave together as one call, and requests arriving while calls are in flight form the next call
+on another connection."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+
+from agentcluster.store.raft import KvReply, KvRequest
+from agentcluster.store.remote import _Batcher
+
+_enc = msgspec.msgpack.Encoder()
+_req_dec = msgspec.msgpack.Decoder(KvRequest)
+
+
+class FakeConnection:
+    """Answers every request of a ``kv`` call with its own key; ``gate`` holds calls back."""
+
+    def __init__(self, calls: list[tuple[int, list[str]]], k: int) -> None:
+        self.addr = "127.0.0.1:1"
+        self.calls = calls
+        self.k = k
+        self.gate: asyncio.Event | None = None
+
+    async def call(self, op: str, args: dict[str, Any], *, timeout: float) -> bytes:
+        keys = [_req_dec.decode(r).key for r in args["reqs"]]
+        self.calls.append((self.k, keys))
+        if self.gate is not None:
+            await self.gate.wait()
+        return _enc.encode([KvReply(True, k.encode()) for k in keys])
+
+    async def close(self) -> None:
+        pass
+
+
+def batcher(n: int = 4) -> tuple[_Batcher, list[FakeConnection], list[tuple[int, list[str]]]]:
+    calls: list[tuple[int, list[str]]] = []
+    conns = [FakeConnection(calls, k) for k in range(n)]
+    return _Batcher(conns), conns, calls  # type: ignore[arg-type]
+
+
+async def put(b: _Batcher, key: str) -> bytes:
+    return (await b.submit(KvRequest("get", key=key), 5.0)).data
+
+
+async def test_a_lone_caller_sends_its_request_itself_on_the_first_connection() -> None:
+    b, _, calls = batcher()
+    for i in range(3):
+        assert await put(b, f"k{i}") == b"k%d" % i
+    assert calls == [(0, ["k0"]), (0, ["k1"]), (0, ["k2"])]
+    await b.close()
+
+
+async def test_callers_ready_in_the_same_turn_leave_as_one_call() -> None:
+    b, _, calls = batcher()
+    keys = [f"k{i}" for i in range(16)]
+    replies = await asyncio.gather(*(put(b, k) for k in keys))
+    assert replies == [k.encode() for k in keys]
+    assert len(calls) == 1 and calls[0][1] == keys
+    # Closed-loop clients woken by one batch's replies stay one batch.
+    replies = await asyncio.gather(*(put(b, k) for k in keys))
+    assert len(calls) == 2 and calls[1][1] == keys
+    await b.close()
+
+
+async def test_requests_arriving_during_a_call_form_the_next_one_on_another_connection() -> None:
+    b, conns, calls = batcher()
+    for c in conns:
+        c.gate = asyncio.Event()
+    first = [asyncio.ensure_future(put(b, f"a{i}")) for i in range(4)]
+    await asyncio.sleep(0.01)
+    second = [asyncio.ensure_future(put(b, f"b{i}")) for i in range(3)]
+    await asyncio.sleep(0.01)
+    assert [keys for _, keys in calls] == [["a0", "a1", "a2", "a3"], ["b0", "b1", "b2"]]
+    assert calls[0][0] != calls[1][0]  # two calls in flight, on two connections
+    for c in conns:
+        assert c.gate is not None
+        c.gate.set()
+    assert await asyncio.gather(*first, *second) == [
+        b"a0", b"a1", b"a2", b"a3", b"b0", b"b1", b"b2",
+    ]  # fmt: skip
+    await b.close()
+
+
+async def test_a_caller_cancelled_before_its_request_left_is_never_sent() -> None:
+    b, _, calls = batcher()
+    task = asyncio.ensure_future(put(b, "gone"))
+    await asyncio.sleep(0)  # the caller is in its one-turn yield
+    task.cancel()
+    assert await put(b, "kept") == b"kept"
+    await asyncio.sleep(0)
+    assert task.cancelled()
+    assert [keys for _, keys in calls] == [["kept"]]
+    await b.close()
