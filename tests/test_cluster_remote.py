@@ -40,10 +40,9 @@ async def test_connect_registry_consensus_locks_barriers_and_events() -> None:
         cluster = agentcluster.connect(lc.nodes[0].addr, key_file=key)
         try:
 
-            async def voters() -> list[agentcluster.AgentEntry]:
+            async def voters() -> list[agentcluster.AgentEntry] | None:
                 found = await cluster.find(capability="vote")
-                assert {e.node for e in found} == {n.name for n in lc.nodes}
-                return found
+                return found if {e.node for e in found} == {n.name for n in lc.nodes} else None
 
             found = await eventually(voters, timeout=30)
             ids = sorted(e.id for e in found)
@@ -91,7 +90,10 @@ async def test_connect_registry_consensus_locks_barriers_and_events() -> None:
             agents_out = _cli("agents", "--node", lc.nodes[2].addr, "--json", key_file=key)
             assert agents_out.returncode == 0, agents_out.stderr
             rows = json.loads(agents_out.stdout)
-            assert sorted(r["id"] for r in rows) == ids
+            # Every node's voter and its own load balancer (registered by the node).
+            assert sorted(r["id"] for r in rows if "vote" in r["capabilities"]) == ids
+            lbs = [r["id"] for r in rows if "cluster.load_balancer" in r["capabilities"]]
+            assert sorted(lbs) == [f"{n.name}/load_balancer" for n in lc.nodes]
             table = _cli("agents", "--node", lc.nodes[2].addr, "--capability", "nope", key_file=key)
             assert table.returncode == 0 and "0 agents" in table.stdout
             hist = _cli("consensus", "history", "--node", lc.nodes[1].addr, "--json", key_file=key)

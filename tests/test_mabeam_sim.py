@@ -204,7 +204,8 @@ async def test_elect_by_criteria_is_the_same_everywhere() -> None:
                 "voter", capabilities=["vote"], resources={"score": float(i % 2)}
             )
         await c.wait_until(
-            lambda: all(len(c.nodes[n].registry.index) == 4 for n in c.names), timeout=10
+            lambda: all(len(c.nodes[n].registry.index.find_capable("vote")) == 4 for n in c.names),
+            timeout=10,
         )
 
         def score(e: Any) -> float:

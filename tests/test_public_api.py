@@ -24,6 +24,8 @@ EXPECTED = {
     "AgentEntry", "Cluster", "ClusterError", "Cond", "ConsensusError", "ConsensusTimeout",
     "Decision", "NameTaken", "Node", "NodeCluster", "RegistryError", "RemoteCluster",
     "RemoteError", "Rule", "VoteAction", "VoteRequest", "connect", "elect_by",
+    # cluster.call (issue 6)
+    "CallError", "CallRemoteError", "NoCapacity", "Rejected", "Timeout",
 }  # fmt: skip
 
 
@@ -62,6 +64,7 @@ def test_subpackages_declare_all_and_it_resolves() -> None:
         "agentcluster.store",
         "agentcluster.consensus.raft",
         "agentcluster.coordination",
+        "agentcluster.balancing",
     ):
         mod = importlib.import_module(module)
         for name in mod.__all__:

@@ -88,6 +88,7 @@ if TYPE_CHECKING:  # the lazily imported names below, for type checkers
     from agentcluster.coordination.registry import AgentEntry
     from agentcluster.coordination.registry_service import NameTaken, RegistryError
     from agentcluster.coordination.voting import Rule
+    from agentcluster.errors import CallError, CallRemoteError, NoCapacity, Rejected, Timeout
     from agentcluster.node import Node
 
 __version__ = "0.1.0"
@@ -106,6 +107,8 @@ __all__ = [
     "AgentStopped",
     "Bus",
     "BusSensor",
+    "CallError",
+    "CallRemoteError",
     "CallTimeout",
     "Cancel",
     "CheckpointError",
@@ -128,10 +131,12 @@ __all__ = [
     "MailboxFull",
     "MonotonicClock",
     "NameTaken",
+    "NoCapacity",
     "Node",
     "NodeCluster",
     "PeriodicSensor",
     "RegistryError",
+    "Rejected",
     "RemoteCluster",
     "RemoteError",
     "Reply",
@@ -157,6 +162,7 @@ __all__ = [
     "Subscription",
     "Supervisor",
     "SupervisorEscalation",
+    "Timeout",
     "UnknownAgent",
     "VoteAction",
     "VoteRequest",
@@ -180,19 +186,24 @@ __all__ = [
 # on first use, so ``import agentcluster`` stays light for programs that only run agents.
 _LAZY = {
     "AgentEntry": "agentcluster.coordination.registry",
+    "CallError": "agentcluster.errors",
+    "CallRemoteError": "agentcluster.errors",
     "Cluster": "agentcluster.cluster",
-    "ClusterError": "agentcluster.cluster",
+    "ClusterError": "agentcluster.errors",
     "Cond": "agentcluster.coordination.query",
     "ConsensusError": "agentcluster.coordination.consensus_service",
     "ConsensusTimeout": "agentcluster.coordination.consensus_service",
     "Decision": "agentcluster.coordination.proposals",
     "NameTaken": "agentcluster.coordination.registry_service",
+    "NoCapacity": "agentcluster.errors",
     "Node": "agentcluster.node",
     "NodeCluster": "agentcluster.cluster",
     "RegistryError": "agentcluster.coordination.registry_service",
+    "Rejected": "agentcluster.errors",
     "RemoteCluster": "agentcluster.cluster",
-    "RemoteError": "agentcluster.cluster",
+    "RemoteError": "agentcluster.errors",
     "Rule": "agentcluster.coordination.voting",
+    "Timeout": "agentcluster.errors",
     "VoteAction": "agentcluster.coordination.proposals",
     "VoteRequest": "agentcluster.coordination.proposals",
     "connect": "agentcluster.cluster",

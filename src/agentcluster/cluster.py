@@ -35,6 +35,15 @@ from agentcluster.coordination.registry import AgentEntry, Health
 from agentcluster.coordination.registry_service import NameTaken, RegistryError
 from agentcluster.coordination.semaphore import Semaphore
 from agentcluster.coordination.voting import Rule, parse_rule
+from agentcluster.errors import (
+    CallError,
+    CallRemoteError,
+    ClusterError,
+    NoCapacity,
+    Rejected,
+    RemoteError,
+    Timeout,
+)
 from agentcluster.signals import Signal
 from agentcluster.store._recipes import Election, Leadership, Lock
 from agentcluster.store.base import Store
@@ -52,21 +61,6 @@ __all__ = [
     "connect",
     "elect_by",
 ]
-
-
-class ClusterError(Exception):
-    """Base of the facade's own errors. The coordination layer's errors come through as they
-    are (:class:`RegistryError`, :class:`NameTaken`, :class:`ConsensusError`,
-    :class:`ConsensusTimeout`); from a remote node they are also :class:`RemoteError`."""
-
-
-class RemoteError(ClusterError):
-    """The node answered with an error; ``remote_type`` names the exception it raised."""
-
-    def __init__(self, message: str, remote_type: str = "") -> None:
-        # Not super(): the remote twins below also derive from errors with other signatures.
-        Exception.__init__(self, message)
-        self.remote_type = remote_type
 
 
 class MemberInfo(msgspec.Struct, frozen=True):
@@ -196,6 +190,29 @@ class Cluster(ABC):
     async def consensus_history(
         self, *, limit: int = 100, topic: str | None = None
     ) -> list[Decision]: ...
+
+    # ----------------------------------------------------------------- calls
+    @abstractmethod
+    async def call(
+        self,
+        capability: str,
+        signal: Signal | str,
+        data: Any = None,
+        *,
+        timeout: float = 5.0,
+        key: str | None = None,
+        idempotent: bool = False,
+    ) -> Any:
+        """Run ``signal`` (a Signal, or a type with ``data``) on an agent with ``capability``
+        somewhere in the cluster, picked by the load balancer; returns the agent's reply.
+        ``key`` makes calls with one key stick to one node (with a hashing strategy);
+        ``idempotent`` allows a retry on another node after a timeout or a lost connection.
+        Raises :class:`~agentcluster.errors.NoCapacity`, :class:`~agentcluster.errors.Timeout`,
+        :class:`~agentcluster.errors.Rejected` or :class:`~agentcluster.errors.CallRemoteError`."""
+
+    @abstractmethod
+    async def routes(self) -> dict[str, Any]:
+        """The node's routing view: per-node weights, breakers, ejections, recent decisions."""
 
     # ----------------------------------------------------------------- auctions
     @abstractmethod
@@ -335,6 +352,23 @@ class NodeCluster(Cluster):
         self, *, limit: int = 100, topic: str | None = None
     ) -> list[Decision]:
         return await self.node.consensus.history(limit=limit, topic=topic)
+
+    async def call(
+        self,
+        capability: str,
+        signal: Signal | str,
+        data: Any = None,
+        *,
+        timeout: float = 5.0,
+        key: str | None = None,
+        idempotent: bool = False,
+    ) -> Any:
+        return await self.node.calls.call(
+            capability, _signal(signal, data), timeout=timeout, key=key, idempotent=idempotent
+        )
+
+    async def routes(self) -> dict[str, Any]:
+        return self.node.balancer.snapshot(self.node.clock.now())
 
     async def auction(
         self,
@@ -525,6 +559,45 @@ class RemoteCluster(Cluster):
         raw = await self._call("consensus_history", limit=limit, topic=topic)
         return msgspec.convert(raw, list[Decision])
 
+    async def call(
+        self,
+        capability: str,
+        signal: Signal | str,
+        data: Any = None,
+        *,
+        timeout: float = 5.0,
+        key: str | None = None,
+        idempotent: bool = False,
+    ) -> Any:
+        from agentcluster.control import ControlError
+
+        sig = _signal(signal, data)
+        try:
+            out = await self._client.call(
+                "call",
+                {
+                    "capability": capability,
+                    "signal": msgspec.to_builtins(sig),
+                    "timeout": timeout,
+                    "key": key,
+                    "idempotent": idempotent,
+                },
+                timeout=timeout + self.timeout,
+            )
+        except ControlError as exc:
+            raise _remote_error(str(exc)) from None
+        if out.get("ok"):
+            return out.get("data")
+        raise call_error(out)
+
+    async def routes(self) -> dict[str, Any]:
+        from agentcluster.control import ControlError
+
+        try:
+            return dict(await self._client.call("routes"))
+        except ControlError as exc:
+            raise _remote_error(str(exc)) from None
+
     async def auction(
         self,
         bidders: Iterable[AgentEntry | str],
@@ -574,6 +647,28 @@ class RemoteCluster(Cluster):
         with contextlib.suppress(Exception):
             await self._watcher.close()
         await self._store.close()
+
+
+def _signal(signal: Signal | str, data: Any) -> Signal:
+    if isinstance(signal, Signal):
+        if data is not None:
+            raise ValueError("pass data inside the Signal, or a signal type with data")
+        return signal
+    return Signal(type=signal, data=data)
+
+
+def call_error(out: Mapping[str, Any]) -> CallError:
+    """The typed error a ``call`` control reply describes."""
+    kind = str(out.get("error_type", ""))
+    message = str(out.get("error", ""))
+    attempts = tuple(out.get("attempts", ()))
+    if kind == "NoCapacity":
+        return NoCapacity(message, attempts=attempts)
+    if kind == "Timeout":
+        return Timeout(message, attempts=attempts)
+    if kind == "Rejected":
+        return Rejected(message, reason=str(out.get("reason", "")), attempts=attempts)
+    return CallRemoteError(message, str(out.get("remote_type", kind)), attempts=attempts)
 
 
 def _remote_error(message: str) -> ClusterError:

@@ -75,6 +75,11 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # may declare ``capabilities`` (a tuple of strings) for its registry entry. None by
     # default: a bare node runs only the clustering agents.
     agents: list[str] = []
+    # How cluster.call picks a node: P2C over peak-EWMA latency sends almost nothing to a slow
+    # or fast-failing node (see `agentcluster bench lb`); others: round_robin,
+    # weighted_round_robin, least_connections, capacity_aware, geographic, maglev,
+    # bounded_load, adaptive.
+    lb_strategy: str = "latency_aware"
 
 
 _LIST_FIELDS = {"seeds", "capabilities", "dns_a", "dns_srv", "store_voters", "agents"}
@@ -184,6 +189,13 @@ def _check(config: NodeConfig) -> None:
         raise ConfigError("invalid node configuration: discovery_interval must be > 0")
     if config.snapshot_every < 1:
         raise ConfigError("invalid node configuration: snapshot_every must be >= 1")
+    from agentcluster.balancing.strategies import STRATEGIES
+
+    if config.lb_strategy not in STRATEGIES:
+        raise ConfigError(
+            f"invalid node configuration: lb_strategy {config.lb_strategy!r} is not one of "
+            f"{', '.join(sorted(STRATEGIES))}"
+        )
     for spec in config.agents:
         module, sep, attr = spec.partition(":")
         if not (sep and module and attr):

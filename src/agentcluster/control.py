@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentEnvelope",
+    "CallReply",
+    "CallRequest",
     "ControlClient",
     "ControlError",
     "ControlReply",
@@ -45,7 +47,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OPS = ("members", "agents", "health", "stats", "leave", "kv", "mabeam")
+OPS = ("members", "agents", "health", "stats", "leave", "kv", "mabeam", "call", "routes")
 
 
 class ControlRequest(msgspec.Struct, frozen=True, array_like=True, tag="ctl", tag_field="t"):
@@ -66,7 +68,28 @@ class AgentEnvelope(msgspec.Struct, frozen=True, array_like=True, tag="send", ta
     signal: Signal
 
 
-NodeStream = StreamMessage | ControlRequest | ControlReply | AgentEnvelope
+class CallRequest(msgspec.Struct, frozen=True, array_like=True, tag="call", tag_field="t"):
+    """``cluster.call``: run ``signal`` on an agent with ``capability`` on the receiving node
+    (``agent``: that agent id, as the caller's registry named it) and answer within
+    ``timeout`` seconds."""
+
+    capability: str
+    signal: Signal
+    timeout: float
+    agent: str | None = None
+
+
+class CallReply(msgspec.Struct, frozen=True, array_like=True, tag="callr", tag_field="t"):
+    """``error_type``: "" on success; ``NoAgent`` / ``Rejected`` (not run: safe to retry
+    anywhere), ``Timeout``, or the type name of what the agent raised."""
+
+    ok: bool
+    data: Any = None
+    error_type: str = ""
+    error: str = ""
+
+
+NodeStream = StreamMessage | ControlRequest | ControlReply | AgentEnvelope | CallRequest | CallReply
 
 
 class ControlError(Exception):
@@ -159,6 +182,47 @@ async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
     return ControlReply(ok=True, data=_kv_enc.encode(reply))
 
 
+async def _call(node: Node, args: dict[str, Any]) -> dict[str, Any]:
+    """``cluster.call`` for a remote client: the outcome, typed, as data."""
+    from agentcluster.errors import CallError, CallRemoteError, Rejected
+
+    capability = args.get("capability")
+    timeout = args.get("timeout", 5.0)
+    key = args.get("key")
+    if not isinstance(capability, str) or not isinstance(timeout, int | float):
+        return {"ok": False, "error_type": "ValueError", "error": "call: bad arguments"}
+    if key is not None and not isinstance(key, str):
+        return {"ok": False, "error_type": "ValueError", "error": "call: 'key' must be a string"}
+    try:
+        signal = msgspec.convert(args.get("signal"), Signal)
+    except msgspec.ValidationError as exc:
+        return {"ok": False, "error_type": "ValueError", "error": f"call: bad signal: {exc}"}
+    try:
+        data = await node.calls.call(
+            capability,
+            signal,
+            timeout=min(max(float(timeout), 0.001), 300.0),
+            key=key,
+            idempotent=bool(args.get("idempotent", False)),
+        )
+    except CallError as exc:
+        out: dict[str, Any] = {
+            "ok": False,
+            "error_type": type(exc).__name__,
+            "error": str(exc),
+            "attempts": list(exc.attempts),
+        }
+        if isinstance(exc, CallRemoteError):
+            out["error_type"] = "CallRemoteError"
+            out["remote_type"] = exc.remote_type
+        if isinstance(exc, Rejected):
+            out["reason"] = exc.reason
+        return out
+    except ValueError as exc:
+        return {"ok": False, "error_type": "ValueError", "error": str(exc)}
+    return {"ok": True, "data": data}
+
+
 async def handle_control(node: Node, req: ControlRequest) -> ControlReply:
     try:
         if req.op == "members":
@@ -176,6 +240,10 @@ async def handle_control(node: Node, req: ControlRequest) -> ControlReply:
             return ControlReply(ok=True, data={"leaving": node.name})
         if req.op == "kv":
             return await _kv(node, req.args)
+        if req.op == "call":
+            return ControlReply(ok=True, data=await _call(node, req.args))
+        if req.op == "routes":
+            return ControlReply(ok=True, data=node.balancer.snapshot(node.clock.now()))
         if req.op == "mabeam":
             from agentcluster.coordination._control import handle_mabeam
 

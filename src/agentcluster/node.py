@@ -29,15 +29,20 @@ import msgspec
 
 from agentcluster.agents import Agent, AgentServer, MailboxFull, Runtime
 from agentcluster.agents.runtime import UnknownAgent
+from agentcluster.balancing.balancer import Balancer
+from agentcluster.balancing.service import BalancerService
+from agentcluster.calls import CallService
 from agentcluster.clock import Clock, MonotonicClock
 from agentcluster.clustering.base import Discover, JoinPeers, MemberEventData, MemberEvents
 from agentcluster.clustering.consensus_coordinator import ConsensusCoordinator
 from agentcluster.clustering.failure_detector import FailureDetector
+from agentcluster.clustering.load_balancer import LoadBalancer, LoadBalancerState
 from agentcluster.clustering.node_discovery import NodeDiscovery, NodeDiscoveryState
 from agentcluster.config import NodeConfig
 from agentcluster.consensus.raft import Storage
 from agentcluster.control import (
     AgentEnvelope,
+    CallRequest,
     ControlReply,
     ControlRequest,
     NodeStream,
@@ -107,9 +112,12 @@ class Node:
         rng: random.Random | None = None,
         strategies: list[Strategy] | None = None,
         raft_storage: Storage | None = None,
+        load_probe: Callable[[], tuple[float, float]] | None = None,
     ) -> None:
         """``raft_storage``: the store voter's Raft storage to use instead of opening
-        ``data_dir`` (a simulation keeps one per node across restarts)."""
+        ``data_dir`` (a simulation keeps one per node across restarts). ``load_probe``: the
+        (cpu, memory) fractions this node reports (default: psutil; a simulation passes a
+        deterministic one)."""
         self.config = config
         self.name = config.name
         self.clock: Clock = clock if clock is not None else MonotonicClock()
@@ -128,6 +136,8 @@ class Node:
         self.strategies = strategies if strategies is not None else self._default_strategies()
         self.listeners: list[EventListener] = []
         self.events_dropped = 0
+        # Bumped at every batch of membership events (routing tables rebuild on change).
+        self.membership_version = 0
         self.started_at = 0.0
         self._core: Swim | None = None
         self._membership: MembershipService | None = None
@@ -138,6 +148,13 @@ class Node:
         self.registry = RegistryService(self)
         self.consensus = ConsensusService(self)
         self.auctions = AuctionService(self)
+        self.balancer = Balancer(
+            rng=random.Random(self.rng.random()),
+            now=self.clock.now(),
+            strategy=config.lb_strategy,
+        )
+        self.calls = CallService(self, self.balancer)
+        self.lb = BalancerService(self, self.balancer, load_probe=load_probe)
 
     # ------------------------------------------------------------------ lifecycle
     def _default_strategies(self) -> list[Strategy]:
@@ -232,6 +249,7 @@ class Node:
             self.runtime.register_directive(JoinPeers, self._run_join)
             self.consensus.attach()
             self.auctions.attach()
+            self.lb.attach()
             await self.runtime.start_supervisor(
                 "clustering",
                 [
@@ -241,6 +259,9 @@ class Node:
                         state=NodeDiscoveryState(interval=self.config.discovery_interval),
                     ),
                     self.runtime.agent_spec(ConsensusCoordinator),
+                    self.runtime.agent_spec(
+                        LoadBalancer, state=LoadBalancerState(strategy=self.config.lb_strategy)
+                    ),
                 ],
                 strategy="one_for_one",
             )
@@ -249,6 +270,7 @@ class Node:
                 self.store_host = NodeStore(self, storage=self._raft_storage)
                 await self.store_host.start(self._tg)
             await self.registry.start(self._tg)
+            await self.lb.start(self._tg)
             for spec in self.config.agents:
                 await self._start_user_agent(spec)
             seeds = [format_addr(*parse_seed(s)) for s in self.config.seeds]
@@ -266,6 +288,7 @@ class Node:
             await self.registry.close()
             await self.consensus.close()
             await self.auctions.close()
+            await self.lb.close()
             if self.store_host is not None:
                 # Before leaving membership, while peers still route to us: a leaving leader
                 # hands Raft leadership over, so the store barely notices.
@@ -327,6 +350,8 @@ class Node:
             reply = await handle_control(self, msg)
         elif isinstance(msg, AgentEnvelope):
             reply = await self._deliver_envelope(msg)
+        elif isinstance(msg, CallRequest):
+            reply = await self.calls.serve(msg)
         elif isinstance(msg, ControlReply):
             return None
         else:
@@ -365,6 +390,7 @@ class Node:
         )
 
     def _on_events(self, events: list[MemberEvent]) -> None:
+        self.membership_version += 1
         for ev in events:
             for listener in self.listeners:
                 try:
@@ -482,4 +508,5 @@ class Node:
             "registry": self.registry.stats(),
             "consensus": self.consensus.stats(),
             "auctions": self.auctions.stats(),
+            "calls": self.calls.stats(),
         }

@@ -1,5 +1,6 @@
-"""``agentcluster agents`` and ``agentcluster consensus history``: the coordination layer from
-a shell, through a node's control API (:func:`agentcluster.connect`)."""
+"""``agentcluster agents``, ``agentcluster consensus history`` and ``agentcluster routes``: the
+coordination layer and the load balancer from a shell, through a node's control API
+(:func:`agentcluster.connect`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["agents", "consensus_app"]
+__all__ = ["agents", "consensus_app", "routes"]
 
 consensus_app = typer.Typer(help="Proposals and votes among agents.", no_args_is_help=True)
 
@@ -121,3 +122,46 @@ def history(
             ", ".join(o.timed_out),
         )
     Console().print(table)
+
+
+def routes(
+    node: _NodeOpt,
+    decisions: Annotated[int, typer.Option(min=0, help="Recent decisions to show.")] = 20,
+    key_file: _KeyOpt = None,
+    as_json: _JsonOpt = False,
+    timeout: _TimeoutOpt = 5.0,
+) -> None:
+    """A node's routing view: per-node weights, breakers, ejections, recent decisions."""
+    view = _run(node, key_file, timeout, lambda c: c.routes())
+    if as_json:
+        typer.echo(json.dumps(view))
+        return
+    console = Console()
+    caps = Table(title=f"routes of {node} (default strategy {view['strategy']})")
+    for col in ("capability", "strategy", "eligible", "known", "panic"):
+        caps.add_column(col)
+    for cap, r in view["capabilities"].items():
+        caps.add_row(
+            cap, r["strategy"], ", ".join(r["eligible"]), ", ".join(r["known"]), str(r["panic"])
+        )
+    console.print(caps)
+    nodes = Table(title="nodes")
+    for col in ("node", "zone", "weight", "cpu", "memory", "breaker", "ejected", "quarantined"):
+        nodes.add_column(col)
+    for n in view["nodes"]:
+        nodes.add_row(
+            n["node"], n["zone"], f"{n['weight']:g}", f"{n['cpu']:.2f}", f"{n['memory']:.2f}",
+            n["breaker"], "yes" if n["ejected"] else "", "yes" if n["quarantined"] else "",
+        )  # fmt: skip
+    console.print(nodes)
+    recent = view["decisions"][-decisions:] if decisions else []
+    if recent:
+        dec = Table(title=f"last {len(recent)} decisions")
+        for col in ("capability", "node", "strategy", "ok", "latency ms", "attempt"):
+            dec.add_column(col)
+        for d in recent:
+            dec.add_row(
+                d["capability"], d["node"] or "(none)", d["strategy"], "yes" if d["ok"] else "no",
+                f"{d['latency'] * 1000:.2f}", str(d["attempt"]),
+            )  # fmt: skip
+        console.print(dec)

@@ -51,9 +51,10 @@ def _register_kv_commands() -> None:
 
 
 def _register_mabeam_commands() -> None:
-    from agentcluster.cli.mabeam import agents, consensus_app
+    from agentcluster.cli.mabeam import agents, consensus_app, routes
 
     app.command()(agents)
+    app.command()(routes)
     app.add_typer(consensus_app, name="consensus")
 
 
@@ -241,6 +242,24 @@ def bench_coordination(
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
     _print_result(result, f"bench coordination ({nodes} nodes)", as_json=as_json)
+
+
+@bench_app.command("lb")
+def bench_lb(
+    quick: Annotated[bool, typer.Option(help="Fewer picks and simulated requests.")] = False,
+    calls: Annotated[int, typer.Option(min=10, help="Calls timed for the overhead.")] = 3000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Pick times, balance, the slow-node scenario, Maglev disruption, ejection, call overhead."""
+    from agentcluster.bench.lb import run
+
+    logging.getLogger("agentcluster").setLevel(logging.ERROR)
+    try:
+        result = run(quick=quick, calls=calls)
+    except Exception as exc:  # the bench reports, it does not dump a traceback
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _print_result(result, "bench lb", as_json=as_json)
 
 
 @bench_app.command("membership")

@@ -24,8 +24,6 @@ agent checkpoints and restarts like any other; a tally is rebuilt from the votes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import msgspec
 
 from agentcluster.agents import (
@@ -43,8 +41,11 @@ from agentcluster.clustering.base import ClusterAgentSkill
 from agentcluster.coordination.auction_service import BidCast, SubmitBid
 from agentcluster.coordination.proposals import (
     COORDINATOR,
+    BroadcastDecision,
+    CommitDecision,
     Decision,
     ProposalSpec,
+    RequestVotes,
     VoteCast,
     VoteRequest,
     split_participant,
@@ -76,30 +77,6 @@ class CoordinatorState(msgspec.Struct, frozen=True):
     started: int = 0
     decided: int = 0
     stray_votes: int = 0  # votes for unknown / closed proposals or from non-participants
-
-
-@dataclass(frozen=True, slots=True)
-class CommitDecision(Directive):
-    """Ask the node to commit ``decision`` through the store (created only if absent) and to
-    answer with ``cluster.consensus.committed`` carrying what the store holds."""
-
-    decision: Decision
-
-
-@dataclass(frozen=True, slots=True)
-class RequestVotes(Directive):
-    """Ask the node to deliver these vote requests concurrently, without waiting for them: a
-    participant on an unreachable node must not hold up the others (it times out instead)."""
-
-    sends: tuple[Send, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class BroadcastDecision(Directive):
-    """Ask the node to deliver ``cluster.consensus.decided`` to every other node's
-    coordinator."""
-
-    decision: Decision
 
 
 def _decision(

@@ -25,16 +25,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from agentcluster.agents import AgentServer
-from agentcluster.clustering.consensus_coordinator import (
-    BroadcastDecision,
-    CommitDecision,
-    RequestVotes,
-)
 from agentcluster.coordination.proposals import (
     CONSENSUS_PREFIX,
     COORDINATOR,
+    BroadcastDecision,
+    CommitDecision,
     Decision,
     ProposalSpec,
+    RequestVotes,
     split_participant,
 )
 from agentcluster.coordination.voting import Rule, Tally, majority

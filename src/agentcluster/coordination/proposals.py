@@ -17,19 +17,23 @@ Participants are registry entry ids, ``<node>/<agent id>``.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from agentcluster.agents import Action, ActionContext, Send
+from agentcluster.agents import Action, ActionContext, Directive, Send
 from agentcluster.coordination.voting import Outcome, Rule, VoteChoice
 from agentcluster.signals import Signal
 
 __all__ = [
     "CONSENSUS_PREFIX",
     "COORDINATOR",
+    "BroadcastDecision",
+    "CommitDecision",
     "Decision",
     "ProposalSpec",
+    "RequestVotes",
     "VoteAction",
     "VoteCast",
     "VoteRequest",
@@ -39,6 +43,30 @@ __all__ = [
 
 CONSENSUS_PREFIX = "mabeam/consensus/"
 COORDINATOR = "consensus_coordinator"  # the agent's id on every node
+
+
+@dataclass(frozen=True, slots=True)
+class CommitDecision(Directive):
+    """Ask the node to commit ``decision`` through the store (created only if absent) and to
+    answer with ``cluster.consensus.committed`` carrying what the store holds."""
+
+    decision: Decision
+
+
+@dataclass(frozen=True, slots=True)
+class RequestVotes(Directive):
+    """Ask the node to deliver these vote requests concurrently, without waiting for them: a
+    participant on an unreachable node must not hold up the others (it times out instead)."""
+
+    sends: tuple[Send, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastDecision(Directive):
+    """Ask the node to deliver ``cluster.consensus.decided`` to every other node's
+    coordinator."""
+
+    decision: Decision
 
 
 class ProposalSpec(msgspec.Struct, frozen=True):

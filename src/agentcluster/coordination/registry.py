@@ -190,6 +190,9 @@ class RegistryIndex:
         }
         # Candidates examined by the last query (the size of the planner's pick).
         self.last_scanned = 0
+        # Bumped on every change of an entry with the capability: routing tables built from
+        # the capable entries are rebuilt only when their capability's version moved.
+        self._cap_versions: dict[str, int] = {}
         for e in entries:
             self.upsert(e)
 
@@ -198,7 +201,9 @@ class RegistryIndex:
     def upsert(self, e: AgentEntry) -> AgentEntry | None:
         """Insert or replace ``e`` (by id); returns the entry it replaced."""
         prev = self._all.by_id.get(e.id)
+        self._touch(e.capabilities)
         if prev is not None:
+            self._touch(prev.capabilities)
             if prev.node != e.node:
                 _pop(self._by_node, prev.node, e.id)
             if prev.health != e.health:
@@ -229,6 +234,7 @@ class RegistryIndex:
         prev = self._all.by_id.get(id)
         if prev is None:
             return None
+        self._touch(prev.capabilities)
         self._all.pop(id)
         _pop(self._by_node, prev.node, id)
         _pop(self._by_health, prev.health, id)
@@ -247,6 +253,15 @@ class RegistryIndex:
         for e in gone:
             self.remove(e.id)
         return gone
+
+    def _touch(self, capabilities: tuple[str, ...]) -> None:
+        versions = self._cap_versions
+        for c in capabilities:
+            versions[c] = versions.get(c, 0) + 1
+
+    def capability_version(self, capability: str) -> int:
+        """A number that changes whenever an entry with ``capability`` changes."""
+        return self._cap_versions.get(capability, 0)
 
     # ------------------------------------------------------------------ reads
 

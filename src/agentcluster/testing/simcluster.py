@@ -41,6 +41,10 @@ async def _sim_resolve(host: str, port: int) -> list[str]:
     return [host]
 
 
+def _no_load() -> tuple[float, float]:
+    return 0.0, 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class ObservedEvent:
     at: float
@@ -123,6 +127,8 @@ class SimCluster:
                 if name in self.store_voters
                 else None
             ),
+            # Real CPU readings would make runs differ: simulated nodes report no load.
+            load_probe=_no_load,
         )
         if self.record:
             node.listeners.append(self._recorder(name))

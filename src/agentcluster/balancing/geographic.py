@@ -1,0 +1,191 @@
+"""Geographic: same zone first, then same region, then anywhere, spilling over when saturated.
+
+Theory of operation: a request says where its client is (``PickRequest.zone`` / ``region``).
+The endpoints form up to three *tiers* for it: those in the client's zone, those in the
+client's region, and all of them. The tiers are checked in that order (a tier with no
+endpoints, or a request without a zone or region, skips that tier; a request with neither goes
+straight to "all"). Within a tier an inner strategy picks (default: least connections, P2C);
+each zone, each region and the whole set has its own inner strategy instance, built in
+``update``, so a pick is a couple of dict lookups plus the inner pick.
+
+Spill-over rule. Requests in flight are counted per endpoint (``on_start`` / ``on_finish``)
+and summed per zone, per region and overall, so a tier's *mean in-flight per endpoint* is
+O(1) to read. A tier is **saturated** when
+
+    mean_in_flight(tier) >= spill_threshold   and   mean_in_flight(tier) > mean_in_flight(next)
+
+where ``next`` is the next wider tier. The first condition says the local endpoints are
+genuinely busy (default 8 requests each); the second that going wider helps -- the wider
+tier has room to spare on average. If every tier is equally busy, traffic stays local: sending
+it across zones would add latency and relieve nobody. A saturated tier hands the request to
+the next one, which *includes* the local endpoints (zone within region within all), so the
+inner strategy there still picks a local node if it happens to be the least loaded. When all
+of a tier's endpoints are excluded (a retry), the next tier is tried as well.
+
+Zones and regions are matched by name: a tier "zone a" is every endpoint whose ``zone`` is
+``"a"``, whatever its region. Endpoints with an empty zone or region belong to no such tier.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+
+from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
+from agentcluster.balancing.least_connections import LeastConnections
+
+__all__ = ["DEFAULT_SPILL_THRESHOLD", "Geographic"]
+
+DEFAULT_SPILL_THRESHOLD = 8.0
+
+
+class _Tier:
+    """One zone, one region, or everything: an inner strategy and the in-flight sum."""
+
+    __slots__ = ("inner", "load", "size")
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.size = 0
+        self.load = 0
+
+
+class Geographic(Strategy):
+    """Zone, then region, then anywhere, with an inner strategy per tier (see module doc)."""
+
+    name = "geographic"
+
+    def __init__(
+        self,
+        spill_threshold: float = DEFAULT_SPILL_THRESHOLD,
+        inner: Callable[[], Strategy] = LeastConnections,
+    ) -> None:
+        if not (spill_threshold >= 0.0 and math.isfinite(spill_threshold)):
+            raise ValueError(f"spill_threshold must be finite and >= 0, got {spill_threshold!r}")
+        self.spill_threshold = spill_threshold
+        self._make_inner = inner
+        self._all = _Tier(inner())
+        self._zones: dict[str, _Tier] = {}
+        self._regions: dict[str, _Tier] = {}
+        # node -> (its zone tier, its region tier); None where it has no zone / region
+        self._where: dict[str, tuple[_Tier | None, _Tier | None]] = {}
+        self._inflight: dict[str, int] = {}
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        unique = {ep.node: ep for ep in endpoints}
+        by_zone: dict[str, list[Endpoint]] = {}
+        by_region: dict[str, list[Endpoint]] = {}
+        for node in sorted(unique):
+            ep = unique[node]
+            if ep.zone:
+                by_zone.setdefault(ep.zone, []).append(ep)
+            if ep.region:
+                by_region.setdefault(ep.region, []).append(ep)
+        # Keep the inner strategy of a tier that stays, so its counters survive the update.
+        self._zones = self._retier(self._zones, by_zone)
+        self._regions = self._retier(self._regions, by_region)
+        self._all.inner.update(list(unique.values()))
+        self._all.size = len(unique)
+        inflight = {node: self._inflight.get(node, 0) for node in unique}
+        self._inflight = inflight
+        self._where = {}
+        self._all.load = 0
+        for node, ep in unique.items():
+            zone = self._zones.get(ep.zone) if ep.zone else None
+            region = self._regions.get(ep.region) if ep.region else None
+            self._where[node] = (zone, region)
+            count = inflight[node]
+            self._all.load += count
+            if zone is not None:
+                zone.load += count
+            if region is not None:
+                region.load += count
+
+    def _retier(self, old: dict[str, _Tier], groups: dict[str, list[Endpoint]]) -> dict[str, _Tier]:
+        tiers: dict[str, _Tier] = {}
+        for key in sorted(groups):
+            members = groups[key]
+            tier = old.get(key)
+            if tier is None:
+                tier = _Tier(self._make_inner())
+            tier.inner.update(members)
+            tier.size = len(members)
+            tier.load = 0  # recomputed by the caller from the per-node counts
+            tiers[key] = tier
+        return tiers
+
+    def _saturated(self, tier: _Tier, wider: _Tier) -> bool:
+        mean = tier.load / tier.size
+        return mean >= self.spill_threshold and mean > wider.load / wider.size
+
+    def pick(
+        self,
+        request: PickRequest,
+        rng: random.Random,
+        now: float,
+        exclude: frozenset[str] = frozenset(),
+    ) -> str:
+        everything = self._all
+        if everything.size == 0:
+            raise NoEndpoint("no eligible endpoint")
+        zone = self._zones.get(request.zone) if request.zone else None
+        region = self._regions.get(request.region) if request.region else None
+        if zone is not None:
+            wider = region if region is not None else everything
+            if not self._saturated(zone, wider):
+                try:
+                    return zone.inner.pick(request, rng, now, exclude)
+                except NoEndpoint:
+                    pass
+        if region is not None and not self._saturated(region, everything):
+            try:
+                return region.inner.pick(request, rng, now, exclude)
+            except NoEndpoint:
+                pass
+        return everything.inner.pick(request, rng, now, exclude)
+
+    def tier_load(self, zone: str = "", region: str = "") -> tuple[int, int] | None:
+        """``(in_flight, endpoints)`` of the zone tier (if ``zone``), else the region tier (if
+        ``region``), else of all endpoints; None for an unknown zone or region."""
+        if zone:
+            tier = self._zones.get(zone)
+        elif region:
+            tier = self._regions.get(region)
+        else:
+            tier = self._all
+        return None if tier is None else (tier.load, tier.size)
+
+    def on_start(self, node: str, now: float) -> None:
+        where = self._where.get(node)
+        if where is None:
+            return
+        self._inflight[node] += 1
+        zone, region = where
+        self._all.load += 1
+        self._all.inner.on_start(node, now)
+        if zone is not None:
+            zone.load += 1
+            zone.inner.on_start(node, now)
+        if region is not None:
+            region.load += 1
+            region.inner.on_start(node, now)
+
+    def on_finish(self, node: str, latency: float, ok: bool, now: float) -> None:
+        where = self._where.get(node)
+        if where is None:
+            return
+        zone, region = where
+        self._all.inner.on_finish(node, latency, ok, now)
+        if zone is not None:
+            zone.inner.on_finish(node, latency, ok, now)
+        if region is not None:
+            region.inner.on_finish(node, latency, ok, now)
+        if self._inflight[node] == 0:
+            return  # its count was lost (it left and came back): never go negative
+        self._inflight[node] -= 1
+        self._all.load -= 1
+        if zone is not None:
+            zone.load -= 1
+        if region is not None:
+            region.load -= 1

@@ -1,0 +1,153 @@
+"""Least connections: power of two choices on in-flight requests, full scan for small sets.
+
+Theory of operation: the strategy counts requests in flight per endpoint from ``on_start`` /
+``on_finish``. With more than ``full_scan_below`` endpoints a pick draws two distinct endpoints
+at random and takes the one with fewer requests in flight (Mitzenmacher's "power of two
+choices": the maximum load exceeds the mean by only O(log log n), against O(log n / log log n)
+for one random choice, at O(1) cost and without every balancer herding onto the same
+momentarily least-loaded node). Ties go to the higher weight, then to the smaller name, so a
+pick is a pure function of the state and the ``rng`` draws.
+
+With few endpoints (default: 8 or fewer) a full scan costs about as much as the two random
+draws (each ``randrange`` is a few hundred nanoseconds; eight comparisons are less) and gives
+the true minimum; two random choices among three or four endpoints miss the best one often
+enough to matter.
+
+Weights only break ties here: in-flight counts correct themselves (a node that is given more
+than it can take keeps its requests longer and stops winning comparisons), and slow start is
+applied by the LoadBalancer agent through which endpoints it offers.
+
+Excluded endpoints (a retry's earlier attempts) are handled without touching all ``n``: up to
+four random draws per candidate, then, only if those all hit excluded nodes, one scan of the
+eligible ones. :func:`draw_two` implements that and is shared with the peak-EWMA strategy.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
+from agentcluster.balancing.weighted import endpoint_weight
+
+__all__ = ["DEFAULT_FULL_SCAN_BELOW", "LeastConnections", "draw_two"]
+
+DEFAULT_FULL_SCAN_BELOW = 8
+_DRAWS = 4  # random draws per candidate before falling back to a scan when excluding
+
+
+def draw_two(nodes: Sequence[str], rng: random.Random, exclude: frozenset[str]) -> tuple[int, int]:
+    """Two distinct random indexes into ``nodes`` whose names are not in ``exclude``; the
+    second is -1 when only one node is eligible. Raises :class:`NoEndpoint` when none is."""
+    n = len(nodes)
+    if n == 0:
+        raise NoEndpoint("no eligible endpoint")
+    if not exclude:
+        if n == 1:
+            return 0, -1
+        i = rng.randrange(n)
+        j = rng.randrange(n - 1)
+        return i, j + 1 if j >= i else j
+    i = -1
+    for _ in range(_DRAWS):
+        k = rng.randrange(n)
+        if nodes[k] not in exclude:
+            i = k
+            break
+    if i >= 0:
+        for _ in range(_DRAWS):
+            k = rng.randrange(n)
+            if k != i and nodes[k] not in exclude:
+                return i, k
+    # Most nodes are excluded (or we were unlucky): choose among the eligible ones.
+    eligible = [k for k in range(n) if nodes[k] not in exclude]
+    if not eligible:
+        raise NoEndpoint("every endpoint is excluded")
+    if len(eligible) == 1:
+        return eligible[0], -1
+    a = rng.randrange(len(eligible))
+    b = rng.randrange(len(eligible) - 1)
+    return eligible[a], eligible[b + 1 if b >= a else b]
+
+
+class LeastConnections(Strategy):
+    """Fewest requests in flight: P2C above ``full_scan_below`` endpoints, a scan below."""
+
+    name = "least_connections"
+
+    def __init__(self, full_scan_below: int = DEFAULT_FULL_SCAN_BELOW) -> None:
+        if full_scan_below < 0:
+            raise ValueError(f"full_scan_below must be >= 0, got {full_scan_below}")
+        self._full_scan_below = full_scan_below
+        self._nodes: list[str] = []  # sorted by name
+        self._weights: list[float] = []
+        self._inflight: list[int] = []
+        self._index: dict[str, int] = {}
+
+    def update(self, endpoints: Sequence[Endpoint]) -> None:
+        by_node = {ep.node: endpoint_weight(ep) for ep in endpoints}
+        nodes = sorted(by_node)
+        old_index, old_inflight = self._index, self._inflight
+        self._inflight = [
+            old_inflight[k] if (k := old_index.get(node)) is not None else 0 for node in nodes
+        ]
+        self._nodes = nodes
+        self._weights = [by_node[node] for node in nodes]
+        self._index = {node: i for i, node in enumerate(nodes)}
+
+    def inflight(self, node: str) -> int:
+        """Requests in flight to ``node`` as counted here (0 for an unknown node)."""
+        i = self._index.get(node)
+        return 0 if i is None else self._inflight[i]
+
+    def pick(
+        self,
+        request: PickRequest,
+        rng: random.Random,
+        now: float,
+        exclude: frozenset[str] = frozenset(),
+    ) -> str:
+        nodes = self._nodes
+        if len(nodes) <= self._full_scan_below:
+            return self._scan(exclude, rng.randrange(len(nodes)) if nodes else 0)
+        i, j = draw_two(nodes, rng, exclude)
+        if j < 0:
+            return nodes[i]
+        load = self._inflight
+        li, lj = load[i], load[j]
+        if li != lj:
+            return nodes[i] if li < lj else nodes[j]
+        wi, wj = self._weights[i], self._weights[j]
+        if wi != wj:
+            return nodes[i] if wi > wj else nodes[j]
+        return nodes[i]  # i is a random draw: a random tie-break, so equals share the load
+
+    def _scan(self, exclude: frozenset[str], start: int) -> str:
+        nodes, load, weights = self._nodes, self._inflight, self._weights
+        best = -1
+        n = len(nodes)
+        # From a random start, so exact ties (an idle cluster) do not all go to one node.
+        for step in range(n):
+            k = (start + step) % n
+            if exclude and nodes[k] in exclude:
+                continue
+            if (
+                best < 0
+                or load[k] < load[best]
+                or (load[k] == load[best] and weights[k] > weights[best])
+            ):
+                best = k
+        if best < 0:
+            raise NoEndpoint("no eligible endpoint" if not nodes else "every endpoint is excluded")
+        return nodes[best]
+
+    def on_start(self, node: str, now: float) -> None:
+        i = self._index.get(node)
+        if i is not None:
+            self._inflight[i] += 1
+
+    def on_finish(self, node: str, latency: float, ok: bool, now: float) -> None:
+        i = self._index.get(node)
+        # A node that left (or left and came back, losing its count) is never driven negative.
+        if i is not None and self._inflight[i] > 0:
+            self._inflight[i] -= 1

@@ -1,0 +1,187 @@
+"""The node's side of load balancing: it carries out what the LoadBalancer agent decides.
+
+Theory of operation: the :class:`Balancer` core is the data plane the call path uses
+directly. This shell executes the agent's directives -- a periodic :class:`BalancerTick`
+(whose events go back to the agent as ``cluster.lb.events`` and onto the bus as
+``cluster.lb.<kind>``), :class:`SetStrategy`, :class:`SetQuarantined`, :class:`ReportLoad`
+(CPU and memory from psutil, calls in flight, published in the node's membership metadata
+when they moved enough to matter) and :class:`ProposeSurge` (a majority proposal among the
+balancers registered with the ``cluster.load_balancer`` capability) -- and forwards the bus
+signals the agent cares about: accepted surge proposals and quarantine decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from agentcluster.agents import AgentServer
+from agentcluster.balancing.balancer import Balancer
+from agentcluster.balancing.directives import (
+    SURGE_TOPIC,
+    BalancerTick,
+    ProposeSurge,
+    ReportLoad,
+    SetQuarantined,
+    SetStrategy,
+)
+from agentcluster.signals import Signal
+
+if TYPE_CHECKING:
+    from agentcluster.node import Node
+
+__all__ = ["LB_AGENT", "LB_CAPABILITY", "BalancerService"]
+
+log = logging.getLogger(__name__)
+
+LB_AGENT = "load_balancer"
+LB_CAPABILITY = "cluster.load_balancer"
+# A load report is re-published when CPU or memory moved by this much, or in-flight calls by
+# this many: smaller moves are noise not worth a gossip round.
+_LOAD_DELTA = 0.05
+_IN_FLIGHT_DELTA = 2
+
+
+def _psutil_load() -> tuple[float, float]:
+    """This host's CPU (since the last call) and memory use, as fractions."""
+    return psutil.cpu_percent(interval=None) / 100.0, psutil.virtual_memory().percent / 100.0
+
+
+class BalancerService:
+    def __init__(
+        self,
+        node: Node,
+        balancer: Balancer,
+        *,
+        load_probe: Callable[[], tuple[float, float]] | None = None,
+    ) -> None:
+        self.node = node
+        self.balancer = balancer
+        self.load_probe = load_probe if load_probe is not None else _psutil_load
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_report: dict[str, float] = {}
+        self.surge_proposals = 0
+
+    def attach(self) -> None:
+        rt = self.node.runtime
+        rt.register_directive(BalancerTick, self._tick)
+        rt.register_directive(SetStrategy, self._set_strategy)
+        rt.register_directive(SetQuarantined, self._set_quarantined)
+        rt.register_directive(ReportLoad, self._report_load)
+        rt.register_directive(ProposeSurge, self._propose_surge)
+
+    async def start(self, tg: asyncio.TaskGroup) -> None:
+        """Register the balancer agent and forward the bus signals it listens to."""
+        with contextlib.suppress(Exception):
+            await self.node.registry.register(LB_AGENT, capabilities=[LB_CAPABILITY])
+        task = tg.create_task(self._forward(), name=f"lb-forward:{self.node.name}")
+        self._tasks.add(task)
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward(self) -> None:
+        bus = self.node.runtime.bus
+        sub = bus.subscribe("cluster.**", queue_size=1024, overflow="drop_oldest", name="lb")
+        try:
+            async for signal in sub:
+                t = signal.type
+                if t == "cluster.consensus.decided":
+                    data = signal.data if isinstance(signal.data, dict) else {}
+                    outcome = data.get("outcome")
+                    accepted = isinstance(outcome, list | tuple) and outcome[:1] == ["accepted"]
+                    if data.get("topic") == SURGE_TOPIC and accepted:
+                        await self._cast(Signal(type="cluster.lb.surge_decided", data={}))
+                elif t.startswith("cluster.health.quarantine."):
+                    await self._cast(signal)
+        finally:
+            bus.unsubscribe(sub)
+
+    async def _cast(self, signal: Signal) -> None:
+        server = self.node.runtime.get(LB_AGENT)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.cast_nowait(signal)
+
+    # ----------------------------------------------------------------- directives
+    async def _tick(self, server: AgentServer, d: BalancerTick) -> None:
+        events = self.balancer.tick(self.node.clock.now())
+        if not events:
+            return
+        await self.publish(events)
+
+    async def publish(self, events: list[dict[str, Any]]) -> None:
+        """Balancer events: to the agent (one batch) and onto the bus (one signal each)."""
+        await self._cast(Signal(type="cluster.lb.events", data={"events": events}))
+        bus = self.node.runtime.bus
+        for ev in events:
+            kind = str(ev.get("kind", "event"))
+            await bus.publish(
+                Signal(
+                    type=f"cluster.lb.{kind}",
+                    source=f"/node/{self.node.name}/{LB_AGENT}",
+                    subject=str(ev.get("node", "")) or None,
+                    data=ev,
+                )
+            )
+
+    def _set_strategy(self, server: AgentServer, d: SetStrategy) -> None:
+        self.balancer.set_strategy(d.name, now=self.node.clock.now())
+        log.info("node %s routes with %s", self.node.name, d.name)
+
+    def _set_quarantined(self, server: AgentServer, d: SetQuarantined) -> None:
+        self.balancer.set_quarantined(d.nodes, self.node.clock.now())
+
+    def _report_load(self, server: AgentServer, d: ReportLoad) -> None:
+        cpu, memory = self.load_probe()
+        report = {
+            "cpu": round(cpu, 3),
+            "memory": round(memory, 3),
+            "in_flight": float(self.node.calls.in_flight),
+        }
+        last = self._last_report
+        moved = (
+            not last
+            or abs(report["cpu"] - last.get("cpu", 0.0)) >= _LOAD_DELTA
+            or abs(report["memory"] - last.get("memory", 0.0)) >= _LOAD_DELTA
+            or abs(report["in_flight"] - last.get("in_flight", 0.0)) >= _IN_FLIGHT_DELTA
+        )
+        if not moved:
+            return
+        self._last_report = report
+        member = self.node.core.member(self.node.name)
+        capacity = dict(member.meta.capacity) if member is not None else {}
+        capacity.update(report)
+        try:
+            self.node.update_meta(capacity=capacity)
+        except ValueError as exc:  # metadata over its size limit: keep the old report
+            log.warning("load report not published: %s", exc)
+
+    def _propose_surge(self, server: AgentServer, d: ProposeSurge) -> None:
+        peers = [e.id for e in self.node.registry.index.find_capable(LB_CAPABILITY)]
+        if len(peers) < 2:
+            return  # alone: the local switch is all there is to do
+        self.surge_proposals += 1
+        self._spawn(self._run_proposal(peers, d.strategy))
+
+    async def _run_proposal(self, peers: list[str], strategy: str) -> None:
+        try:
+            await self.node.consensus.decide(
+                peers, {"strategy": strategy}, timeout=2.0, topic=SURGE_TOPIC
+            )
+        except Exception as exc:  # no store, a timeout: the local switch still stands
+            log.info("surge proposal not decided: %s", exc)

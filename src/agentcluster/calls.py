@@ -1,0 +1,308 @@
+"""``cluster.call``: route a signal to an agent with a capability, anywhere in the cluster.
+
+Theory of operation: a call finds the nodes hosting a capable, not-unhealthy agent in the
+local registry view, asks the node's :class:`~agentcluster.balancing.balancer.Balancer` for
+one (a function call on tables the balancer keeps; no mailbox on the hot path), and sends a
+:class:`~agentcluster.control.CallRequest` over the transport (or runs it in place when the
+pick is this node). The target runs the signal as a ``call`` on a local capable agent and
+answers with a :class:`~agentcluster.control.CallReply`: the agent's reply, or a typed
+failure.
+
+Deadlines propagate: every attempt carries the time the caller still waits (an idempotent
+call's attempt half of it, keeping time for a retry), and the target gives its agent no more
+than that. Retries go to *another* node (earlier attempts are
+excluded from the pick) and only when that is safe -- the target certainly did not run the
+call (it could not be reached, had no capable agent, or shed the load), or the caller said
+the call is ``idempotent`` -- and only while the :class:`RetryBudget` allows, so a failing
+cluster is not hammered by retry storms. Every outcome (latency, success) goes back to the
+balancer, which feeds its strategies, breakers and outlier detection.
+
+Errors (:mod:`agentcluster.errors`): :class:`NoCapacity` (nobody can take it),
+:class:`Timeout` (the deadline passed; it may have run), :class:`Rejected` (load shed),
+:class:`CallRemoteError` (the agent raised: its type name and message).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from agentcluster.agents import CallTimeout, MailboxFull
+from agentcluster.agents.runtime import UnknownAgent
+from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest
+from agentcluster.balancing.limits import AdaptiveConcurrency
+from agentcluster.control import CallReply, CallRequest
+from agentcluster.errors import CallRemoteError, NoCapacity, Rejected, Timeout
+from agentcluster.signals import Signal
+from agentcluster.transport.base import ConnectFailed, TransportError
+
+if TYPE_CHECKING:
+    from agentcluster.balancing.balancer import Balancer
+    from agentcluster.node import Node
+
+__all__ = ["CallService", "RetryBudget"]
+
+log = logging.getLogger(__name__)
+
+_MIN_TRY = 0.05  # below twice this, an idempotent call's last try gets all the time left
+# Failures after which the target certainly did not run the call.
+_NOT_RUN = ("NoAgent", "Rejected", "NotSent")
+
+
+class RetryBudget:
+    """Retries allowed as a share of recent requests (Finagle's retry budget): each request
+    deposits ``ratio`` of a token, each retry withdraws one; ``min_per_s`` retries per second
+    are always allowed so a quiet node can still retry. Tokens older than ``window`` expire.
+    Pure: the caller passes ``now``."""
+
+    def __init__(self, *, ratio: float = 0.2, min_per_s: float = 10.0, window: float = 10.0):
+        if not 0 <= ratio <= 1 or min_per_s < 0 or window <= 0:
+            raise ValueError("retry budget: ratio in [0, 1], min_per_s >= 0, window > 0")
+        self.ratio = ratio
+        self.min_per_s = min_per_s
+        self.window = window
+        self._requests: collections.deque[float] = collections.deque()
+        self._retries: collections.deque[float] = collections.deque()
+        self.refused = 0
+
+    def _trim(self, now: float) -> None:
+        cutoff = now - self.window
+        for q in (self._requests, self._retries):
+            while q and q[0] < cutoff:
+                q.popleft()
+
+    def request(self, now: float) -> None:
+        self._requests.append(now)
+        if len(self._requests) > 100_000:  # bound memory under a flood; the ratio survives
+            self._requests.popleft()
+
+    def try_retry(self, now: float) -> bool:
+        self._trim(now)
+        allowed = self.min_per_s * self.window + self.ratio * len(self._requests)
+        if len(self._retries) + 1 > allowed:
+            self.refused += 1
+            return False
+        self._retries.append(now)
+        return True
+
+
+class CallService:
+    """One node's call path: client side (:meth:`call`) and server side (:meth:`serve`)."""
+
+    def __init__(self, node: Node, balancer: Balancer) -> None:
+        self.node = node
+        self.balancer = balancer
+        self.budget = RetryBudget()
+        self._versions: dict[str, tuple[int, int]] = {}
+        self.served = 0
+        self.shed = 0
+        self.in_flight = 0  # calls this node is serving now (its load report)
+        # Serving side: admit what the node can run without queueing up (Gradient2).
+        self.limiter = AdaptiveConcurrency(
+            rng=random.Random(node.rng.random()), now=node.clock.now()
+        )
+
+    # ----------------------------------------------------------------- endpoints
+    def _refresh(self, capability: str, now: float) -> None:
+        """Give the balancer the nodes hosting a capable agent, when the registry or the
+        membership changed since the last call for this capability."""
+        node = self.node
+        index = node.registry.index
+        version = (index.capability_version(capability), node.membership_version)
+        if self._versions.get(capability) == version:
+            return
+        self._versions[capability] = version
+        per_node: dict[str, int] = {}
+        for e in index.find_capable(capability, healthy_only=False):
+            if e.health != "unhealthy":
+                per_node[e.node] = per_node.get(e.node, 0) + 1
+        endpoints = []
+        for name, agents in per_node.items():
+            m = node.core.member(name)
+            if m is None or m.state not in ("alive", "suspect"):
+                continue
+            cap = m.meta.capacity
+            endpoints.append(
+                Endpoint(
+                    name,
+                    weight=float(agents),
+                    zone=m.meta.zone,
+                    region=m.meta.region,
+                    cpu=cap.get("cpu", 0.0),
+                    memory=cap.get("memory", 0.0),
+                    network=cap.get("network", 0.0),
+                )
+            )
+        self.balancer.set_endpoints(capability, endpoints, now)
+
+    # ----------------------------------------------------------------- client side
+    async def call(
+        self,
+        capability: str,
+        signal: Signal,
+        *,
+        timeout: float = 5.0,
+        key: str | None = None,
+        idempotent: bool = False,
+        zone: str | None = None,
+        region: str | None = None,
+    ) -> Any:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, not {timeout}")
+        clock = self.node.clock
+        now = clock.now()
+        deadline = now + timeout
+        self._refresh(capability, now)
+        me = self.node.core.member(self.node.name)
+        request = PickRequest(
+            key,
+            zone if zone is not None else (me.meta.zone if me is not None else ""),
+            region if region is not None else (me.meta.region if me is not None else ""),
+        )
+        self.budget.request(now)
+        tried: list[str] = []
+        last: Exception | None = None
+        while True:
+            now = clock.now()
+            left = deadline - now
+            if left <= 0:
+                raise Timeout(
+                    f"call to {capability!r} timed out after {timeout}s", attempts=tuple(tried)
+                )
+            try:
+                target = self.balancer.pick(capability, request, now, frozenset(tried))
+            except NoEndpoint:
+                if last is not None:
+                    raise last from None
+                raise NoCapacity(
+                    f"no node can take a call for {capability!r}", attempts=tuple(tried)
+                ) from None
+            tried.append(target)
+            self.balancer.started(capability, target, now)
+            # An idempotent call keeps half its time for a retry elsewhere (a per-try timeout,
+            # as Envoy's): one stalled node must not eat the whole deadline.
+            budget = left / 2 if idempotent and left > 2 * _MIN_TRY else left
+            reply = await self._attempt(target, capability, signal, budget)
+            done = clock.now()
+            ok = reply.ok or reply.error_type not in ("NotSent", "Timeout", "Rejected", "NoAgent")
+            # An error the agent raised is the agent's answer, not the node's failure.
+            self.balancer.finished(capability, target, done - now, ok, done)
+            if reply.ok:
+                return reply.data
+            err = _error(capability, target, reply, tuple(tried))
+            safe = reply.error_type in _NOT_RUN or (
+                idempotent and reply.error_type in ("Timeout", "Lost")
+            )
+            if not safe or not self.budget.try_retry(done):
+                raise err
+            last = err
+
+    async def _attempt(
+        self, target: str, capability: str, signal: Signal, left: float
+    ) -> CallReply:
+        node = self.node
+        if target == node.name:
+            return await self.serve(CallRequest(capability, signal, left))
+        member = node.core.member(target)
+        if member is None:
+            return CallReply(False, error_type="NotSent", error=f"{target} is not a member")
+        frame = node.stream_codec.encode(CallRequest(capability, signal, left))
+        try:
+            raw = await node.transport.request(member.addr, frame, timeout=left)
+        except ConnectFailed as exc:
+            return CallReply(False, error_type="NotSent", error=str(exc))
+        except TimeoutError:
+            return CallReply(False, error_type="Timeout", error=f"{target} did not answer")
+        except (TransportError, OSError) as exc:
+            # The connection broke mid-call: it may or may not have run.
+            return CallReply(False, error_type="Lost", error=f"{target}: {exc}")
+        reply = node.stream_codec.try_decode(raw)
+        if not isinstance(reply, CallReply):
+            return CallReply(False, error_type="Lost", error=f"{target} sent no valid reply")
+        return reply
+
+    # ----------------------------------------------------------------- server side
+    async def serve(self, req: CallRequest) -> CallReply:
+        node = self.node
+        agent = req.agent
+        if agent is None:
+            agent = self._local_agent(req.capability)
+            if agent is None:
+                return CallReply(
+                    False, error_type="NoAgent", error=f"no {req.capability!r} agent on {node.name}"
+                )
+        timeout = min(max(req.timeout, 0.001), 300.0)
+        clock = node.clock
+        ticket = self.limiter.acquire(clock.now())
+        if ticket is None:
+            self.shed += 1
+            return CallReply(
+                False,
+                error_type="Rejected",
+                error=f"{node.name} is at its concurrency limit ({self.limiter.limit})",
+            )
+        self.in_flight += 1
+        started = clock.now()
+        ok = False
+        try:
+            data = await node.runtime.call(agent, req.signal, timeout=timeout)
+            ok = True
+        except UnknownAgent as exc:
+            return CallReply(False, error_type="NoAgent", error=str(exc))
+        except MailboxFull as exc:
+            return CallReply(False, error_type="Rejected", error=f"overloaded: {exc}")
+        except CallTimeout:
+            return CallReply(
+                False, error_type="Timeout", error=f"{agent} on {node.name} took over {timeout}s"
+            )
+        except Exception as exc:
+            # Action failures may arrive wrapped; the user wants the agent's own error.
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            return CallReply(False, error_type=type(cause).__name__, error=str(cause))
+        finally:
+            self.in_flight -= 1
+            now = clock.now()
+            self.limiter.release(ticket, now - started, ok, now)
+        self.served += 1
+        try:
+            msgspec.msgpack.encode(data)
+        except TypeError as exc:
+            return CallReply(False, error_type="TypeError", error=f"reply not serialisable: {exc}")
+        return CallReply(True, data=data)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "served": self.served,
+            "shed": self.shed,
+            "in_flight": self.in_flight,
+            "retries_refused": self.budget.refused,
+            "limit": self.limiter.limit,
+        }
+
+    def _local_agent(self, capability: str) -> str | None:
+        node = self.node
+        for e in node.registry.index.find_capable(capability, healthy_only=False):
+            if e.node == node.name and e.health != "unhealthy":
+                agent = e.id.split("/", 1)[1]
+                if node.runtime.get(agent) is not None:
+                    return agent
+        return None
+
+
+def _error(capability: str, target: str, reply: CallReply, tried: tuple[str, ...]) -> Exception:
+    kind = reply.error_type
+    if kind == "Rejected":
+        return Rejected(
+            f"{target} refused the call: {reply.error}", reason="overloaded", attempts=tried
+        )
+    if kind == "Timeout":
+        return Timeout(f"call to {capability!r} on {target}: {reply.error}", attempts=tried)
+    if kind in ("NoAgent", "NotSent", "Lost"):
+        return NoCapacity(
+            f"call to {capability!r} on {target} failed: {reply.error}", attempts=tried
+        )
+    return CallRemoteError(f"{target}: {kind}: {reply.error}", kind, attempts=tried)

@@ -1,0 +1,133 @@
+"""``cluster.call`` on simulated clusters (virtual time): routing, typed errors, retries, and
+traffic that keeps flowing while a node dies or stalls."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+import pytest
+
+from agentcluster.cluster import Cluster
+from agentcluster.errors import CallError, CallRemoteError, NoCapacity, Rejected, Timeout
+from agentcluster.examples.worker import Echo
+from agentcluster.testing.simcluster import SimCluster
+
+
+async def _workers(c: SimCluster, names: list[str], *, mailbox: int | None = None) -> None:
+    await c.wait_until(c.converged, timeout=30)
+    for n in names:
+        await c.nodes[n].runtime.spawn(Echo, mailbox_size=mailbox)
+        await Cluster.of(c.nodes[n]).register("echo", capabilities=["echo"])
+
+    def everywhere() -> bool:
+        return all(
+            len(c.nodes[o].registry.index.find_capable("echo")) == len(names) for o in c.live()
+        )
+
+    await c.wait_until(everywhere, timeout=10)
+
+
+def _served_by(reply: Any) -> str:
+    return str(reply["agent"])
+
+
+@pytest.mark.virtual_time
+async def test_calls_are_spread_over_the_capable_nodes() -> None:
+    async with SimCluster(4, seed=41) as c:
+        await _workers(c, ["n2", "n3", "n4"])
+        cluster = Cluster.of(c.nodes["n1"])
+        served: collections.Counter[str] = collections.Counter()
+        for i in range(90):
+            reply = await cluster.call("echo", "app.echo", {"i": i}, timeout=2.0)
+            assert reply["echo"] == {"i": i}
+            served[_served_by(reply)] += 1
+        counts = [c.nodes[n].runtime.lookup("echo").agent.state.served for n in ("n2", "n3", "n4")]
+        assert sum(counts) == 90 and min(counts) >= 10
+        routes = await cluster.routes()
+        assert routes["capabilities"]["echo"]["eligible"] == ["n2", "n3", "n4"]
+        assert len(routes["decisions"]) == 50 and all(d["ok"] for d in routes["decisions"])
+
+
+@pytest.mark.virtual_time
+async def test_errors_are_typed() -> None:
+    async with SimCluster(3, seed=42) as c:
+        await _workers(c, ["n2"])
+        cluster = Cluster.of(c.nodes["n1"])
+        with pytest.raises(NoCapacity, match="nobody-has-this"):
+            await cluster.call("nobody-has-this", "app.echo", {})
+        with pytest.raises(CallRemoteError) as remote:
+            await cluster.call("echo", "app.echo", {"fail": "bad input"})
+        assert remote.value.remote_type == "ValueError" and "bad input" in str(remote.value)
+        assert remote.value.attempts == ("n2",)
+        with pytest.raises(Timeout):
+            await cluster.call("echo", "app.echo", {"sleep": 5.0}, timeout=1.0)
+        # The agent raised: that is its answer, not a reason to take the node out.
+        assert (await cluster.call("echo", "app.echo", {"ok": 1}))["echo"] == {"ok": 1}
+
+
+@pytest.mark.virtual_time
+async def test_a_full_mailbox_sheds_with_rejected() -> None:
+    async with SimCluster(2, seed=43) as c:
+        await _workers(c, ["n2"], mailbox=1)
+        cluster = Cluster.of(c.nodes["n1"])
+        calls = [cluster.call("echo", "app.echo", {"sleep": 0.5}, timeout=5.0) for _ in range(6)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        rejected = [r for r in results if isinstance(r, Rejected)]
+        assert rejected and all(isinstance(r, dict | Rejected) for r in results)
+
+
+async def _traffic(
+    cluster: Cluster, n: int, *, idempotent: bool, concurrency: int = 8
+) -> list[Any]:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> Any:
+        async with sem:
+            try:
+                # 10 ms of work per call: the traffic lasts long enough to span the faults.
+                return await cluster.call(
+                    "echo", "app.echo", {"i": i, "sleep": 0.01}, timeout=2.0, idempotent=idempotent
+                )
+            except CallError as exc:
+                return exc
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+@pytest.mark.virtual_time
+async def test_calls_keep_succeeding_when_a_node_dies_mid_traffic() -> None:
+    async with SimCluster(5, seed=44) as c:
+        await _workers(c, ["n2", "n3", "n4", "n5"])
+        cluster = Cluster.of(c.nodes["n1"])
+        t0 = c.clock.now()
+        c.at(t0 + 0.2, lambda: c.crash("n3"))
+        results = await _traffic(cluster, 400, idempotent=True)
+        assert c.clock.now() - t0 > 0.4  # the crash came mid-traffic
+        assert "n3" in c.crashed
+        assert all(isinstance(r, dict) for r in results), [
+            r for r in results if not isinstance(r, dict)
+        ]
+        # Non-idempotent calls right after a crash either succeed or fail with a typed error.
+        t1 = c.clock.now()
+        c.at(t1 + 0.1, lambda: c.crash("n4"))
+        mixed = await _traffic(cluster, 200, idempotent=False)
+        assert c.clock.now() - t1 > 0.2
+        assert all(isinstance(r, dict | CallError) for r in mixed)
+        assert sum(isinstance(r, dict) for r in mixed) >= 190
+
+
+@pytest.mark.virtual_time
+async def test_traffic_moves_away_from_a_stalled_node() -> None:
+    async with SimCluster(4, seed=45) as c:
+        await _workers(c, ["n2", "n3", "n4"])
+        cluster = Cluster.of(c.nodes["n1"])
+        await _traffic(cluster, 60, idempotent=True)
+        before = c.nodes["n3"].runtime.lookup("echo").agent.state.served
+        c.stall("n3", 5.0)
+        results = await _traffic(cluster, 300, idempotent=True)
+        assert all(isinstance(r, dict) for r in results)
+        during = c.nodes["n3"].runtime.lookup("echo").agent.state.served - before
+        # Peak-EWMA: after the first slow replies the stalled node gets almost nothing.
+        assert during <= 30
