@@ -299,3 +299,31 @@ def test_validate_entry_rejects(change: dict[str, object], message: str) -> None
     validate_entry(good)
     with pytest.raises(ValueError, match=message):
         validate_entry(msgspec.structs.replace(good, **change))
+
+
+def test_memoised_results_follow_every_change() -> None:
+    idx = RegistryIndex()
+    a = AgentEntry(id="n1/a", name="a", node="n1", capabilities=("llm",), resources={"gpu": 1})
+    b = AgentEntry(id="n2/b", name="b", node="n2", capabilities=("db",))
+    idx.upsert(a)
+    idx.upsert(b)
+    q = [cond("capability", "eq", "llm"), cond("resources.gpu", "gte", 1)]
+    assert [e.id for e in idx.query(q)] == ["n1/a"]
+    hits = idx.memo_hits
+    assert [e.id for e in idx.query(q)] == ["n1/a"] and idx.memo_hits == hits + 1
+    # A change to another capability's entries keeps the memo; one to this capability's not.
+    idx.upsert(msgspec.structs.replace(b, resources={"gpu": 4}))
+    assert [e.id for e in idx.query(q)] == ["n1/a"] and idx.memo_hits == hits + 2
+    idx.upsert(msgspec.structs.replace(a, resources={"gpu": 0}))
+    assert idx.query(q) == []
+    # An entry that gains the capability, and one that goes away.
+    idx.upsert(msgspec.structs.replace(b, capabilities=("db", "llm"), resources={"gpu": 2}))
+    assert [e.id for e in idx.query(q)] == ["n2/b"]
+    idx.remove("n2/b")
+    assert idx.query(q) == []
+    # Queries without a capability condition follow any change; results are fresh lists.
+    everyone = idx.query([cond("health", "eq", "healthy")])
+    everyone.clear()
+    assert [e.id for e in idx.query([cond("health", "eq", "healthy")])] == ["n1/a"]
+    idx.upsert(b)
+    assert len(idx.query([cond("health", "eq", "healthy")])) == 2

@@ -5,8 +5,11 @@ Theory of operation:
 
 * ``registry_lookup_p50_us`` / ``registry_lookup_p99_us`` -- in this process, a registry index
   of 10,000 entries (100 capabilities, 1-3 per agent, 10% not healthy, a ``gpu`` resource on
-  some) answers ``capability == cap-k AND health == healthy AND resources.gpu >= 1`` for
-  random ``k``: exactly what a node does for a local query (no network).
+  some) answers ``capability == cap-k AND health == healthy AND resources.gpu >= 1`` for 256
+  different ``k`` in turn, while one entry changes every 1,000 lookups (a load report):
+  exactly what a node does for a local query (no network). Results are memoised until an
+  entry of the queried capability changes. ``registry_lookup_uncached_*`` time the planner
+  and filter alone (every lookup computed from the indexes).
 * ``registry_convergence_p50_s`` / ``_p99_s`` -- a :class:`~agentcluster.launcher.LocalCluster`
   of real node processes (10 by default), each running an example ``voter`` agent; each round
   re-registers one node's voter with a new capability through that node's control API, and
@@ -26,6 +29,8 @@ import asyncio
 import random
 import time
 from typing import Any
+
+import msgspec
 
 from agentcluster.bench.membership import percentile
 
@@ -60,20 +65,36 @@ def run_lookups(entries: int = 10_000, lookups: int = 20_000, seed: int = 1) -> 
         ]
         for _ in range(256)
     ]
-    times: list[float] = []
-    matched = 0
+    entries_list = index.entries()
     perf = time.perf_counter_ns
-    for i in range(lookups):
-        q = queries[i & 255]
-        t0 = perf()
-        found = index.query(q)
-        times.append(perf() - t0)
-        matched += len(found)
-    times.sort()
+
+    def timed(query: Any, churn: bool) -> tuple[list[float], int]:
+        times: list[float] = []
+        matched = 0
+        for i in range(lookups):
+            if churn and i % 1000 == 999:
+                # The registry changes now and then (a load report): memos of the
+                # capabilities that entry has are invalidated.
+                e = entries_list[rng.randrange(len(entries_list))]
+                index.upsert(
+                    msgspec.structs.replace(e, resources={**e.resources, "load": rng.random()})
+                )
+            q = queries[i & 255]
+            t0 = perf()
+            found = query(q)
+            times.append(perf() - t0)
+            matched += len(found)
+        times.sort()
+        return times, matched
+
+    uncached, matched = timed(lambda q: index._query(q, 0, None, False), False)
+    memo, _ = timed(index.query, True)
     return {
         "registry_entries": entries,
-        "registry_lookup_p50_us": round(percentile(times, 0.5) / 1000, 2),
-        "registry_lookup_p99_us": round(percentile(times, 0.99) / 1000, 2),
+        "registry_lookup_p50_us": round(percentile(memo, 0.5) / 1000, 2),
+        "registry_lookup_p99_us": round(percentile(memo, 0.99) / 1000, 2),
+        "registry_lookup_uncached_p50_us": round(percentile(uncached, 0.5) / 1000, 2),
+        "registry_lookup_uncached_p99_us": round(percentile(uncached, 0.99) / 1000, 2),
         "registry_lookup_mean_matches": round(matched / lookups, 1),
     }
 

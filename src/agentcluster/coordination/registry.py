@@ -114,6 +114,9 @@ def validate_entry(e: AgentEntry) -> None:
         raise ValueError(f"agent {e.id!r}: registered_at is not finite")
 
 
+_MEMO_MAX = 4096  # memoised query results kept (cleared when full)
+
+
 def name_rank(e: AgentEntry) -> tuple[bool, bool, int, float, str, str]:
     """Sort key of the entries sharing a name: the first is the one that keeps the name."""
     return (not e.unique, e.name_token == 0, e.name_token, e.registered_at, e.node, e.id)
@@ -193,6 +196,9 @@ class RegistryIndex:
         # Bumped on every change of an entry with the capability: routing tables built from
         # the capable entries are rebuilt only when their capability's version moved.
         self._cap_versions: dict[str, int] = {}
+        self._version = 0  # any change
+        self._memo: dict[Hashable, tuple[tuple[int, ...], list[AgentEntry]]] = {}
+        self.memo_hits = 0
         for e in entries:
             self.upsert(e)
 
@@ -255,6 +261,7 @@ class RegistryIndex:
         return gone
 
     def _touch(self, capabilities: tuple[str, ...]) -> None:
+        self._version += 1
         versions = self._cap_versions
         for c in capabilities:
             versions[c] = versions.get(c, 0) + 1
@@ -356,7 +363,41 @@ class RegistryIndex:
         order_by: str | None = None,
         descending: bool = False,
     ) -> list[AgentEntry]:
-        """Entries satisfying every condition, by id (or ``order_by``), at most ``limit``."""
+        """Entries satisfying every condition, by id (or ``order_by``), at most ``limit``.
+
+        Results are memoised until an entry they could depend on changes: the versions of the
+        capabilities the query names (``capability eq``), else any change at all. Readers that
+        repeat a query between registry changes -- the common case -- pay a dict lookup."""
+        try:
+            key: Hashable = (tuple(conds), limit, order_by, descending)
+            hash(key)
+        except TypeError:  # an unhashable value (a list): not memoised
+            return self._query(conds, limit, order_by, descending)
+        stamp = self._stamp(conds)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] == stamp:
+            self.memo_hits += 1
+            return list(hit[1])
+        found = self._query(conds, limit, order_by, descending)
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = (stamp, found)
+        return list(found)
+
+    def _stamp(self, conds: Sequence[Cond]) -> tuple[int, ...]:
+        caps = [c.value for c in conds if c.field == "capability" and c.op == "eq"]
+        if not caps:
+            return (-1, self._version)
+        versions = self._cap_versions
+        return tuple(versions.get(c, 0) for c in caps if isinstance(c, str))
+
+    def _query(
+        self,
+        conds: Sequence[Cond],
+        limit: int,
+        order_by: str | None,
+        descending: bool,
+    ) -> list[AgentEntry]:
         picked, _, cands = self._plan(conds)
         self.last_scanned = len(cands)
         rest = [c for i, c in enumerate(conds) if i not in picked] if picked else conds
