@@ -65,6 +65,7 @@ def test_subpackages_declare_all_and_it_resolves() -> None:
         "agentcluster.consensus.raft",
         "agentcluster.coordination",
         "agentcluster.balancing",
+        "agentcluster.health",
     ):
         mod = importlib.import_module(module)
         for name in mod.__all__:

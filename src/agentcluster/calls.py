@@ -48,6 +48,7 @@ __all__ = ["CallService", "RetryBudget"]
 
 log = logging.getLogger(__name__)
 
+_DEGRADED_WEIGHT = 0.25  # weight factor of a node whose HealthMonitor reports it degraded
 _MIN_TRY = 0.05  # below twice this, an idempotent call's last try gets all the time left
 # Failures after which the target certainly did not run the call.
 _NOT_RUN = ("NoAgent", "Rejected", "NotSent")
@@ -125,11 +126,16 @@ class CallService:
             m = node.core.member(name)
             if m is None or m.state not in ("alive", "suspect"):
                 continue
+            health = m.meta.tags.get("health", "healthy")
+            if health == "unhealthy":
+                continue  # its own monitor says it cannot serve
             cap = m.meta.capacity
             endpoints.append(
                 Endpoint(
                     name,
-                    weight=float(agents),
+                    # A node that reports itself degraded keeps a trickle of traffic (so its
+                    # recovery shows) but far less than its share.
+                    weight=float(agents) * (_DEGRADED_WEIGHT if health == "degraded" else 1.0),
                     zone=m.meta.zone,
                     region=m.meta.region,
                     cpu=cap.get("cpu", 0.0),

@@ -80,6 +80,14 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # weighted_round_robin, least_connections, capacity_aware, geographic, maglev,
     # bounded_load, adaptive.
     lb_strategy: str = "latency_aware"
+    # Health check timings: "lan" (basic 1 s, comprehensive 30 s, deep 30 s, predictive 60 s),
+    # "local" (faster, one host) or "design" (the design's 30 s / 300 s / 600 s).
+    health_preset: str = "lan"
+    # Where critical health alerts are POSTed as JSON ("": nowhere; they are logged and sent
+    # to the orchestrator as signals either way).
+    health_webhook: str = ""
+    # A TLS certificate whose expiry the security check watches ("": none configured).
+    tls_cert: str = ""
 
 
 _LIST_FIELDS = {"seeds", "capabilities", "dns_a", "dns_srv", "store_voters", "agents"}
@@ -196,6 +204,15 @@ def _check(config: NodeConfig) -> None:
             f"invalid node configuration: lb_strategy {config.lb_strategy!r} is not one of "
             f"{', '.join(sorted(STRATEGIES))}"
         )
+    from agentcluster.health._check_runner import CHECK_PRESETS
+
+    if config.health_preset not in CHECK_PRESETS:
+        raise ConfigError(
+            f"invalid node configuration: health_preset {config.health_preset!r} is not one "
+            f"of {', '.join(CHECK_PRESETS)}"
+        )
+    if config.health_webhook and not config.health_webhook.startswith(("http://", "https://")):
+        raise ConfigError("invalid node configuration: health_webhook must be an http(s) URL")
     for spec in config.agents:
         module, sep, attr = spec.partition(":")
         if not (sep and module and attr):

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -124,7 +123,13 @@ def _members(node: Node) -> list[dict[str, Any]]:
 def _health(node: Node) -> dict[str, Any]:
     now = node.clock.now()
     agents: dict[str, dict[str, Any]] = {}
-    for name in ("failure_detector", "node_discovery", "consensus_coordinator"):
+    for name in (
+        "failure_detector",
+        "node_discovery",
+        "consensus_coordinator",
+        "load_balancer",
+        "health_monitor",
+    ):
         server = node.runtime.get(name)
         if server is None:
             agents[name] = {"status": "down"}
@@ -145,6 +150,7 @@ def _health(node: Node) -> dict[str, Any]:
         "health_score": node.core.health_score(),
         "deaths_seen": deaths,
         "agents": agents,
+        **node.health.snapshot(),
     }
 
 
@@ -180,6 +186,23 @@ async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
         return ControlReply(ok=False, error=f"kv: malformed request: {exc}")
     reply = await host.store.route(req, timeout=timeout)
     return ControlReply(ok=True, data=_kv_enc.encode(reply))
+
+
+async def _health_op(node: Node, args: dict[str, Any]) -> ControlReply:
+    """The health view, or an action: ``quarantine`` (a proposal to every health monitor;
+    returns the decision) or ``release`` (this node's quarantine of a peer)."""
+    action = args.get("action")
+    if action is None:
+        return ControlReply(ok=True, data=_health(node))
+    target, reason = args.get("node"), args.get("reason", "manual")
+    if not isinstance(target, str) or not isinstance(reason, str):
+        return ControlReply(ok=False, error="health: 'node' and 'reason' must be strings")
+    if action == "quarantine":
+        decision = await node.health.quarantine_node(target, reason)
+        return ControlReply(ok=True, data=msgspec.to_builtins(decision))
+    if action == "release":
+        return ControlReply(ok=True, data=await node.health.release_node(target))
+    return ControlReply(ok=False, error=f"health: unknown action {action!r} (quarantine, release)")
 
 
 async def _call(node: Node, args: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +255,7 @@ async def handle_control(node: Node, req: ControlRequest) -> ControlReply:
                 ok=True, data=[msgspec.to_builtins(a) for a in node.runtime.agents()]
             )
         if req.op == "health":
-            return ControlReply(ok=True, data=_health(node))
+            return await _health_op(node, req.args)
         if req.op == "stats":
             return ControlReply(ok=True, data=node.stats())
         if req.op == "leave":
@@ -257,6 +280,63 @@ async def handle_control(node: Node, req: ControlRequest) -> ControlReply:
         return ControlReply(ok=False, error=f"{type(exc).__name__}: {exc}")
 
 
+class _ReplyProtocol(asyncio.Protocol):
+    """The client end of a control connection: cuts the byte stream into length-prefixed
+    reply frames and hands each to the call waiting for it. (A protocol instead of a
+    StreamReader: the reply resolves the caller's future straight from ``data_received``,
+    with no reader coroutines, drain or timeout context per call.)"""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.lost = False
+        self._buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports do not subclass asyncio.Transport, but are one.)
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        if len(buf) < 4:
+            return
+        length = int.from_bytes(buf[:4], "big")
+        if length > _MAX_REPLY:
+            self._fail(ControlError(f"sent an oversized reply ({length} bytes)"))
+            return
+        if len(buf) < 4 + length:
+            return
+        raw = bytes(buf[4 : 4 + length])
+        del buf[: 4 + length]
+        waiter, self.waiter = self.waiter, None
+        if buf or waiter is None or waiter.done():
+            # One request at a time: a reply nobody waits for, or more than one, is a
+            # protocol violation -- the connection cannot be trusted any more.
+            self._fail(ControlError("sent an unexpected reply"))
+            return
+        waiter.set_result(raw)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(asyncio.IncompleteReadError(bytes(self._buf), None))
+
+    def _fail(self, exc: BaseException) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+
+_MAX_REPLY = 4 << 20
+
+
+def _expire(fut: asyncio.Future[bytes]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 class ControlClient:
     """A connection to one node's control API, kept open for further requests (one at a
     time; concurrent callers queue on a lock). Any failure closes it; the next call
@@ -266,9 +346,8 @@ class ControlClient:
         self.addr = addr
         self.timeout = timeout
         self._host, self._port = parse_addr(addr)
-        self._codec = WireCodec(NodeStream, keyring, max_size=4 << 20)
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._codec = WireCodec(NodeStream, keyring, max_size=_MAX_REPLY)
+        self._proto: _ReplyProtocol | None = None
         self._lock = asyncio.Lock()
 
     async def call(
@@ -279,24 +358,33 @@ class ControlClient:
         addr = self.addr
         frame = self._codec.encode(ControlRequest(op=op, args=args or {}))
         async with self._lock:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
             try:
-                async with asyncio.timeout(timeout):
-                    if self._writer is None:
-                        try:
-                            conn = await asyncio.open_connection(self._host, self._port)
-                        except OSError as exc:
-                            raise ControlError(
-                                f"cannot reach {addr}: {exc.strerror or exc}", not_sent=True
-                            ) from None
-                        self._reader, self._writer = conn
-                    reader, writer = self._reader, self._writer
-                    assert reader is not None
-                    writer.write(struct.pack(">I", len(frame)) + frame)
-                    await writer.drain()
-                    (length,) = struct.unpack(">I", await reader.readexactly(4))
-                    if length > 4 << 20:
-                        raise ControlError(f"{addr} sent an oversized reply ({length} bytes)")
-                    raw = await reader.readexactly(length)
+                proto = self._proto
+                if proto is None or proto.lost:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            _, proto = await loop.create_connection(
+                                _ReplyProtocol, self._host, self._port
+                            )
+                    except OSError as exc:
+                        raise ControlError(
+                            f"cannot reach {addr}: {exc.strerror or exc}", not_sent=True
+                        ) from None
+                    self._proto = proto
+                transport = proto.transport
+                assert transport is not None
+                # One timer per call that fails the reply's future (no timeout context, no
+                # cancellation of the caller's task to undo).
+                waiter: asyncio.Future[bytes] = loop.create_future()
+                proto.waiter = waiter
+                timer = loop.call_at(deadline, _expire, waiter)
+                try:
+                    transport.write(len(frame).to_bytes(4, "big") + frame)
+                    raw = await waiter
+                finally:
+                    timer.cancel()
             except TimeoutError:
                 await self.close()
                 raise ControlError(f"{addr} did not answer within {timeout}s") from None
@@ -305,6 +393,11 @@ class ControlClient:
                 raise ControlError(
                     f"{addr} closed the connection without a reply (wrong cluster key?)"
                 ) from None
+            except ControlError as exc:
+                await self.close()
+                if exc.not_sent:
+                    raise
+                raise ControlError(f"{addr} {exc}") from None
             except OSError as exc:
                 await self.close()
                 raise ControlError(f"cannot reach {addr}: {exc.strerror or exc}") from None
@@ -320,13 +413,9 @@ class ControlClient:
         return reply.data
 
     async def close(self) -> None:
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
 
 
 async def request(

@@ -36,6 +36,7 @@ from agentcluster.clock import Clock, MonotonicClock
 from agentcluster.clustering.base import Discover, JoinPeers, MemberEventData, MemberEvents
 from agentcluster.clustering.consensus_coordinator import ConsensusCoordinator
 from agentcluster.clustering.failure_detector import FailureDetector
+from agentcluster.clustering.health_monitor import HealthMonitor
 from agentcluster.clustering.load_balancer import LoadBalancer, LoadBalancerState
 from agentcluster.clustering.node_discovery import NodeDiscovery, NodeDiscoveryState
 from agentcluster.config import NodeConfig
@@ -63,6 +64,7 @@ from agentcluster.discovery import (
     format_addr,
 )
 from agentcluster.discovery import parse_addr as parse_seed
+from agentcluster.health.service import HealthService
 from agentcluster.logs import log_context
 from agentcluster.membership.config import preset
 from agentcluster.membership.messages import MemberEvent, Message, NodeMeta, validate_meta
@@ -113,11 +115,13 @@ class Node:
         strategies: list[Strategy] | None = None,
         raft_storage: Storage | None = None,
         load_probe: Callable[[], tuple[float, float]] | None = None,
+        vitals: bool = True,
     ) -> None:
         """``raft_storage``: the store voter's Raft storage to use instead of opening
         ``data_dir`` (a simulation keeps one per node across restarts). ``load_probe``: the
         (cpu, memory) fractions this node reports (default: psutil; a simulation passes a
-        deterministic one)."""
+        deterministic one). ``vitals``: sample this host's vitals for health monitoring (a
+        simulation turns it off: real readings would make runs differ)."""
         self.config = config
         self.name = config.name
         self.clock: Clock = clock if clock is not None else MonotonicClock()
@@ -155,6 +159,7 @@ class Node:
         )
         self.calls = CallService(self, self.balancer)
         self.lb = BalancerService(self, self.balancer, load_probe=load_probe)
+        self.health = HealthService(self, vitals=vitals)
 
     # ------------------------------------------------------------------ lifecycle
     def _default_strategies(self) -> list[Strategy]:
@@ -250,6 +255,7 @@ class Node:
             self.consensus.attach()
             self.auctions.attach()
             self.lb.attach()
+            self.health.attach()
             await self.runtime.start_supervisor(
                 "clustering",
                 [
@@ -262,6 +268,7 @@ class Node:
                     self.runtime.agent_spec(
                         LoadBalancer, state=LoadBalancerState(strategy=self.config.lb_strategy)
                     ),
+                    self.runtime.agent_spec(HealthMonitor),
                 ],
                 strategy="one_for_one",
             )
@@ -271,6 +278,7 @@ class Node:
                 await self.store_host.start(self._tg)
             await self.registry.start(self._tg)
             await self.lb.start(self._tg)
+            await self.health.start(self._tg)
             for spec in self.config.agents:
                 await self._start_user_agent(spec)
             seeds = [format_addr(*parse_seed(s)) for s in self.config.seeds]
@@ -289,6 +297,7 @@ class Node:
             await self.consensus.close()
             await self.auctions.close()
             await self.lb.close()
+            await self.health.close()
             if self.store_host is not None:
                 # Before leaving membership, while peers still route to us: a leaving leader
                 # hands Raft leadership over, so the store barely notices.

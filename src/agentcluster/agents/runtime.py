@@ -322,6 +322,17 @@ class Runtime:
             await server.stop()
         log.info("agent %s stopped (%s)", server.id, reason)
 
+    async def restart_agent(self, target: str) -> bool:
+        """Stop a supervised agent and start it again from its initial state (a recovery
+        action for a stuck agent); False when it is not supervised (nothing to restart it)."""
+        server = self.lookup(target)
+        sup = self._supervisor_of.get(server.id)
+        if sup is None or not sup.running:
+            return False
+        await sup.terminate_child(server.id)
+        await sup.restart_child(server.id)
+        return True
+
     def get(self, target: str) -> AgentServer | None:
         """The running agent with this id, or else the only running agent with this name."""
         server = self._table.get(target)

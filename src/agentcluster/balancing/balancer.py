@@ -4,7 +4,8 @@ Theory of operation: for every capability the balancer keeps the *known* endpoin
 hosting a capable agent, from the registry and membership) and a strategy instance fed with
 the *eligible* ones. Eligibility is decided here, per node, for all capabilities at once:
 
-* not quarantined (the HealthMonitor's decision: the node stays a member but gets nothing);
+* not quarantined (the HealthMonitors' decision: the node stays a member but gets nothing),
+  and not judged unhealthy by this node's own monitor (a degraded one is weighed down);
 * not ejected by outlier detection (consecutive errors at once, success-rate and latency
   outliers every interval; never more than the ejection cap, never the last node);
 * its circuit breaker is not open (a half-open breaker admits its probes only);
@@ -39,6 +40,7 @@ from agentcluster.balancing.strategies import make_strategy
 
 __all__ = ["Balancer", "RouteDecision"]
 
+_DEGRADED = 0.1  # weight factor of a peer this node's health monitor judges degraded
 _PICK_TRIES = 4  # re-picks when a half-open breaker has no probe left for the picked node
 
 
@@ -86,10 +88,14 @@ class Balancer:
         self.slow_start = SlowStart(window=slow_start)
         self.surge = SurgeDetector(now=now)
         self.quarantined: frozenset[str] = frozenset()
+        # This node's HealthMonitor's view of its peers: degraded ones are weighed down,
+        # unhealthy ones get nothing (like quarantined ones, but without a cluster decision).
+        self.health: dict[str, str] = {}
         self.decisions: collections.deque[RouteDecision] = collections.deque(maxlen=decisions)
         self._routes: dict[str, _Route] = {}
         self._overrides: dict[str, str] = {}  # capability -> strategy name
         self._seen: set[str] = set()
+        self._ramping: set[str] = set()
         self._users: dict[str, int] = {}  # node -> capabilities routing to it
         self.picks = 0
         self.no_endpoint = 0
@@ -133,6 +139,7 @@ class Balancer:
             self._seen.add(node)
             if self.picks:  # nodes known from the start need no ramp
                 self.slow_start.mark_new(node, now)
+                self._ramping.add(node)
         route.known = new
         self._rebuild(route, now)
 
@@ -147,6 +154,14 @@ class Balancer:
         # A node that leaves and comes back ramps up again.
         self._seen.discard(node)
 
+    def set_health(self, statuses: dict[str, str], now: float) -> None:
+        """The local health monitor's verdicts (node -> healthy / degraded / unhealthy)."""
+        changed = {n for n in statuses.keys() | self.health.keys()
+                   if statuses.get(n) != self.health.get(n)}  # fmt: skip
+        self.health = dict(statuses)
+        if changed:
+            self._rebuild_nodes(changed, now)
+
     def set_quarantined(self, nodes: Sequence[str], now: float) -> None:
         self.quarantined = frozenset(nodes)
         for route in self._routes.values():
@@ -154,7 +169,12 @@ class Balancer:
 
     # ----------------------------------------------------------------- eligibility
     def _rebuild(self, route: _Route, now: float) -> None:
-        candidates = [ep for n, ep in route.known.items() if n not in self.quarantined]
+        health = self.health
+        candidates = [
+            ep
+            for n, ep in route.known.items()
+            if n not in self.quarantined and health.get(n) != "unhealthy"
+        ]
         eligible = [
             ep
             for ep in candidates
@@ -162,10 +182,13 @@ class Balancer:
         ]
         chosen = route.panic.route_set(eligible, candidates)
         factor = self.slow_start.factor
+
+        def scale(ep: Endpoint) -> float:
+            f = factor(ep.node, now)
+            return f * _DEGRADED if health.get(ep.node) == "degraded" else f
+
         weighted = [
-            ep
-            if (f := factor(ep.node, now)) == 1.0
-            else msgspec.structs.replace(ep, weight=ep.weight * f)
+            ep if (f := scale(ep)) == 1.0 else msgspec.structs.replace(ep, weight=ep.weight * f)
             for ep in chosen
         ]
         route.eligible = tuple(sorted(ep.node for ep in weighted))
@@ -245,7 +268,10 @@ class Balancer:
         for ev in self.outliers.tick(now):
             touched.add(ev.node)
             events.append({"kind": ev.kind, **msgspec.to_builtins(ev)})
-        touched.update(self.slow_start.ramping(now))
+        # Nodes still ramping get their next weight; those whose ramp just ended, their full one.
+        ramping = set(self.slow_start.ramping(now))
+        touched |= ramping | self._ramping
+        self._ramping = ramping
         if touched:
             self._rebuild_nodes(touched, now)
         for surge in self.surge.tick(now):

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["agents", "consensus_app", "routes"]
+__all__ = ["agents", "consensus_app", "health", "routes"]
 
 consensus_app = typer.Typer(help="Proposals and votes among agents.", no_args_is_help=True)
 
@@ -165,3 +165,71 @@ def routes(
                 f"{d['latency'] * 1000:.2f}", str(d["attempt"]),
             )  # fmt: skip
         console.print(dec)
+
+
+def health(
+    node: _NodeOpt,
+    key_file: _KeyOpt = None,
+    as_json: _JsonOpt = False,
+    timeout: _TimeoutOpt = 5.0,
+) -> None:
+    """A node's health view: its status, vitals, anomalies, alerts, its peers' health and the
+    quarantine."""
+    from agentcluster.cli.cluster import _keyring
+    from agentcluster.control import ControlError, request
+
+    try:
+        view = asyncio.run(request(node, "health", keyring=_keyring(key_file), timeout=timeout))
+    except ControlError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(view))
+        return
+    console = Console()
+    console.print(
+        f"[bold]{view['node']}[/]: {view.get('status', 'unknown')}"
+        + (f" ({view['reason']})" if view.get("reason") else "")
+    )
+    vitals = view.get("vitals")
+    if vitals:
+        console.print(
+            f"cpu {vitals['cpu_system']:.0%}  memory {vitals['memory_used']:.0%}  "
+            f"disk {vitals['disk_used']:.0%}  fds {vitals['open_fds']}/{vitals['fd_limit']}  "
+            f"net in {vitals['net_bytes_in_per_s'] / 1e3:.1f} kB/s "
+            f"out {vitals['net_bytes_out_per_s'] / 1e3:.1f} kB/s"
+        )
+    peers = Table(title="peers")
+    for col in ("peer", "status", "failures", "rtt ms (recent)"):
+        peers.add_column(col)
+    for name, p in sorted(view.get("peers", {}).items()):
+        peers.add_row(
+            name, p["status"], str(p["failures"]), ", ".join(f"{r:.2f}" for r in p["rtt_ms"])
+        )
+    console.print(peers)
+    for title, rows, cols in (
+        (
+            "anomalies",
+            view.get("anomalies", []),
+            ("metric", "kind", "severity", "value", "expected"),
+        ),
+        ("alerts", view.get("alerts", []), ("rule", "severity", "value", "count")),
+        (
+            "quarantined",
+            view.get("quarantine", {}).get("active", []),
+            ("node", "reason", "since", "until"),
+        ),
+    ):
+        table = Table(title=f"{title} ({len(rows)})")
+        for col in cols:
+            table.add_column(col)
+        for row in rows:
+            item = row if isinstance(row, dict) else {}
+            table.add_row(*(str(item.get(c, "")) for c in cols))
+        console.print(table)
+    checks = Table(title="checks")
+    for col in ("check", "kind", "status", "detail"):
+        checks.add_column(col)
+    for name, r in view.get("checks", {}).items():
+        checks.add_row(name, r["kind"], r["status"], r["detail"])
+    console.print(checks)

@@ -51,9 +51,10 @@ def _register_kv_commands() -> None:
 
 
 def _register_mabeam_commands() -> None:
-    from agentcluster.cli.mabeam import agents, consensus_app, routes
+    from agentcluster.cli.mabeam import agents, consensus_app, health, routes
 
     app.command()(agents)
+    app.command()(health)
     app.command()(routes)
     app.add_typer(consensus_app, name="consensus")
 
@@ -260,6 +261,24 @@ def bench_lb(
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
     _print_result(result, "bench lb", as_json=as_json)
+
+
+@bench_app.command("health")
+def bench_health(
+    checks: Annotated[int, typer.Option(min=10, help="Basic checks timed.")] = 3000,
+    decisions: Annotated[int, typer.Option(min=1, help="Quarantine decisions timed.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Basic check latency, anomaly detection quality and delay, quarantine decision time."""
+    from agentcluster.bench.health import run
+
+    logging.getLogger("agentcluster").setLevel(logging.ERROR)
+    try:
+        result = run(checks=checks, decisions=decisions)
+    except Exception as exc:  # the bench reports, it does not dump a traceback
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _print_result(result, "bench health", as_json=as_json)
 
 
 @bench_app.command("membership")

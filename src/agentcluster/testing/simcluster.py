@@ -129,6 +129,7 @@ class SimCluster:
             ),
             # Real CPU readings would make runs differ: simulated nodes report no load.
             load_probe=_no_load,
+            vitals=False,
         )
         if self.record:
             node.listeners.append(self._recorder(name))
