@@ -249,7 +249,9 @@ async def _up(
                     with contextlib.suppress(Exception):
                         rows = await cluster.ask(observer.name, "members", timeout=1.0)
                 for m in rows or []:
-                    key = f"{m['state']}/{m['incarnation']}"
+                    # State changes only: metadata updates (load reports, health) also raise
+                    # the incarnation, and are not news here.
+                    key = m["state"]
                     if last.get(m["name"]) != key:
                         stamp = time.strftime("%H:%M:%S")
                         log.append(
