@@ -131,3 +131,19 @@ async def test_traffic_moves_away_from_a_stalled_node() -> None:
         during = c.nodes["n3"].runtime.lookup("echo").agent.state.served - before
         # Peak-EWMA: after the first slow replies the stalled node gets almost nothing.
         assert during <= 30
+
+
+@pytest.mark.virtual_time
+async def test_a_timing_out_target_crosses_the_error_rate_threshold() -> None:
+    async with SimCluster(2, seed=46) as c:
+        await _workers(c, ["n2"])
+        node = c.nodes["n1"]
+        events = node.runtime.bus.subscribe("cluster.lb.threshold", queue_size=16)
+        cluster = Cluster.of(node)
+        for _ in range(10):
+            # Timeouts, until the breaker and outlier ejection take the node out.
+            with pytest.raises((Timeout, NoCapacity)):
+                await cluster.call("echo", "app.echo", {"sleep": 1.0}, timeout=0.1)
+        signal = await asyncio.wait_for(events.get(), timeout=5)
+        assert signal.data["metric"] == "error_rate"
+        assert node.lb.thresholds.threshold("error_rate") >= 0.05

@@ -11,6 +11,7 @@ import pytest
 
 from agentcluster.agents import Action, ActionContext, Agent
 from agentcluster.cluster import Cluster
+from agentcluster.errors import CallRemoteError
 from agentcluster.examples.worker import Echo
 from agentcluster.health.directives import QUARANTINE_TOPIC
 from agentcluster.signals import Signal
@@ -117,3 +118,23 @@ async def test_a_stuck_agent_is_restarted_by_recovery() -> None:
         assert fresh.mailbox_depth == 0 and fresh.processed == 0
         outcomes = node.health.recovery.history()
         assert outcomes and outcomes[-1].ok and outcomes[-1].procedure == "restart_agent"
+
+
+@pytest.mark.virtual_time
+async def test_failing_calls_burn_the_error_budget_and_page() -> None:
+    async with SimCluster(2, seed=54) as c:
+        await c.wait_until(c.converged, timeout=30)
+        server = c.nodes["n2"]
+        await server.runtime.spawn(Echo)
+        await Cluster.of(server).register("echo", capabilities=["echo"])
+        await c.wait_until(
+            lambda: bool(c.nodes["n1"].registry.index.find_capable("echo")), timeout=10
+        )
+        alerts = server.runtime.bus.subscribe("cluster.health.alert.*", queue_size=64)
+        cluster = Cluster.of(c.nodes["n1"])
+        for i in range(20):
+            with pytest.raises(CallRemoteError):
+                await cluster.call("echo", "app.echo", {"fail": f"boom {i}"})
+        signal = await asyncio.wait_for(alerts.get(), timeout=5)
+        assert signal.type == "cluster.health.alert.critical"
+        assert signal.data["rule"] == "call_error_budget" and signal.data["node"] == "n2"

@@ -100,6 +100,7 @@ class CallService:
         self.budget = RetryBudget()
         self._versions: dict[str, tuple[int, int]] = {}
         self.served = 0
+        self.failed = 0  # calls this node ran whose agent failed or timed out
         self.shed = 0
         self.in_flight = 0  # calls this node is serving now (its load report)
         # Serving side: admit what the node can run without queueing up (Gradient2).
@@ -262,10 +263,12 @@ class CallService:
         except MailboxFull as exc:
             return CallReply(False, error_type="Rejected", error=f"overloaded: {exc}")
         except CallTimeout:
+            self.failed += 1
             return CallReply(
                 False, error_type="Timeout", error=f"{agent} on {node.name} took over {timeout}s"
             )
         except Exception as exc:
+            self.failed += 1
             # Action failures may arrive wrapped; the user wants the agent's own error.
             cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
             return CallReply(False, error_type=type(cause).__name__, error=str(cause))
@@ -283,6 +286,7 @@ class CallService:
     def stats(self) -> dict[str, Any]:
         return {
             "served": self.served,
+            "failed": self.failed,
             "shed": self.shed,
             "in_flight": self.in_flight,
             "retries_refused": self.budget.refused,

@@ -2,7 +2,8 @@
 
 Theory of operation: the :class:`Balancer` core is the data plane the call path uses
 directly. This shell executes the agent's directives -- a periodic :class:`BalancerTick`
-(whose events go back to the agent as ``cluster.lb.events`` and onto the bus as
+(whose events -- breaker changes, ejections, surges, this node's load crossing its adaptive
+thresholds -- go back to the agent as ``cluster.lb.events`` and onto the bus as
 ``cluster.lb.<kind>``), :class:`SetStrategy`, :class:`SetQuarantined`, :class:`ReportLoad`
 (CPU and memory from psutil, calls in flight, published in the node's membership metadata
 when they moved enough to matter) and :class:`ProposeSurge` (a majority proposal among the
@@ -30,6 +31,7 @@ from agentcluster.balancing.directives import (
     SetQuarantined,
     SetStrategy,
 )
+from agentcluster.balancing.limits import AdaptiveThresholds
 from agentcluster.signals import Signal
 
 if TYPE_CHECKING:
@@ -65,6 +67,10 @@ class BalancerService:
         self.load_probe = load_probe if load_probe is not None else _psutil_load
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_report: dict[str, float] = {}
+        # The design's thresholds (cpu 0.8, memory 0.85, connections 0.9, response time
+        # 1000 ms, error rate 0.05), raised slowly where this node's normal is higher.
+        self.thresholds = AdaptiveThresholds()
+        self._breached: set[str] = set()
         self.surge_proposals = 0
 
     def attach(self) -> None:
@@ -119,10 +125,33 @@ class BalancerService:
 
     # ----------------------------------------------------------------- directives
     async def _tick(self, server: AgentServer, d: BalancerTick) -> None:
-        events = self.balancer.tick(self.node.clock.now())
-        if not events:
-            return
-        await self.publish(events)
+        now = self.node.clock.now()
+        events = self.balancer.tick(now)
+        breached = set(self.thresholds.observe(self._own_metrics(now)))
+        for name in sorted(breached - self._breached):
+            limit = round(self.thresholds.threshold(name), 4)
+            events.append({"kind": "threshold", "metric": name, "threshold": limit, "at": now})
+        for name in sorted(self._breached - breached):
+            events.append({"kind": "threshold_cleared", "metric": name, "at": now})
+        self._breached = breached
+        if events:
+            await self.publish(events)
+
+    def _own_metrics(self, now: float) -> dict[str, float]:
+        """This node's load, in the adaptive thresholds' terms: CPU and memory fractions, the
+        share of its concurrency limit in use, and the latency and error rate of the calls it
+        sent in the last ten seconds."""
+        calls = self.node.calls
+        recent = [d for d in self.balancer.decisions if now - d.at <= 10.0 and d.node]
+        metrics = {
+            "cpu": self._last_report.get("cpu", 0.0),
+            "memory": self._last_report.get("memory", 0.0),
+            "connections": calls.in_flight / max(1, calls.limiter.limit),
+        }
+        if recent:
+            metrics["response_time_ms"] = 1000.0 * sum(d.latency for d in recent) / len(recent)
+            metrics["error_rate"] = sum(not d.ok for d in recent) / len(recent)
+        return metrics
 
     async def publish(self, events: list[dict[str, Any]]) -> None:
         """Balancer events: to the agent (one batch) and onto the bus (one signal each)."""

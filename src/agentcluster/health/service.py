@@ -30,7 +30,7 @@ import msgspec
 from agentcluster.agents import AgentServer
 from agentcluster.coordination.voting import quorum
 from agentcluster.health._check_runner import CheckResult, CheckRunner
-from agentcluster.health.alerts import AlertEngine, AlertRule, EscalationMatrix
+from agentcluster.health.alerts import AlertEngine, AlertRule, BurnRateRule, EscalationMatrix
 from agentcluster.health.anomaly import Anomaly, MetricMonitor, severity_of
 from agentcluster.health.checks import PingFailed, standard_checks, stream_ping
 from agentcluster.health.directives import (
@@ -68,6 +68,9 @@ DEFAULT_RULES = (
         "loop_lag", "loop_lag_ms", ">", 250.0, "warning", for_samples=3, clear_threshold=50.0
     ),
 )
+# The error budget of the calls this node serves: 99.9 % succeed; the SRE workbook's windows
+# page at a 14.4x burn over 1 h and 5 min, and open a ticket at 6x over 6 h and 30 min.
+DEFAULT_BURN_RULES = (BurnRateRule("call_error_budget", "calls", 0.999),)
 _PING_TIMEOUT = 0.5  # a basic check that takes longer than this failed
 _RECOVERED_RTT = 0.010  # a recovery ping must be at least this fast (the monitor's floor)
 _ANOMALY_MEMORY = 10.0  # seconds an anomaly counts towards this node's own status
@@ -81,7 +84,8 @@ class HealthService:
         self.loop_lag = LoopLagSensor(node.clock) if vitals else None
         self.app = AppHealthTracker(node.runtime)
         self.monitor = MetricMonitor()
-        self.alerts = AlertEngine(DEFAULT_RULES)
+        self.alerts = AlertEngine(DEFAULT_RULES, DEFAULT_BURN_RULES)
+        self._calls_seen = (0, 0)  # (served, failed) at the last cycle
         self.escalation = EscalationMatrix.default(webhook_url=node.config.health_webhook)
         self.webhook = WebhookSender()
         self.book = QuarantineBook()
@@ -231,6 +235,7 @@ class HealthService:
                 )
             self.anomalies.extend(self.monitor.observe_sample(metrics, now))
             await self._alerts(metrics, now)
+        await self._burn(now)
         recent = [a for a in self.anomalies if now - a.at <= _ANOMALY_MEMORY]
         own_status = severity_of(recent)
         if recent:
@@ -299,6 +304,27 @@ class HealthService:
                 self._escalate(action)
         for action in self.escalation.tick(now, self.alerts.active()):
             self._escalate(action)
+
+    async def _burn(self, now: float) -> None:
+        """Feed the calls this node served since the last cycle to the error-budget rules."""
+        calls = self.node.calls
+        served, failed = calls.served, calls.failed
+        good = served - self._calls_seen[0]
+        bad = failed - self._calls_seen[1]
+        self._calls_seen = (served, failed)
+        events = self.alerts.observe_counts(self.node.name, "calls", now, good, good + bad)
+        events += self.alerts.tick(now)
+        for event in events:
+            await self._publish(
+                Signal(
+                    type=event.signal_type,
+                    source=f"/node/{self.node.name}/{HEALTH_MONITOR}",
+                    subject=event.alert.rule,
+                    data=msgspec.to_builtins(event.alert),
+                )
+            )
+            for action in self.escalation.actions_for(event, now):
+                self._escalate(action)
 
     def _escalate(self, action: Any) -> None:
         if action.kind == "log":
