@@ -591,3 +591,16 @@ def test_simulation_safety_and_liveness_over_seeds(n: int) -> None:
         committed += len(c.committed)
         assert len(c.leaders) >= 1
     assert committed > 30 * 20
+
+
+def test_log_extend_after_appends_only_what_lies_beyond_the_last_index() -> None:
+    """§5.3 (AppendEntries step 4): entries the log already holds are not appended again; the
+    new suffix is appended in one go."""
+    from agentcluster.consensus.raft._log import RaftLog
+
+    log = RaftLog([Entry(1, i) for i in range(1, 4)])
+    incoming = tuple(Entry(1, i) for i in range(2, 7))
+    log.extend_after(1, incoming)
+    assert [e.index for e in log.entries] == [1, 2, 3, 4, 5, 6]
+    log.extend_after(4, incoming[3:4])  # wholly inside the log: nothing to append
+    assert log.last_index == 6

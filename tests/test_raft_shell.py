@@ -322,3 +322,66 @@ async def test_small_batches_are_written_inline_large_ones_on_the_writer_thread(
             ShellConfig(threaded_min_entries=0)
     finally:
         await done(net)
+
+
+class RecordingWaiter:
+    """A :class:`~agentcluster.consensus.raft.shell.Waiter` that is not a future."""
+
+    def __init__(self, *, done: bool = False) -> None:
+        self.closed = done
+        self.outcomes: list[object] = []
+
+    def done(self) -> bool:
+        return self.closed
+
+    def set_result(self, result: object, /) -> None:
+        self.closed = True
+        self.outcomes.append(result)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.closed = True
+        self.outcomes.append(exception)
+
+
+@pytest.mark.virtual_time
+async def test_submit_to_hands_the_outcome_to_any_waiter_and_skips_a_done_one() -> None:
+    """``submit_to``: the applied entry's result goes to the waiter (no future involved); a
+    waiter already done when the loop gets to it is skipped -- its data never reaches the
+    log -- and a follower's waiter is told NotLeader."""
+    net = await cluster()
+    try:
+        leader = await net.elected()
+        kept, gone = RecordingWaiter(), RecordingWaiter(done=True)
+        leader.submit_to(b"kept", kept)
+        leader.submit_to(b"gone", gone)
+        await wait_until(lambda: kept.outcomes != [])
+        assert kept.outcomes == [1] and gone.outcomes == []
+        await wait_until(lambda: all(m.items == [b"kept"] for m in net.machines.values()))
+        follower = next(s for s in net.shells.values() if s is not leader)
+        refused = RecordingWaiter()
+        follower.submit_to(b"x", refused)
+        await wait_until(lambda: refused.outcomes != [])
+        assert isinstance(refused.outcomes[0], NotLeader)
+    finally:
+        await done(net)
+
+
+@pytest.mark.virtual_time
+async def test_the_loop_sleeps_until_the_next_deadline_on_one_timer() -> None:
+    """The loop task keeps one timer for the core's next deadline, moved only when that
+    comes earlier: an idle leader still heartbeats (its followers keep it), and a wake-up
+    between deadlines does not cost a new timer."""
+    net = await cluster()
+    try:
+        leader = await net.elected()
+        term = leader.term
+        await asyncio.sleep(CFG.election_timeout * 5)  # idle: heartbeats only
+        assert leader.is_leader and leader.term == term
+        timer = leader._timer
+        assert timer is not None
+        leader._wake()  # nothing to do: a turn, then the same timer is kept
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert leader._timer is timer
+    finally:
+        await done(net)

@@ -225,3 +225,44 @@ async def test_a_client_batch_on_the_leader_is_one_raft_batch() -> None:
         assert kv is not None and kv.value == b"3"
     finally:
         await c.stop()
+
+
+@pytest.mark.virtual_time
+async def test_a_client_batch_that_cannot_commit_in_time_is_reported_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """route_many on a leader cut off from its followers: the batch's writes are appended
+    but cannot commit, so at the deadline each is answered ``unavailable`` (outcome
+    unknown) -- never ok, never refused as certainly not applied -- while an invalid one is
+    still refused at once. The leader decoded each command once, to validate it."""
+    import agentcluster.store.raft as raft_mod
+
+    c = await started(3, 3, seed=5)
+    try:
+        leader = leader_of(c)
+        decoded: list[bytes] = []
+        real = raft_mod.decode_command
+
+        def counting(data: bytes) -> object:
+            decoded.append(data)
+            return real(data)
+
+        monkeypatch.setattr(raft_mod, "decode_command", counting)
+        ok = [KvRequest("cmd", encode_command(PutCmd(f"ok{i}", b"v"))) for i in range(3)]
+        replies = await c.nodes[leader].store.route_many(ok, timeout=5.0)
+        assert [r.ok for r in replies] == [True] * 3
+        members = [c.nodes[n].store_host.member for n in c.names]  # type: ignore[union-attr]
+        await wait_until(lambda: all(m is not None and m.kv.get("ok2") for m in members))
+        # Once on the leader (to validate; its apply reused it), once on each follower.
+        assert [decoded.count(r.cmd) for r in ok] == [3, 3, 3]
+        host = c.nodes[leader].store_host
+        assert host is not None and host.member is not None
+        assert host.member.machine._decoded == {}
+        others = [n for n in c.names if n != leader]
+        c.partition([leader], others)
+        reqs = [KvRequest("cmd", encode_command(PutCmd(f"cut{i}", b"v"))) for i in range(3)]
+        reqs.append(KvRequest("cmd", b"\xc1"))
+        replies = await c.nodes[leader].store.route_many(reqs, timeout=0.05)
+        assert [r.error for r in replies] == ["unavailable"] * 3 + ["invalid"]
+    finally:
+        await c.stop()

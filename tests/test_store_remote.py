@@ -96,3 +96,66 @@ async def test_a_caller_cancelled_before_its_request_left_is_never_sent() -> Non
     assert task.cancelled()
     assert [keys for _, keys in calls] == [["kept"]]
     await b.close()
+
+
+async def _control_server(
+    codec: Any, *, close_after_reply: bool = False, oversized: bool = False
+) -> tuple[asyncio.Server, str]:
+    from agentcluster.control import ControlReply
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                req = codec.decode(await reader.readexactly(size))
+                if oversized:
+                    writer.write((64 << 20).to_bytes(4, "big"))
+                else:
+                    reply = codec.encode(ControlReply(ok=True, data=req.op))
+                    writer.write(len(reply).to_bytes(4, "big") + reply)
+                await writer.drain()
+                if close_after_reply:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_control_client_reconnects_after_the_node_closed_an_idle_connection() -> None:
+    """ControlClient keeps its connection; when the node closed it meanwhile (its idle
+    timeout), the next call notices before sending and opens a new one -- the request is
+    not lost to a dead socket. A reply announcing more than the size limit is an error."""
+    from agentcluster.control import ControlClient, ControlError, NodeStream
+    from agentcluster.wire import Keyring, WireCodec
+
+    keyring = Keyring.generate()
+    server, addr = await _control_server(
+        WireCodec(NodeStream, keyring, max_size=1 << 20), close_after_reply=True
+    )
+    client = ControlClient(addr, keyring=keyring, timeout=2.0)
+    try:
+        assert await client.call("first") == "first"
+        await asyncio.sleep(0.05)  # the server closed the connection after its reply
+        assert await client.call("second") == "second"
+    finally:
+        await client.close()
+        server.close()
+    server, addr = await _control_server(
+        WireCodec(NodeStream, keyring, max_size=1 << 20), oversized=True
+    )
+    client = ControlClient(addr, keyring=keyring, timeout=2.0)
+    try:
+        try:
+            await client.call("big")
+        except ControlError as exc:
+            assert "oversized" in str(exc) and addr in str(exc)
+        else:
+            raise AssertionError("an oversized reply must fail the call")
+    finally:
+        await client.close()
+        server.close()

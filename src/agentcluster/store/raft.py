@@ -44,6 +44,7 @@ from agentcluster.consensus.raft.shell import (
     ProposalDropped,
     RaftShell,
     ShellConfig,
+    Waiter,
 )
 from agentcluster.store._kv import (
     Command,
@@ -122,6 +123,7 @@ _events_dec = msgspec.msgpack.Decoder(list[WatchEvent])
 # Routing back-off while no leader is known (an election takes about one election timeout).
 _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
 _EVENTS_BATCH = 1_000
+_DECODED_MAX = 1 << 16
 
 
 class _Machine:
@@ -130,9 +132,24 @@ class _Machine:
     def __init__(self, owner: RaftKV) -> None:
         self.kv = KVStateMachine()
         self.owner = owner
+        # Commands this member (the leader) decoded when it validated their proposals, by the
+        # identity of their bytes: the entry it applies later holds the very same object, so
+        # the command is decoded once, not twice. (The bytes are held here, so their id
+        # cannot be reused meanwhile; a miss -- a follower, a restart -- just decodes.)
+        self._decoded: dict[int, tuple[bytes, Command]] = {}
+
+    def remember(self, data: bytes, cmd: Command) -> None:
+        decoded = self._decoded
+        if len(decoded) >= _DECODED_MAX:
+            decoded.clear()  # proposals that were never applied here (a lost leadership)
+        decoded[id(data)] = (data, cmd)
+
+    def forget_decoded(self) -> None:
+        self._decoded.clear()
 
     def apply(self, index: int, data: bytes) -> Result:
-        cmd = decode_command(data)
+        hit = self._decoded.pop(id(data), None) if self._decoded else None
+        cmd = hit[1] if hit is not None and hit[0] is data else decode_command(data)
         kv = self.kv
         result = kv.apply(cmd)
         owner = self.owner
@@ -243,6 +260,7 @@ class RaftKV:
 
     def _on_role(self, leader: bool) -> None:
         self.leading = leader
+        self.machine.forget_decoded()
         # A new leader restarts every lease's TTL (it cannot know how long the old leader
         # had counted); a follower counts nothing.
         self.timers.reset_all(self.kv.leases() if leader else {}, self.clock.now())
@@ -280,22 +298,25 @@ class RaftKV:
                 raise
             return reply
 
-    def submit(self, req: KvRequest) -> asyncio.Future[Result] | KvReply:
-        """Start the write ``req`` (op ``cmd``) here without awaiting it: the proposal's
-        future (its result or exception maps to a reply through :func:`command_reply`), or
-        at once the reply of a request that goes no further (not the leader, invalid)."""
+    def submit(self, req: KvRequest, waiter: Waiter) -> KvReply | None:
+        """Start the write ``req`` (op ``cmd``) here without awaiting it: its outcome goes to
+        ``waiter`` (a result or exception that :func:`outcome_reply` maps to a reply), and None
+        is returned; or at once the reply of a request that goes no further (not the leader,
+        invalid), and ``waiter`` is left alone."""
         shell = self.shell
         if not shell.is_leader or not self.leading:
             leader = shell.leader_id
             return KvReply(False, error="not_leader", message=str(NotLeader(leader)), leader=leader)
+        data = req.cmd
         try:
-            decode_command(req.cmd)  # reject garbage before it reaches the log
-            fut: asyncio.Future[Result] = shell.submit(req.cmd)
+            cmd = decode_command(data)  # reject garbage before it reaches the log
+            shell.submit_to(data, waiter)
         except (NotLeader, InvalidCommand) as exc:
             reply = _error_reply(exc)
             assert reply is not None
             return reply
-        return fut
+        self.machine.remember(data, cmd)
+        return None
 
     async def _serve(self, req: KvRequest) -> KvReply:
         shell = self.shell
@@ -306,9 +327,10 @@ class RaftKV:
             # a keep-alive would find no timer and wrongly report the lease expired.)
             raise NotLeader(shell.leader_id)
         if req.op == "cmd":
-            decode_command(req.cmd)  # reject garbage before it reaches the log
-            result = await shell.propose(req.cmd)
-            return KvReply(True, encode_result(result))
+            cmd = decode_command(req.cmd)  # reject garbage before it reaches the log
+            fut = shell.submit(req.cmd)
+            self.machine.remember(req.cmd, cmd)
+            return KvReply(True, encode_result(await fut))
         await shell.read_barrier()
         kv = self.kv
         if req.op == "get":
@@ -504,6 +526,10 @@ class RaftStore(KvClient):
         backoff = _BACKOFF_MIN
         write = req.op == "cmd"
         target = self._leader
+        if self.local is not None and self.local.shell.leader_id:
+            # A voter follows elections: what it knows now beats the hint of the last reply
+            # (a write sent to a deposed leader cut off by a partition has an unknown outcome).
+            target = self.local.shell.leader_id
         while True:
             remaining = deadline - clock.now()
             if remaining <= 0:
@@ -595,28 +621,29 @@ class RaftStore(KvClient):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         replies: list[KvReply | None] = [None] * len(reqs)
-        pending: dict[asyncio.Future[Result], int] = {}
+        batch = _BatchWait(loop)
         rest: list[int] = []
         for k, req in enumerate(reqs):
-            started = local.submit(req) if req.op == "cmd" else None
-            if started is None:
+            if req.op != "cmd":
                 rest.append(k)
-            elif isinstance(started, KvReply):
-                replies[k] = started
+                continue
+            slot = _Slot(batch, k)
+            refused = local.submit(req, slot)
+            if refused is None:
+                batch.started(slot)
             else:
-                pending[started] = k
-        if pending:
-            done, late = await asyncio.wait(pending, timeout=limit)
-            for fut in late:
-                fut.cancel()  # the shell skips it; the entry may still commit
-                replies[pending[fut]] = KvReply(
+                replies[k] = refused
+        if batch.started_any:
+            await batch.wait(deadline)
+            for k, outcome in batch.outcomes.items():
+                replies[k] = outcome_reply(outcome)
+            for slot in batch.late():
+                replies[slot.k] = KvReply(
                     False,
                     error="unavailable",
                     message=f"no leader answered within {limit:.1f} s; "
                     "the write's outcome is unknown",
                 )
-            for fut in done:
-                replies[pending[fut]] = command_reply(fut)
         for k, reply in enumerate(replies):
             if reply is None:
                 continue
@@ -659,14 +686,107 @@ def _error_reply(exc: BaseException) -> KvReply | None:
     return None
 
 
-def command_reply(fut: asyncio.Future[Result]) -> KvReply:
-    """The reply for a write whose proposal future (:meth:`RaftKV.submit`) is done."""
-    exc = fut.exception()
-    if exc is None:
-        return KvReply(True, encode_result(fut.result()))
-    reply = _error_reply(exc)
+class _Failed:
+    """A proposal's exception, as a :class:`_BatchWait` outcome."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class _BatchWait:
+    """The outcomes of a client's batch of writes, gathered into one wake-up of the task
+    serving it: each proposal reports to a :class:`_Slot` (a shell :class:`Waiter`), and the
+    last one -- or the deadline -- resolves the single future this task awaits. (A future per
+    proposal plus ``asyncio.wait`` cost a loop callback per write on the leader.)"""
+
+    __slots__ = ("_fut", "_slots", "left", "loop", "outcomes")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.left = 0
+        self.outcomes: dict[int, Result | _Failed] = {}
+        self._fut: asyncio.Future[None] | None = None
+        self._slots: list[_Slot] = []
+
+    @property
+    def started_any(self) -> bool:
+        return bool(self._slots)
+
+    def started(self, slot: _Slot) -> None:
+        self._slots.append(slot)
+        self.left += 1
+
+    def settled(self, slot: _Slot, outcome: Result | _Failed) -> None:
+        self.outcomes[slot.k] = outcome
+        self.left -= 1
+        fut = self._fut
+        if self.left <= 0 and fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def wait(self, deadline: float) -> None:
+        """Until every started proposal is settled or ``deadline`` (loop time) passed."""
+        if self.left <= 0:
+            return
+        fut = self._fut = self.loop.create_future()
+        timer = self.loop.call_at(deadline, _resolve, fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self._abandon()
+            raise
+        finally:
+            timer.cancel()
+        if self.left > 0:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        # The shell skips a done waiter; an entry already appended may still commit.
+        for slot in self._slots:
+            slot.closed = True
+
+    def late(self) -> list[_Slot]:
+        """The slots that never settled (outcome unknown)."""
+        return [slot for slot in self._slots if slot.k not in self.outcomes]
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Slot:
+    """One write of a :class:`_BatchWait`: the shell :class:`Waiter` of its proposal."""
+
+    __slots__ = ("batch", "closed", "k")
+
+    def __init__(self, batch: _BatchWait, k: int) -> None:
+        self.batch = batch
+        self.k = k
+        self.closed = False
+
+    def done(self) -> bool:
+        return self.closed
+
+    def set_result(self, result: Result, /) -> None:
+        if not self.closed:
+            self.closed = True
+            self.batch.settled(self, result)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        if not self.closed:
+            self.closed = True
+            self.batch.settled(self, _Failed(exception))
+
+
+def outcome_reply(outcome: Result | _Failed) -> KvReply:
+    """The reply for a write whose proposal settled with ``outcome``."""
+    if not isinstance(outcome, _Failed):
+        return KvReply(True, encode_result(outcome))
+    reply = _error_reply(outcome.exc)
     if reply is None:
-        raise exc
+        raise outcome.exc
     return reply
 
 

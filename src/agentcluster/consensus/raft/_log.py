@@ -192,6 +192,16 @@ class RaftLog:
         assert entry.index == self.last_index + 1
         self.entries.append(entry)
 
+    def extend_after(self, prev_index: int, entries: Sequence[Entry]) -> None:
+        """Append those of ``entries`` -- contiguous from ``prev_index + 1``, which the log
+        holds, and agreeing with the log where they overlap -- that lie beyond the last index
+        (one list extend instead of an append per entry)."""
+        start = self.last_index - prev_index
+        assert start >= 0
+        if start < len(entries):
+            assert entries[start].index == self.last_index + 1
+            self.entries.extend(entries[start:])
+
     def truncate_from(self, index: int) -> None:
         """Drop ``index`` and everything after it (a conflicting suffix, §5.3)."""
         assert index > self.offset

@@ -626,23 +626,20 @@ class RaftNode(ReadsMixin):
             )
             return
         # Validate the whole batch before touching the log: a malformed frame changes nothing.
+        # (Only entries up to our last index can conflict; the rest is appended in one go.)
         conflict: int | None = None
-        last_term = msg.prev_term
+        last_term, prev, term, last = msg.prev_term, msg.prev_index, msg.term, log.last_index
         for k, e in enumerate(msg.entries, start=1):
-            if e.index != msg.prev_index + k or not last_term <= e.term <= msg.term:
+            if e.index != prev + k or not last_term <= e.term <= term:
                 self.dropped += 1
                 return
             last_term = e.term
-            if conflict is None:
-                t = log.term(e.index)
-                if t is not None and t != e.term:
-                    conflict = e.index
+            if conflict is None and e.index <= last and log.term(e.index) != e.term:
+                conflict = e.index
         # A conflict lies after prev_index >= commit_index: committed entries are never touched.
         if conflict is not None:
             log.truncate_from(conflict)
-        for e in msg.entries:
-            if e.index > log.last_index:
-                log.append(e)
+        log.extend_after(prev, msg.entries)
         last_new = msg.prev_index + len(msg.entries)
         if msg.commit > self.commit_index:
             self._commit_to(min(msg.commit, last_new))

@@ -51,6 +51,7 @@ __all__ = [
     "RaftShell",
     "ShellConfig",
     "StateMachine",
+    "Waiter",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,18 @@ class StateMachine(Protocol):
     def snapshot(self) -> bytes: ...
 
     def restore(self, data: bytes) -> None: ...
+
+
+class Waiter(Protocol):
+    """What a proposal's outcome is handed to: an :class:`asyncio.Future`, or any object with
+    these three methods (a client's batch resolves many proposals into one wake-up this way,
+    instead of paying a future, and a loop callback per future, for each)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 class NotLeader(Exception):
@@ -147,14 +160,21 @@ class RaftShell:
         )
         self._last_snapshot = snap.index if snap is not None else 0
         self._inbox: deque[Message] = deque()
-        self._proposals: deque[tuple[bytes, asyncio.Future[Any]]] = deque()
+        self._proposals: deque[tuple[bytes, Waiter]] = deque()
         self._confs: deque[tuple[ConfChange, asyncio.Future[Any]]] = deque()
-        self._waiting: dict[int, tuple[int, asyncio.Future[Any]]] = {}
+        self._waiting: dict[int, tuple[int, Waiter]] = {}
         self._read_requests: deque[asyncio.Future[None]] = deque()
         self._reads: dict[int, asyncio.Future[None]] = {}
         self._read_ready: list[tuple[int, asyncio.Future[None]]] = []
         self._next_read = 0
-        self._wake = asyncio.Event()
+        # Waking the loop task: a flag plus the bare future it sleeps on, and one timer for
+        # the core's next deadline that is moved only when that deadline comes earlier (an
+        # Event, a fresh timer and a cancel on every wait cost more than a whole idle turn).
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_when = math.inf  # when the armed timer fires (uvloop's handles may not say)
+        self._timer_at = math.inf
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._was_leader = False
@@ -219,7 +239,7 @@ class RaftShell:
         if self._closed:
             return
         self._inbox.append(msg)
-        self._wake.set()
+        self._wake()
 
     async def propose(self, data: bytes) -> Any:
         """Replicate ``data``; the state machine's result once applied. Raises NotLeader
@@ -234,8 +254,17 @@ class RaftShell:
         :meth:`propose` does."""
         fut = self._new_future()
         self._proposals.append((data, fut))
-        self._wake.set()
+        self._wake()
         return fut
+
+    def submit_to(self, data: bytes, waiter: Waiter) -> None:
+        """:meth:`submit` with the outcome handed to ``waiter`` (see :class:`Waiter`); a
+        waiter that is done before the entry is appended or applied is skipped, as a
+        cancelled future is. Raises NotLeader when the shell is closed."""
+        if self._closed:
+            raise NotLeader(None)
+        self._proposals.append((data, waiter))
+        self._wake()
 
     async def read_barrier(self) -> None:
         """Return once a linearizable read of the local state machine is possible."""
@@ -243,20 +272,20 @@ class RaftShell:
         if self._closed:
             raise NotLeader(None)
         self._read_requests.append(fut)
-        self._wake.set()
+        self._wake()
         await fut
 
     async def change_membership(self, change: ConfChange) -> int:
         """Propose a single-server change; the entry's index once it is committed."""
         fut = self._new_future()
         self._confs.append((change, fut))
-        self._wake.set()
+        self._wake()
         result: int = await fut
         return result
 
     def transfer_leadership(self, target: str) -> bool:
         ok = self.node.transfer_leadership(target, self.clock.now())
-        self._wake.set()
+        self._wake()
         return ok
 
     def _new_future(self) -> asyncio.Future[Any]:
@@ -270,14 +299,58 @@ class RaftShell:
         """Emulate a frozen process (SIGSTOP) for ``seconds``: the loop does nothing, and
         messages queue up until it runs again."""
         self._stalled_until = max(self._stalled_until, self.clock.now() + seconds)
-        self._wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Make the loop task run a turn soon (callable from any callback on the loop)."""
+        if self._woken:
+            return
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        at = self._timer_at
+        if at == math.inf:
+            return  # no deadline any more: the next wait arms a timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < at:
+            self._timer = loop.call_at(at, self._on_timer)  # the deadline moved later
+            self._timer_when = at
+            return
+        self._wake()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        """Wake the loop at loop time ``at`` (inf: no timed wake-up). The armed timer only ever
+        fires at or before ``at``; firing early re-arms it for the rest (see :meth:`_on_timer`)."""
+        self._timer_at = at
+        timer = self._timer
+        if at != math.inf and (timer is None or self._timer_when > at):
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(at, self._on_timer)
+            self._timer_when = at
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await self._loop(loop)
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    async def _loop(self, loop: asyncio.AbstractEventLoop) -> None:
         while not self._closed:
             pause = self._stalled_until - self.clock.now()
             if pause > 0:
                 await self.clock.sleep(pause)
                 continue
+            # Cleared before the turn: a wake-up during it (a write completing, a message
+            # arriving while the turn awaits) makes the next turn start at once.
+            self._woken = False
             try:
                 if self._write_failed is not None:
                     raise self._write_failed
@@ -288,24 +361,20 @@ class RaftShell:
                 self._closed = True
                 self._fail_all(NotLeader(None))
                 raise
-            delay = self.node.next_deadline() - self.clock.now()
             if self._inbox or self._proposals or self._read_requests or self._confs:
                 continue
-            self._wake.clear()
-            if delay > 0:
-                # A plain timer handle: cheaper than a timeout context on every idle wait.
-                timer = (
-                    asyncio.get_running_loop().call_later(delay, self._wake.set)
-                    if math.isfinite(delay)
-                    else None
-                )
-                try:
-                    await self._wake.wait()
-                finally:
-                    if timer is not None:
-                        timer.cancel()
-            else:
+            delay = self.node.next_deadline() - self.clock.now()
+            if delay <= 0:
                 await asyncio.sleep(0)
+                continue
+            if self._woken:
+                continue
+            self._arm(loop, loop.time() + delay if math.isfinite(delay) else math.inf)
+            waiter = self._waiter = loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
     async def _turn(self) -> None:
         node = self.node
@@ -405,7 +474,7 @@ class RaftShell:
             self._write_failed = exc
         else:
             self.node.persisted(index, term)
-        self._wake.set()
+        self._wake()
 
     def _admit(self, now: float) -> None:
         node = self.node
@@ -448,7 +517,7 @@ class RaftShell:
             else:
                 fut.set_exception(NotLeader(node.leader_id))
         if n and props:
-            self._wake.set()
+            self._wake()
 
     def _apply(self, e: Entry) -> None:
         result: Any = None
