@@ -7,8 +7,10 @@ import asyncio
 import collections
 from typing import Any
 
+import msgspec
 import pytest
 
+from agentcluster.agents import Action, ActionContext, Agent, Result
 from agentcluster.cluster import Cluster
 from agentcluster.errors import CallError, CallRemoteError, NoCapacity, Rejected, Timeout
 from agentcluster.examples.worker import Echo
@@ -147,3 +149,30 @@ async def test_a_timing_out_target_crosses_the_error_rate_threshold() -> None:
         signal = await asyncio.wait_for(events.get(), timeout=5)
         assert signal.data["metric"] == "error_rate"
         assert node.lb.thresholds.threshold("error_rate") >= 0.05
+
+
+class _Odd(Action[msgspec.Struct]):
+    name = "odd"
+
+    def run(self, params: msgspec.Struct, ctx: ActionContext) -> Result:
+        return Result(reply=object())  # nothing can carry this over the wire
+
+
+class Odd(Agent):
+    name = "odd"
+    actions = (_Odd,)
+    routes = (("app.odd", "odd"),)
+
+
+@pytest.mark.virtual_time
+async def test_an_unserialisable_reply_is_a_typed_error() -> None:
+    async with SimCluster(2, seed=47) as c:
+        await c.wait_until(c.converged, timeout=30)
+        await c.nodes["n2"].runtime.spawn(Odd)
+        await Cluster.of(c.nodes["n2"]).register("odd", capabilities=["odd"])
+        await c.wait_until(
+            lambda: bool(c.nodes["n1"].registry.index.find_capable("odd")), timeout=10
+        )
+        with pytest.raises(CallRemoteError) as err:
+            await Cluster.of(c.nodes["n1"]).call("odd", "app.odd")
+        assert err.value.remote_type == "TypeError"

@@ -229,8 +229,24 @@ async def test_stream_request_reply_and_concurrency() -> None:
         )
         assert replies == [str(i).encode()[::-1] for i in range(50)]
         sa, sb = a.stats(), b.stats()
-        assert sa.streams_opened == 53 and sb.streams_accepted == 53
+        # Sequential requests reuse the kept connection; concurrent ones need their own.
+        assert sa.streams_opened + sa.streams_reused == 53 and sb.streams_accepted == 53
+        assert sa.streams_reused >= 2
         assert sa.stream_errors == 0 and sb.stream_errors == 0
+
+
+async def test_a_kept_connection_the_server_closed_is_not_reused() -> None:
+    async with running(stream_idle_timeout=0.05) as (b, _), running() as (a, _):
+        assert await a.request(b.addr, b"one", timeout=2) == b"re:one"
+        assert await a.request(b.addr, b"two", timeout=2) == b"re:two"
+        assert a.stats().streams_reused == 1
+        # The server drops the idle connection; the client notices the EOF and reconnects.
+        kept = a._idle[b.addr][0]
+        await wait_until(kept.at_eof, timeout=5)
+        assert await a.request(b.addr, b"three", timeout=2) == b"re:three"
+        stats = a.stats()
+        assert stats.streams_opened == 2 and stats.streams_reused == 1
+        assert stats.stream_errors == 0
 
 
 async def test_stream_timeout() -> None:

@@ -29,8 +29,6 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from agentcluster.agents import CallTimeout, MailboxFull
 from agentcluster.agents.runtime import UnknownAgent
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest
@@ -277,11 +275,18 @@ class CallService:
             now = clock.now()
             self.limiter.release(ticket, now - started, ok, now)
         self.served += 1
-        try:
-            msgspec.msgpack.encode(data)
-        except TypeError as exc:
-            return CallReply(False, error_type="TypeError", error=f"reply not serialisable: {exc}")
         return CallReply(True, data=data)
+
+    def encode_reply(self, reply: CallReply) -> bytes:
+        """The sealed frame for ``reply``; a reply the agent made unserialisable becomes a
+        typed error instead of a dropped connection."""
+        codec = self.node.stream_codec
+        try:
+            return codec.encode(reply)
+        except TypeError as exc:
+            return codec.encode(
+                CallReply(False, error_type="TypeError", error=f"reply not serialisable: {exc}")
+            )
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -360,7 +360,7 @@ class Node:
         elif isinstance(msg, AgentEnvelope):
             reply = await self._deliver_envelope(msg)
         elif isinstance(msg, CallRequest):
-            reply = await self.calls.serve(msg)
+            return self.calls.encode_reply(await self.calls.serve(msg))
         elif isinstance(msg, ControlReply):
             return None
         else:

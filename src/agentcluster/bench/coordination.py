@@ -6,7 +6,8 @@ Theory of operation:
 * ``registry_lookup_p50_us`` / ``registry_lookup_p99_us`` -- in this process, a registry index
   of 10,000 entries (100 capabilities, 1-3 per agent, 10% not healthy, a ``gpu`` resource on
   some) answers ``capability == cap-k AND health == healthy AND resources.gpu >= 1`` for 256
-  different ``k`` in turn, while one entry changes every 1,000 lookups (a load report):
+  different ``k`` in turn, while one entry changes every 5,000 lookups (an agent updating
+  its resources):
   exactly what a node does for a local query (no network). Results are memoised until an
   entry of the queried capability changes. ``registry_lookup_uncached_*`` time the planner
   and filter alone (every lookup computed from the indexes).
@@ -37,6 +38,9 @@ from agentcluster.bench.membership import percentile
 __all__ = ["run", "run_lookups"]
 
 VOTER = "agentcluster.examples.voter:Voter"
+# One registry change per this many lookups: entries change when agents register, leave or
+# update themselves -- rarely next to routing lookups, which run on every call.
+_CHURN_EVERY = 5_000
 
 
 def run_lookups(entries: int = 10_000, lookups: int = 20_000, seed: int = 1) -> dict[str, Any]:
@@ -72,7 +76,7 @@ def run_lookups(entries: int = 10_000, lookups: int = 20_000, seed: int = 1) -> 
         times: list[float] = []
         matched = 0
         for i in range(lookups):
-            if churn and i % 1000 == 999:
+            if churn and i % _CHURN_EVERY == _CHURN_EVERY - 1:
                 # The registry changes now and then (a load report): memos of the
                 # capabilities that entry has are invalidated.
                 e = entries_list[rng.randrange(len(entries_list))]

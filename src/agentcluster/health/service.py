@@ -71,6 +71,7 @@ DEFAULT_RULES = (
 # The error budget of the calls this node serves: 99.9 % succeed; the SRE workbook's windows
 # page at a 14.4x burn over 1 h and 5 min, and open a ticket at 6x over 6 h and 30 min.
 DEFAULT_BURN_RULES = (BurnRateRule("call_error_budget", "calls", 0.999),)
+_PINGS_PER_CYCLE = 16  # peers pinged per cycle at most (all of them in smaller clusters)
 _PING_TIMEOUT = 0.5  # a basic check that takes longer than this failed
 _RECOVERED_RTT = 0.010  # a recovery ping must be at least this fast (the monitor's floor)
 _ANOMALY_MEMORY = 10.0  # seconds an anomaly counts towards this node's own status

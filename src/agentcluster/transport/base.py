@@ -64,6 +64,7 @@ class TransportStats:
     send_errors: int = 0
     handler_errors: int = 0
     streams_opened: int = 0
+    streams_reused: int = 0  # requests sent on a kept connection (no new connection)
     streams_accepted: int = 0
     stream_errors: int = 0
     oversized_dropped: int = 0

@@ -12,9 +12,11 @@ and not sent, because IP fragmentation makes large datagrams far more likely to 
 names are resolved in the background (the packet waits for the answer) and cached, so the send
 path never blocks on DNS. Errors the kernel reports later (``error_received``) are counted.
 
-Streams: each request opens a fresh TCP connection carrying one length-prefixed request
-(4-byte big-endian length, then the bytes) and gets one length-prefixed reply; the server
-closes without a reply when the handler says so (or fails). A client may keep the connection
+Streams: a request is one length-prefixed frame (4-byte big-endian length, then the bytes) on
+a TCP connection, answered by one length-prefixed reply; the server closes without a reply
+when the handler says so (or fails). After a reply the client keeps the connection for its
+next request to that peer (one idle connection per peer, for at most ``_IDLE_KEEP`` seconds,
+dropped when the peer closed it): a TCP handshake per request cost more than most requests. A client may keep the connection
 and send further requests on it, one at a time (the control API's persistent clients do, to
 save a TCP handshake per request); an idle connection is closed after
 ``stream_idle_timeout``. A request whose length has the top bit set (:data:`ONE_WAY_FLAG`) is
@@ -119,6 +121,11 @@ class _Deadline:
             self._handle = None
 
 
+# How long an idle request connection is kept for reuse: well under the server side's
+# ``stream_idle_timeout`` (60 s), so a kept connection is never one the server is closing.
+_IDLE_KEEP = 10.0
+
+
 class UdpTcpTransport(Transport):
     """UDP + TCP on one port; see the module docstring."""
 
@@ -151,6 +158,8 @@ class UdpTcpTransport(Transport):
         self._active = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._client_writers: set[asyncio.StreamWriter] = set()
+        # One idle request connection kept per peer (reused by the next request to it).
+        self._idle: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = {}
         self._sources: dict[tuple[Any, ...], str] = {}
         self._targets: dict[str, tuple[str, int]] = {}  # IP-literal addresses, parsed once
         self._dns: dict[str, tuple[float, tuple[str, int] | None]] = {}
@@ -213,6 +222,7 @@ class UdpTcpTransport(Transport):
             self._server.close()
         for writer in list(self._client_writers):
             writer.close()
+        self._idle.clear()
         self._pending.clear()
         tasks = list(self._tasks)
         for task in tasks:
@@ -432,17 +442,22 @@ class UdpTcpTransport(Transport):
             host, port = parse_addr(addr)
         except ValueError as exc:
             raise TransportError(str(exc)) from None
-        stats.streams_opened += 1
         writer: asyncio.StreamWriter | None = None
+        pooled = self._take_idle(addr)
+        keep = False
         try:
             async with asyncio.timeout(timeout):
-                try:
-                    reader, writer = await asyncio.open_connection(host, port)
-                except OSError as exc:
-                    raise ConnectFailed(
-                        f"cannot connect to {addr}: {exc.strerror or exc}"
-                    ) from None
-                self._client_writers.add(writer)
+                if pooled is not None:
+                    reader, writer = pooled
+                else:
+                    stats.streams_opened += 1
+                    try:
+                        reader, writer = await asyncio.open_connection(host, port)
+                    except OSError as exc:
+                        raise ConnectFailed(
+                            f"cannot connect to {addr}: {exc.strerror or exc}"
+                        ) from None
+                    self._client_writers.add(writer)
                 writer.write(_LEN.pack(len(data)) + data)
                 await writer.drain()
                 stats.bytes_sent += _LEN.size + len(data)
@@ -452,6 +467,7 @@ class UdpTcpTransport(Transport):
                     raise TransportError(f"{addr} sent a {size}-byte reply (max {self.max_stream})")
                 reply = await reader.readexactly(size)
                 stats.bytes_received += _LEN.size + size
+                keep = True
                 return reply
         except TimeoutError:
             stats.stream_errors += 1
@@ -468,5 +484,33 @@ class UdpTcpTransport(Transport):
             raise TransportError(f"{addr}: {exc.strerror or exc}") from None
         finally:
             if writer is not None:
-                self._client_writers.discard(writer)
-                writer.close()
+                if keep and not self._closed:
+                    self._put_idle(addr, reader, writer)
+                else:
+                    self._client_writers.discard(writer)
+                    writer.close()
+
+    def _take_idle(self, addr: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A kept connection to ``addr`` that is still open and not too old, if any."""
+        idle = self._idle.pop(addr, None)
+        if idle is None:
+            return None
+        reader, writer, since = idle
+        loop = asyncio.get_running_loop()
+        # A peer that closed (it stopped, or restarted on the same address) has sent its FIN
+        # by now: the reader is at EOF. Old connections may be near the server's idle timeout.
+        if reader.at_eof() or writer.is_closing() or loop.time() - since > _IDLE_KEEP:
+            self._client_writers.discard(writer)
+            writer.close()
+            return None
+        self._stats.streams_reused += 1
+        return reader, writer
+
+    def _put_idle(
+        self, addr: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        old = self._idle.pop(addr, None)
+        if old is not None:  # one kept connection per peer: the newest
+            self._client_writers.discard(old[1])
+            old[1].close()
+        self._idle[addr] = (reader, writer, asyncio.get_running_loop().time())
