@@ -64,15 +64,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import msgspec
-
+from agentcluster.consensus.raft._conf import ConfMixin
 from agentcluster.consensus.raft._log import MemoryStorage, RaftLog, Storage
-from agentcluster.consensus.raft._progress import Progress, apply_conf_change
+from agentcluster.consensus.raft._progress import Progress
 from agentcluster.consensus.raft._reads import ReadsMixin
 from agentcluster.consensus.raft.messages import (
     AppendEntries,
     AppendEntriesResponse,
-    ConfChange,
     ConfState,
     Entry,
     HardState,
@@ -83,8 +81,6 @@ from agentcluster.consensus.raft.messages import (
     RequestVoteResponse,
     Snapshot,
     TimeoutNow,
-    decode_conf_change,
-    encode_conf_change,
 )
 
 __all__ = ["RaftConfig", "RaftNode", "RaftState"]
@@ -120,7 +116,7 @@ class RaftConfig:
             raise ValueError("lease_reads needs check_quorum (followers must honour the lease)")
 
 
-class RaftNode(ReadsMixin):
+class RaftNode(ConfMixin, ReadsMixin):
     def __init__(
         self,
         id: str,
@@ -201,70 +197,6 @@ class RaftNode(ReadsMixin):
                 self._apply_conf_entry(e)
         self._conf_changed = False
         self._reset_election_timer(now)
-
-    # ----------------------------------------------------------------- configuration
-
-    @property
-    def peers(self) -> list[str]:
-        """Every other member, voters first."""
-        return [p for p in (*self.voters, *self.learners) if p != self.id]
-
-    @property
-    def conf(self) -> ConfState:
-        return ConfState(self.voters, self.learners)
-
-    def _set_conf(self, conf: ConfState, index: int, *, notify: bool = True) -> None:
-        self.voters, self.learners = conf.voters, conf.learners
-        self._conf_history.append((index, conf))
-        del self._conf_history[:-64]
-        self._conf_changed = notify
-        if self.state != "leader":
-            return
-        members = self.peers
-        for p in members:
-            if p not in self._progress:
-                self._progress[p] = Progress(match=0, next=self.log.last_index + 1)
-        for p in [p for p in self._progress if p not in members]:
-            del self._progress[p]
-        if self._transferee is not None and self._transferee not in self.voters:
-            self._abort_transfer()
-
-    def _apply_conf_entry(self, entry: Entry) -> None:
-        try:
-            change = decode_conf_change(entry.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            self.dropped += 1  # only a corrupt leader writes one; the entry stays a no-op
-            return
-        conf = change.result if change.result is not None else apply_conf_change(self.conf, change)
-        self._set_conf(conf, entry.index)
-
-    def _conf_at(self, index: int) -> ConfState:
-        for at, conf in reversed(self._conf_history):
-            if at <= index:
-                return conf
-        raise ValueError(f"configuration at {index} is no longer known")
-
-    def propose_conf_change(self, change: ConfChange, now: float) -> int | None:
-        """Append a single-server membership change; its index, or None when this node is
-        not a leader that may change the configuration now (one change at a time, after the
-        leader committed an entry of its term, not during a leadership transfer)."""
-        if (
-            self.state != "leader"
-            or self._transferee is not None
-            or self._pending_conf_index > self.commit_index
-            or self.log.term(self.commit_index) != self.term
-        ):
-            return None
-        result = apply_conf_change(self.conf, change)
-        if result == self.conf:
-            raise ValueError(f"{change.op} {change.node!r} changes nothing in {self.conf}")
-        if not result.voters:
-            raise ValueError("cannot remove the last voter")
-        index = self.log.last_index + 1
-        data = encode_conf_change(ConfChange(change.op, change.node, result))
-        self.log.append(Entry(self.term, index, data, "conf"))
-        self._pending_conf_index = index
-        return index
 
     # ----------------------------------------------------------------- inputs
 
