@@ -176,3 +176,19 @@ async def test_an_unserialisable_reply_is_a_typed_error() -> None:
         with pytest.raises(CallRemoteError) as err:
             await Cluster.of(c.nodes["n1"]).call("odd", "app.odd")
         assert err.value.remote_type == "TypeError"
+
+
+@pytest.mark.virtual_time
+async def test_an_ejection_on_the_call_path_is_published() -> None:
+    async with SimCluster(3, seed=48) as c:
+        await _workers(c, ["n2", "n3"])
+        node = c.nodes["n1"]
+        ejections = node.runtime.bus.subscribe("cluster.lb.eject", queue_size=8)
+        # Round robin keeps sending to n3 (latency-aware would shun it after one failure).
+        node.balancer.set_strategy("round_robin", now=c.clock.now())
+        await c.crash("n3")  # its calls now fail to connect until it is known dead
+        cluster = Cluster.of(node)
+        for i in range(20):
+            await cluster.call("echo", "app.echo", {"i": i}, timeout=2.0)
+        signal = await asyncio.wait_for(ejections.get(), timeout=5)
+        assert signal.subject == "n3" and signal.data["reason"]

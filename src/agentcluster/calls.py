@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 _DEGRADED_WEIGHT = 0.25  # weight factor of a node whose HealthMonitor reports it degraded
 _MIN_TRY = 0.05  # below twice this, an idempotent call's last try gets all the time left
+# Failures that count against the target node (breakers, outlier ejection, latency).
+_NODE_FAILURES = frozenset({"NotSent", "Timeout", "Rejected", "NoAgent", "Lost"})
 # Failures after which the target certainly did not run the call.
 _NOT_RUN = ("NoAgent", "Rejected", "NotSent")
 
@@ -193,9 +195,11 @@ class CallService:
             budget = left / 2 if idempotent and left > 2 * _MIN_TRY else left
             reply = await self._attempt(target, capability, signal, budget)
             done = clock.now()
-            ok = reply.ok or reply.error_type not in ("NotSent", "Timeout", "Rejected", "NoAgent")
             # An error the agent raised is the agent's answer, not the node's failure.
-            self.balancer.finished(capability, target, done - now, ok, done)
+            ok = reply.ok or reply.error_type not in _NODE_FAILURES
+            events = self.balancer.finished(capability, target, done - now, ok, done)
+            if events:  # a breaker tripped, a node was ejected: the rest of the node hears it
+                await self.node.lb.publish(events)
             if reply.ok:
                 return reply.data
             err = _error(capability, target, reply, tuple(tried))
