@@ -154,7 +154,7 @@ async def test_each_check_runs_on_its_own_interval_without_overlapping() -> None
     long = Sleepy("long", 2.5, interval=1.0, timeout=10.0)
     runner = CheckRunner([fast, slow, long])
     async with runner:
-        await asyncio.sleep(15.05)
+        await asyncio.sleep(15.05)  # virtual time: to just past t=15 (noqa: sleep)
     assert fast.started == pytest.approx([0.0, 3.0, 6.0, 9.0, 12.0, 15.0])
     assert slow.started == pytest.approx([0.0, 5.0, 10.0, 15.0])
     assert long.started == pytest.approx([0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0])
@@ -167,15 +167,15 @@ async def test_checks_added_later_and_removed_and_stop_cancels_running_ones() ->
     late = Sleepy("late", 0.0, interval=1.0, timeout=1.0)
     forever = Sleepy("forever", 10_000.0, interval=1.0, timeout=20_000.0)
     async with runner:
-        await asyncio.sleep(5.0)
+        await asyncio.sleep(5.0)  # virtual time: to t=5 exactly (noqa: sleep)
         runner.add(late)
         runner.add(forever)
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2.5)  # virtual time: to t=7.5 (noqa: sleep)
         assert late.started == [5.0, 6.0, 7.0]
         with pytest.raises(ValueError, match="already registered"):
             runner.add(Sleepy("late", 0.0))
         runner.remove("late")
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(3.0)  # virtual time: to t=10.5 (noqa: sleep)
         assert late.started == [5.0, 6.0, 7.0]
     # stop() cancelled and awaited the run still in progress: nothing left behind.
     assert "forever" not in runner.latest

@@ -12,6 +12,7 @@ import msgspec
 
 from agentcluster.store.raft import KvReply, KvRequest
 from agentcluster.store.remote import _Batcher
+from agentcluster.testing import wait_until
 
 _enc = msgspec.msgpack.Encoder()
 _req_dec = msgspec.msgpack.Decoder(KvRequest)
@@ -72,9 +73,9 @@ async def test_requests_arriving_during_a_call_form_the_next_one_on_another_conn
     for c in conns:
         c.gate = asyncio.Event()
     first = [asyncio.ensure_future(put(b, f"a{i}")) for i in range(4)]
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: len(calls) == 1, timeout=2)
     second = [asyncio.ensure_future(put(b, f"b{i}")) for i in range(3)]
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: len(calls) == 2, timeout=2)
     assert [keys for _, keys in calls] == [["a0", "a1", "a2", "a3"], ["b0", "b1", "b2"]]
     assert calls[0][0] != calls[1][0]  # two calls in flight, on two connections
     for c in conns:
@@ -140,7 +141,8 @@ async def test_control_client_reconnects_after_the_node_closed_an_idle_connectio
     client = ControlClient(addr, keyring=keyring, timeout=2.0)
     try:
         assert await client.call("first") == "first"
-        await asyncio.sleep(0.05)  # the server closed the connection after its reply
+        # The server closes the connection after its reply; wait until the client saw it.
+        await wait_until(lambda: client._proto is not None and client._proto.lost, timeout=2)
         assert await client.call("second") == "second"
     finally:
         await client.close()

@@ -30,7 +30,6 @@ import collections
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +125,7 @@ class RegistryService:
         # The epoch orders a restarted node's state after its previous life's.
         self.core = RegistrySync(
             node.name,
-            time.time_ns(),
+            int(node.clock.wall() * 1_000_000_000),
             random.Random(node.rng.random()),
             self.config,
             now=node.clock.now(),
