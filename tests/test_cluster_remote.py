@@ -78,6 +78,10 @@ async def test_connect_registry_consensus_locks_barriers_and_events() -> None:
             finally:
                 await other.close()
 
+            # An auction through the remote API (voters do not bid: nobody buys).
+            out = await cluster.auction(ids, "slot", duration=0.3)
+            assert out.result.reason == "no_bids" and out.bidders == ids and out.revision > 0
+
             async with cluster.lock("deploy", ttl=5.0) as lock:
                 assert lock.token > 0
                 assert await lock.fenced_put("mabeam/test/deployer", b"me")

@@ -75,6 +75,32 @@ class MemberInfo(msgspec.Struct, frozen=True):
 Where = Cond | str
 
 
+class Registration(msgspec.Struct, frozen=True):
+    """A ``register`` call's arguments (what a remote node receives, too)."""
+
+    agent: str
+    capabilities: list[str]
+    resources: dict[str, float]
+    metadata: dict[str, str]
+    health: Health
+    unique: bool
+    name: str | None
+
+
+class AuctionRequest(msgspec.Struct, frozen=True):
+    """An ``auction`` call's arguments (what a remote node receives, too)."""
+
+    bidders: list[str]
+    item: str
+    kind: AuctionKind
+    duration: float
+    reserve: float
+    start_price: float
+    min_increment: float
+    step: float
+    step_interval: float
+
+
 def _conds(where: Iterable[Where], capability: str | None, healthy_only: bool) -> list[Cond]:
     conds = [w if isinstance(w, Cond) else parse_cond(w) for w in where]
     if capability is not None:
@@ -115,7 +141,6 @@ class Cluster(ABC):
         return NodeCluster(node)
 
     # ----------------------------------------------------------------- registry
-    @abstractmethod
     async def register(
         self,
         agent: str,
@@ -128,11 +153,19 @@ class Cluster(ABC):
         name: str | None = None,
     ) -> AgentEntry:
         """Register an agent running on the node (by id or name) with its capabilities."""
+        return await self._register(
+            Registration(
+                agent, list(capabilities), dict(resources or {}), dict(metadata or {}),
+                health, unique, name,
+            )
+        )  # fmt: skip
+
+    @abstractmethod
+    async def _register(self, reg: Registration) -> AgentEntry: ...
 
     @abstractmethod
     async def unregister(self, entry_id: str) -> bool: ...
 
-    @abstractmethod
     async def find(
         self,
         *where: Where,
@@ -143,6 +176,14 @@ class Cluster(ABC):
         descending: bool = False,
     ) -> list[AgentEntry]:
         """Registered agents matching every condition (``"resources.gpu>=1"`` or a Cond)."""
+        return await self._find(
+            _conds(where, capability, healthy_only), limit, order_by, descending
+        )
+
+    @abstractmethod
+    async def _find(
+        self, conds: list[Cond], limit: int, order_by: str | None, descending: bool
+    ) -> list[AgentEntry]: ...
 
     async def least_loaded(
         self, capability: str, *, n: int = 1, resource: str = "load"
@@ -155,7 +196,6 @@ class Cluster(ABC):
     async def members(self) -> list[MemberInfo]: ...
 
     # ----------------------------------------------------------------- consensus
-    @abstractmethod
     async def start_consensus(
         self,
         participants: Iterable[AgentEntry | str],
@@ -167,6 +207,20 @@ class Cluster(ABC):
         ref: str | None = None,
     ) -> str:
         """Open a proposal among agents; returns its reference."""
+        return await self._start_consensus(
+            _participants(participants), proposal, _rule(rule), timeout, topic, ref
+        )
+
+    @abstractmethod
+    async def _start_consensus(
+        self,
+        participants: list[str],
+        proposal: Any,
+        rule: Rule,
+        timeout: float,
+        topic: str,
+        ref: str | None,
+    ) -> str: ...
 
     @abstractmethod
     async def consensus_result(self, ref: str, *, timeout: float = 15.0) -> Decision: ...
@@ -192,7 +246,6 @@ class Cluster(ABC):
     ) -> list[Decision]: ...
 
     # ----------------------------------------------------------------- calls
-    @abstractmethod
     async def call(
         self,
         capability: str,
@@ -209,13 +262,20 @@ class Cluster(ABC):
         ``idempotent`` allows a retry on another node after a timeout or a lost connection.
         Raises :class:`~agentcluster.errors.NoCapacity`, :class:`~agentcluster.errors.Timeout`,
         :class:`~agentcluster.errors.Rejected` or :class:`~agentcluster.errors.CallRemoteError`."""
+        return await self._call_agent(
+            capability, _signal(signal, data), timeout=timeout, key=key, idempotent=idempotent
+        )
+
+    @abstractmethod
+    async def _call_agent(
+        self, capability: str, signal: Signal, *, timeout: float, key: str | None, idempotent: bool
+    ) -> Any: ...
 
     @abstractmethod
     async def routes(self) -> dict[str, Any]:
         """The node's routing view: per-node weights, breakers, ejections, recent decisions."""
 
     # ----------------------------------------------------------------- auctions
-    @abstractmethod
     async def auction(
         self,
         bidders: Iterable[AgentEntry | str],
@@ -231,6 +291,14 @@ class Cluster(ABC):
     ) -> AuctionOutcome:
         """Auction ``item`` among bidder agents (sealed_first_price, vickrey, english,
         dutch); returns the committed outcome once it closes."""
+        request = AuctionRequest(
+            _participants(bidders), item, kind, duration, reserve, start_price, min_increment,
+            step, step_interval,
+        )  # fmt: skip
+        return await self._auction(request)
+
+    @abstractmethod
+    async def _auction(self, request: AuctionRequest) -> AuctionOutcome: ...
 
     # ----------------------------------------------------------------- store primitives
     @property
@@ -278,44 +346,25 @@ class NodeCluster(Cluster):
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    async def register(
-        self,
-        agent: str,
-        *,
-        capabilities: Iterable[str] = (),
-        resources: Mapping[str, float] | None = None,
-        metadata: Mapping[str, str] | None = None,
-        health: Health = "healthy",
-        unique: bool = False,
-        name: str | None = None,
-    ) -> AgentEntry:
+    async def _register(self, reg: Registration) -> AgentEntry:
         return await self.node.registry.register(
-            agent,
-            capabilities=capabilities,
-            resources=resources,
-            metadata=metadata,
-            health=health,
-            unique=unique,
-            name=name,
+            reg.agent,
+            capabilities=reg.capabilities,
+            resources=reg.resources,
+            metadata=reg.metadata,
+            health=reg.health,
+            unique=reg.unique,
+            name=reg.name,
         )
 
     async def unregister(self, entry_id: str) -> bool:
         return await self.node.registry.unregister(entry_id)
 
-    async def find(
-        self,
-        *where: Where,
-        capability: str | None = None,
-        healthy_only: bool = False,
-        limit: int = 0,
-        order_by: str | None = None,
-        descending: bool = False,
+    async def _find(
+        self, conds: list[Cond], limit: int, order_by: str | None, descending: bool
     ) -> list[AgentEntry]:
         return self.node.registry.index.query(
-            _conds(where, capability, healthy_only),
-            limit=limit,
-            order_by=order_by,
-            descending=descending,
+            conds, limit=limit, order_by=order_by, descending=descending
         )
 
     async def members(self) -> list[MemberInfo]:
@@ -326,23 +375,17 @@ class NodeCluster(Cluster):
             for m in sorted(self.node.members(), key=lambda m: m.name)
         ]
 
-    async def start_consensus(
+    async def _start_consensus(
         self,
-        participants: Iterable[AgentEntry | str],
+        participants: list[str],
         proposal: Any,
-        *,
-        rule: Rule | str = "majority",
-        timeout: float = 5.0,
-        topic: str = "",
-        ref: str | None = None,
+        rule: Rule,
+        timeout: float,
+        topic: str,
+        ref: str | None,
     ) -> str:
         return await self.node.consensus.start(
-            _participants(participants),
-            proposal,
-            rule=_rule(rule),
-            timeout=timeout,
-            topic=topic,
-            ref=ref,
+            participants, proposal, rule=rule, timeout=timeout, topic=topic, ref=ref
         )
 
     async def consensus_result(self, ref: str, *, timeout: float = 15.0) -> Decision:
@@ -353,43 +396,25 @@ class NodeCluster(Cluster):
     ) -> list[Decision]:
         return await self.node.consensus.history(limit=limit, topic=topic)
 
-    async def call(
-        self,
-        capability: str,
-        signal: Signal | str,
-        data: Any = None,
-        *,
-        timeout: float = 5.0,
-        key: str | None = None,
-        idempotent: bool = False,
+    async def _call_agent(
+        self, capability: str, signal: Signal, *, timeout: float, key: str | None, idempotent: bool
     ) -> Any:
         return await self.node.calls.call(
-            capability, _signal(signal, data), timeout=timeout, key=key, idempotent=idempotent
+            capability, signal, timeout=timeout, key=key, idempotent=idempotent
         )
 
     async def routes(self) -> dict[str, Any]:
         return self.node.balancer.snapshot(self.node.clock.now())
 
-    async def auction(
-        self,
-        bidders: Iterable[AgentEntry | str],
-        item: str,
-        *,
-        kind: AuctionKind = "vickrey",
-        duration: float = 2.0,
-        reserve: float = 0.0,
-        start_price: float = 0.0,
-        min_increment: float = 1.0,
-        step: float = 1.0,
-        step_interval: float = 0.1,
-    ) -> AuctionOutcome:
+    async def _auction(self, request: AuctionRequest) -> AuctionOutcome:
         svc = self.node.auctions
         ref = await svc.start(
-            _participants(bidders), item, kind=kind, duration=duration, reserve=reserve,
-            start_price=start_price, min_increment=min_increment, step=step,
-            step_interval=step_interval,
+            request.bidders, request.item, kind=request.kind, duration=request.duration,
+            reserve=request.reserve, start_price=request.start_price,
+            min_increment=request.min_increment, step=request.step,
+            step_interval=request.step_interval,
         )  # fmt: skip
-        return await svc.result(ref, timeout=duration + 15.0)
+        return await svc.result(ref, timeout=request.duration + 15.0)
 
     @property
     def store(self) -> Store:
@@ -463,44 +488,22 @@ class RemoteCluster(Cluster):
         except ControlError as exc:
             raise _remote_error(str(exc)) from None
 
-    async def register(
-        self,
-        agent: str,
-        *,
-        capabilities: Iterable[str] = (),
-        resources: Mapping[str, float] | None = None,
-        metadata: Mapping[str, str] | None = None,
-        health: Health = "healthy",
-        unique: bool = False,
-        name: str | None = None,
-    ) -> AgentEntry:
-        raw = await self._call(
-            "register",
-            agent=agent,
-            capabilities=list(capabilities),
-            resources=dict(resources or {}),
-            metadata=dict(metadata or {}),
-            health=health,
-            unique=unique,
-            name=name,
-        )
+    async def _register(self, reg: Registration) -> AgentEntry:
+        raw = await self._call("register", **msgspec.structs.asdict(reg))
         return msgspec.convert(raw, AgentEntry)
 
     async def unregister(self, entry_id: str) -> bool:
         return bool(await self._call("unregister", id=entry_id))
 
-    async def find(
-        self,
-        *where: Where,
-        capability: str | None = None,
-        healthy_only: bool = False,
-        limit: int = 0,
-        order_by: str | None = None,
-        descending: bool = False,
+    async def _find(
+        self, conds: list[Cond], limit: int, order_by: str | None, descending: bool
     ) -> list[AgentEntry]:
-        conds = [msgspec.to_builtins(c) for c in _conds(where, capability, healthy_only)]
         raw = await self._call(
-            "find", where=conds, limit=limit, order_by=order_by, descending=descending
+            "find",
+            where=[msgspec.to_builtins(c) for c in conds],
+            limit=limit,
+            order_by=order_by,
+            descending=descending,
         )
         return msgspec.convert(raw, list[AgentEntry])
 
@@ -516,22 +519,21 @@ class RemoteCluster(Cluster):
             for r in rows
         ]
 
-    async def start_consensus(
+    async def _start_consensus(
         self,
-        participants: Iterable[AgentEntry | str],
+        participants: list[str],
         proposal: Any,
-        *,
-        rule: Rule | str = "majority",
-        timeout: float = 5.0,
-        topic: str = "",
-        ref: str | None = None,
+        rule: Rule,
+        timeout: float,
+        topic: str,
+        ref: str | None,
     ) -> str:
         return str(
             await self._call(
                 "consensus_start",
-                participants=_participants(participants),
+                participants=participants,
                 proposal=proposal,
-                rule=msgspec.to_builtins(_rule(rule)),
+                rule=msgspec.to_builtins(rule),
                 timeout=timeout,
                 topic=topic,
                 ref=ref,
@@ -559,25 +561,17 @@ class RemoteCluster(Cluster):
         raw = await self._call("consensus_history", limit=limit, topic=topic)
         return msgspec.convert(raw, list[Decision])
 
-    async def call(
-        self,
-        capability: str,
-        signal: Signal | str,
-        data: Any = None,
-        *,
-        timeout: float = 5.0,
-        key: str | None = None,
-        idempotent: bool = False,
+    async def _call_agent(
+        self, capability: str, signal: Signal, *, timeout: float, key: str | None, idempotent: bool
     ) -> Any:
         from agentcluster.control import ControlError
 
-        sig = _signal(signal, data)
         try:
             out = await self._client.call(
                 "call",
                 {
                     "capability": capability,
-                    "signal": msgspec.to_builtins(sig),
+                    "signal": msgspec.to_builtins(signal),
                     "timeout": timeout,
                     "key": key,
                     "idempotent": idempotent,
@@ -598,25 +592,12 @@ class RemoteCluster(Cluster):
         except ControlError as exc:
             raise _remote_error(str(exc)) from None
 
-    async def auction(
-        self,
-        bidders: Iterable[AgentEntry | str],
-        item: str,
-        *,
-        kind: AuctionKind = "vickrey",
-        duration: float = 2.0,
-        reserve: float = 0.0,
-        start_price: float = 0.0,
-        min_increment: float = 1.0,
-        step: float = 1.0,
-        step_interval: float = 0.1,
-    ) -> AuctionOutcome:
+    async def _auction(self, request: AuctionRequest) -> AuctionOutcome:
         raw = await self._call(
-            "auction", timeout=duration + 15.0 + self.timeout,
-            bidders=_participants(bidders), item=item, kind=kind, duration=duration,
-            reserve=reserve, start_price=start_price, min_increment=min_increment, step=step,
-            step_interval=step_interval,
-        )  # fmt: skip
+            "auction",
+            timeout=request.duration + 15.0 + self.timeout,
+            **msgspec.structs.asdict(request),
+        )
         return msgspec.convert(raw, AuctionOutcome)
 
     @property
