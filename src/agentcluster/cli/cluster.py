@@ -71,6 +71,14 @@ def node_run(
         list[str] | None,
         typer.Option(help="A user agent to start and register, MODULE:CLASS (repeatable)."),
     ] = None,
+    gc_young: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Young-generation GC threshold once the node is up (start-up objects are "
+            "frozen too); 0 keeps CPython's defaults. See agentcluster.gc_tuning.",
+        ),
+    ] = 20_000,
 ) -> None:
     """Run one node until SIGTERM / Ctrl-C (then it leaves the cluster gracefully)."""
     from agentcluster.config import ConfigError, load_config
@@ -89,7 +97,7 @@ def node_run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     _check_agents(cfg.agents)
-    run_loop(_run_node(cfg), uvloop=uvloop)
+    run_loop(_run_node(cfg, gc_young=gc_young), uvloop=uvloop)
 
 
 def _check_agents(specs: list[str]) -> None:
@@ -117,7 +125,8 @@ def run_loop(main: Coroutine[Any, Any, T], *, uvloop: bool = True) -> T:
     return asyncio.run(main)
 
 
-async def _run_node(cfg: Any) -> None:
+async def _run_node(cfg: Any, *, gc_young: int = 0) -> None:
+    from agentcluster import gc_tuning
     from agentcluster.node import Node
 
     stop = asyncio.Event()
@@ -125,6 +134,8 @@ async def _run_node(cfg: Any) -> None:
     for sig in (os_signal.SIGINT, os_signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Node(cfg) as node:
+        if gc_young:
+            gc_tuning.tune(young=gc_young)  # now that everything the node needs exists
         await stop.wait()
         await node.stop(leave=True)
 
