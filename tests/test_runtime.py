@@ -159,6 +159,28 @@ async def test_call_timeout() -> None:
 
 
 @pytest.mark.virtual_time
+async def test_a_call_that_expires_in_the_mailbox_is_never_run() -> None:
+    async with Runtime(mailbox_size=2) as rt:
+        server = await rt.spawn(Recorder)
+        loop = asyncio.get_running_loop()
+        await server.cast(Instruction("slow", {"seconds": 5}))
+        await until(lambda: server.mailbox_depth == 0)  # the agent is busy for 5 s
+        t0 = loop.time()
+        with pytest.raises(CallTimeout, match="within 1"):
+            await server.call(Signal(type="test.note.expired"), timeout=1.0)
+        assert loop.time() - t0 == pytest.approx(1.0)
+        assert server.mailbox_depth == 1  # still queued, but its caller is gone
+        # A full mailbox: the wait for room counts against the call's timeout too.
+        server.cast_nowait(Signal(type="test.note.a"))
+        t0 = loop.time()
+        with pytest.raises(CallTimeout, match="within 1"):
+            await server.call(Signal(type="test.note.c"), timeout=1.0)
+        assert loop.time() - t0 == pytest.approx(1.0)
+        assert await server.call(Signal(type="test.echo", data=7), timeout=10.0) == 7
+        assert server.agent.state.seen == ["test.note.a"]
+
+
+@pytest.mark.virtual_time
 async def test_mailbox_overflow_and_backpressure() -> None:
     async with Runtime(mailbox_size=2) as rt:
         server = await rt.spawn(Recorder)
