@@ -234,27 +234,40 @@ async def test_a_client_batch_that_cannot_commit_in_time_is_reported_unknown(
     """route_many on a leader cut off from its followers: the batch's writes are appended
     but cannot commit, so at the deadline each is answered ``unavailable`` (outcome
     unknown) -- never ok, never refused as certainly not applied -- while an invalid one is
-    still refused at once. The leader decoded each command once, to validate it."""
+    still refused at once. The leader decoded each command once, to validate it, and
+    proposed the batch as one log entry, which each follower decoded once."""
     import agentcluster.store.raft as raft_mod
 
     c = await started(3, 3, seed=5)
     try:
         leader = leader_of(c)
         decoded: list[bytes] = []
-        real = raft_mod.decode_command
+        entries: list[object] = []
+        real, real_entry = raft_mod.decode_command, raft_mod.decode_entry
 
         def counting(data: bytes) -> object:
             decoded.append(data)
             return real(data)
 
+        def counting_entries(data: bytes) -> object:
+            entry = real_entry(data)
+            entries.append(entry)
+            return entry
+
         monkeypatch.setattr(raft_mod, "decode_command", counting)
+        monkeypatch.setattr(raft_mod, "decode_entry", counting_entries)
         ok = [KvRequest("cmd", encode_command(PutCmd(f"ok{i}", b"v"))) for i in range(3)]
         replies = await c.nodes[leader].store.route_many(ok, timeout=5.0)
         assert [r.ok for r in replies] == [True] * 3
+        revisions = [unwrap(decode_result(r.data), PutResult) for r in replies]
+        assert [r.revision for r in revisions] == sorted(r.revision for r in revisions)
+        assert len({r.revision for r in revisions}) == 3  # a revision per write, as ever
         members = [c.nodes[n].store_host.member for n in c.names]  # type: ignore[union-attr]
         await wait_until(lambda: all(m is not None and m.kv.get("ok2") for m in members))
-        # Once on the leader (to validate; its apply reused it), once on each follower.
-        assert [decoded.count(r.cmd) for r in ok] == [3, 3, 3]
+        # Once on the leader to validate (its apply reused the batch it built) ...
+        assert [decoded.count(r.cmd) for r in ok] == [1, 1, 1]
+        # ... and the one batch entry once on each follower.
+        assert [type(e).__name__ for e in entries] == ["BatchCmd", "BatchCmd"]
         host = c.nodes[leader].store_host
         assert host is not None and host.member is not None
         assert host.member.machine._decoded == {}

@@ -9,7 +9,8 @@ leader only, reset from the replicated TTLs when a node becomes leader, as etcd 
 entry, so any member serves watches).
 
 Requests are :class:`KvRequest` values executed by the leader (:meth:`RaftKV.serve`):
-writes are proposed as encoded commands and answered with the state machine's result once
+writes are proposed as encoded commands -- a client's batch of them as one log entry (see
+:mod:`agentcluster.store._batch`) -- and answered with the state machine's result once
 applied; reads pass a ReadIndex / lease barrier first, so they are linearizable; keep-alives
 restart the leader's timer after a barrier; ``events`` (the remote form of a watch) may be
 served by any member, long-polling until an event arrives.
@@ -45,6 +46,16 @@ from agentcluster.consensus.raft.shell import (
     RaftShell,
     ShellConfig,
     Waiter,
+)
+from agentcluster.store._batch import (
+    MAX_BATCH_BYTES,
+    BatchCmd,
+    BatchWait,
+    Failed,
+    Group,
+    Slot,
+    decode_entry,
+    encode_batch,
 )
 from agentcluster.store._kv import (
     Command,
@@ -136,9 +147,9 @@ class _Machine:
         # identity of their bytes: the entry it applies later holds the very same object, so
         # the command is decoded once, not twice. (The bytes are held here, so their id
         # cannot be reused meanwhile; a miss -- a follower, a restart -- just decodes.)
-        self._decoded: dict[int, tuple[bytes, Command]] = {}
+        self._decoded: dict[int, tuple[bytes, Command | BatchCmd]] = {}
 
-    def remember(self, data: bytes, cmd: Command) -> None:
+    def remember(self, data: bytes, cmd: Command | BatchCmd) -> None:
         decoded = self._decoded
         if len(decoded) >= _DECODED_MAX:
             decoded.clear()  # proposals that were never applied here (a lost leadership)
@@ -147,9 +158,23 @@ class _Machine:
     def forget_decoded(self) -> None:
         self._decoded.clear()
 
-    def apply(self, index: int, data: bytes) -> Result:
+    def apply(self, index: int, data: bytes) -> Result | list[Result | Exception]:
         hit = self._decoded.pop(id(data), None) if self._decoded else None
-        cmd = hit[1] if hit is not None and hit[0] is data else decode_command(data)
+        cmd = hit[1] if hit is not None and hit[0] is data else decode_entry(data)
+        if not isinstance(cmd, BatchCmd):
+            return self._apply(cmd)
+        # A client's batch (see agentcluster.store._batch): its commands in order, as if they
+        # were entries of their own; one that fails fails alone, identically on every node.
+        out: list[Result | Exception] = []
+        for one in cmd.cmds:
+            try:
+                out.append(self._apply(one))
+            except Exception as exc:
+                log.exception("state machine failed on a command of entry %d", index)
+                out.append(exc)
+        return out
+
+    def _apply(self, cmd: Command) -> Result:
         kv = self.kv
         result = kv.apply(cmd)
         owner = self.owner
@@ -298,25 +323,52 @@ class RaftKV:
                 raise
             return reply
 
-    def submit(self, req: KvRequest, waiter: Waiter) -> KvReply | None:
-        """Start the write ``req`` (op ``cmd``) here without awaiting it: its outcome goes to
-        ``waiter`` (a result or exception that :func:`outcome_reply` maps to a reply), and None
-        is returned; or at once the reply of a request that goes no further (not the leader,
-        invalid), and ``waiter`` is left alone."""
+    def submit_batch(
+        self, writes: Sequence[tuple[int, KvRequest]], batch: BatchWait
+    ) -> dict[int, KvReply]:
+        """Start a client's writes (``(k, request)`` pairs, op ``cmd``) here as few log entries
+        as their sizes allow (see :mod:`agentcluster.store._batch`); each outcome goes to
+        ``Slot(batch, k)``. Returns, by ``k``, the replies of writes that go no further (not
+        the leader: all of them; invalid commands)."""
         shell = self.shell
         if not shell.is_leader or not self.leading:
             leader = shell.leader_id
-            return KvReply(False, error="not_leader", message=str(NotLeader(leader)), leader=leader)
-        data = req.cmd
-        try:
-            cmd = decode_command(data)  # reject garbage before it reaches the log
-            shell.submit_to(data, waiter)
-        except (NotLeader, InvalidCommand) as exc:
-            reply = _error_reply(exc)
-            assert reply is not None
-            return reply
+            reply = KvReply(
+                False, error="not_leader", message=str(NotLeader(leader)), leader=leader
+            )
+            return {k: reply for k, _ in writes}
+        refused: dict[int, KvReply] = {}
+        cmds: list[Command] = []
+        slots: list[Slot] = []
+        size = 0
+        for k, req in writes:
+            try:
+                cmd = decode_command(req.cmd)  # reject garbage before it reaches the log
+            except InvalidCommand as exc:
+                refused[k] = KvReply(False, error="invalid", message=str(exc))
+                continue
+            if cmds and size + len(req.cmd) > MAX_BATCH_BYTES:
+                self._propose(cmds, slots, batch)
+                cmds, slots, size = [], [], 0
+            cmds.append(cmd)
+            slots.append(Slot(batch, k))
+            size += len(req.cmd)
+        if cmds:
+            self._propose(cmds, slots, batch)
+        return refused
+
+    def _propose(self, cmds: list[Command], slots: list[Slot], batch: BatchWait) -> None:
+        if len(cmds) == 1:
+            cmd: Command | BatchCmd = cmds[0]
+            data = encode_command(cmds[0])
+            waiter: Waiter = slots[0]
+        else:
+            cmd, data = encode_batch(cmds)
+            waiter = Group(slots)
+        self.shell.submit_to(data, waiter)  # the shell is open: this member leads
         self.machine.remember(data, cmd)
-        return None
+        for slot in slots:
+            batch.started(slot)
 
     async def _serve(self, req: KvRequest) -> KvReply:
         shell = self.shell
@@ -621,18 +673,11 @@ class RaftStore(KvClient):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         replies: list[KvReply | None] = [None] * len(reqs)
-        batch = _BatchWait(loop)
-        rest: list[int] = []
-        for k, req in enumerate(reqs):
-            if req.op != "cmd":
-                rest.append(k)
-                continue
-            slot = _Slot(batch, k)
-            refused = local.submit(req, slot)
-            if refused is None:
-                batch.started(slot)
-            else:
-                replies[k] = refused
+        batch = BatchWait(loop)
+        rest = [k for k, req in enumerate(reqs) if req.op != "cmd"]
+        writes = [(k, req) for k, req in enumerate(reqs) if req.op == "cmd"]
+        for k, refused in local.submit_batch(writes, batch).items():
+            replies[k] = refused
         if batch.started_any:
             await batch.wait(deadline)
             for k, outcome in batch.outcomes.items():
@@ -686,103 +731,9 @@ def _error_reply(exc: BaseException) -> KvReply | None:
     return None
 
 
-class _Failed:
-    """A proposal's exception, as a :class:`_BatchWait` outcome."""
-
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-class _BatchWait:
-    """The outcomes of a client's batch of writes, gathered into one wake-up of the task
-    serving it: each proposal reports to a :class:`_Slot` (a shell :class:`Waiter`), and the
-    last one -- or the deadline -- resolves the single future this task awaits. (A future per
-    proposal plus ``asyncio.wait`` cost a loop callback per write on the leader.)"""
-
-    __slots__ = ("_fut", "_slots", "left", "loop", "outcomes")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.left = 0
-        self.outcomes: dict[int, Result | _Failed] = {}
-        self._fut: asyncio.Future[None] | None = None
-        self._slots: list[_Slot] = []
-
-    @property
-    def started_any(self) -> bool:
-        return bool(self._slots)
-
-    def started(self, slot: _Slot) -> None:
-        self._slots.append(slot)
-        self.left += 1
-
-    def settled(self, slot: _Slot, outcome: Result | _Failed) -> None:
-        self.outcomes[slot.k] = outcome
-        self.left -= 1
-        fut = self._fut
-        if self.left <= 0 and fut is not None and not fut.done():
-            fut.set_result(None)
-
-    async def wait(self, deadline: float) -> None:
-        """Until every started proposal is settled or ``deadline`` (loop time) passed."""
-        if self.left <= 0:
-            return
-        fut = self._fut = self.loop.create_future()
-        timer = self.loop.call_at(deadline, _resolve, fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            self._abandon()
-            raise
-        finally:
-            timer.cancel()
-        if self.left > 0:
-            self._abandon()
-
-    def _abandon(self) -> None:
-        # The shell skips a done waiter; an entry already appended may still commit.
-        for slot in self._slots:
-            slot.closed = True
-
-    def late(self) -> list[_Slot]:
-        """The slots that never settled (outcome unknown)."""
-        return [slot for slot in self._slots if slot.k not in self.outcomes]
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class _Slot:
-    """One write of a :class:`_BatchWait`: the shell :class:`Waiter` of its proposal."""
-
-    __slots__ = ("batch", "closed", "k")
-
-    def __init__(self, batch: _BatchWait, k: int) -> None:
-        self.batch = batch
-        self.k = k
-        self.closed = False
-
-    def done(self) -> bool:
-        return self.closed
-
-    def set_result(self, result: Result, /) -> None:
-        if not self.closed:
-            self.closed = True
-            self.batch.settled(self, result)
-
-    def set_exception(self, exception: BaseException, /) -> None:
-        if not self.closed:
-            self.closed = True
-            self.batch.settled(self, _Failed(exception))
-
-
-def outcome_reply(outcome: Result | _Failed) -> KvReply:
+def outcome_reply(outcome: Result | Failed) -> KvReply:
     """The reply for a write whose proposal settled with ``outcome``."""
-    if not isinstance(outcome, _Failed):
+    if not isinstance(outcome, Failed):
         return KvReply(True, encode_result(outcome))
     reply = _error_reply(outcome.exc)
     if reply is None:
