@@ -341,6 +341,7 @@ class RaftKV:
         cmds: list[Command] = []
         slots: list[Slot] = []
         size = 0
+        raw = b""
         for k, req in writes:
             try:
                 cmd = decode_command(req.cmd)  # reject garbage before it reaches the log
@@ -348,19 +349,22 @@ class RaftKV:
                 refused[k] = KvReply(False, error="invalid", message=str(exc))
                 continue
             if cmds and size + len(req.cmd) > MAX_BATCH_BYTES:
-                self._propose(cmds, slots, batch)
+                self._propose(cmds, slots, batch, raw)
                 cmds, slots, size = [], [], 0
             cmds.append(cmd)
             slots.append(Slot(batch, k))
             size += len(req.cmd)
+            raw = req.cmd
         if cmds:
-            self._propose(cmds, slots, batch)
+            self._propose(cmds, slots, batch, raw)
         return refused
 
-    def _propose(self, cmds: list[Command], slots: list[Slot], batch: BatchWait) -> None:
+    def _propose(
+        self, cmds: list[Command], slots: list[Slot], batch: BatchWait, last_raw: bytes
+    ) -> None:
         if len(cmds) == 1:
             cmd: Command | BatchCmd = cmds[0]
-            data = encode_command(cmds[0])
+            data = last_raw  # a single write's entry is its command as the client encoded it
             waiter: Waiter = slots[0]
         else:
             cmd, data = encode_batch(cmds)
