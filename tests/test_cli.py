@@ -119,3 +119,9 @@ def test_a_bad_agent_spec_fails_before_anything_starts(argv: tuple[str, ...]) ->
     out = run(*argv, timeout=30)
     assert out.returncode == 2
     assert "error:" in out.stderr and "agent" in out.stderr
+
+
+def test_node_run_refuses_an_unknown_scheduling_policy() -> None:
+    out = run("node", "run", "--sched", "fifo", timeout=30)
+    assert out.returncode == 2
+    assert "--sched must be batch or normal" in out.stderr

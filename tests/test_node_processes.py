@@ -64,10 +64,11 @@ async def test_five_processes_detect_a_kill_and_rejoin() -> None:
 async def test_sigterm_leaves_gracefully() -> None:
     async with LocalCluster(3, preset="local") as cluster:
         await cluster.wait_converged(timeout=60)
-        # `node run` tunes its collector once up (agentcluster.gc_tuning); stats show it.
+        # `node run` tunes its process once up (agentcluster.tuning); stats show it.
         stats = await request(cluster.nodes[0].addr, "stats", keyring=cluster.keyring)
-        assert stats["gc"]["threshold"][0] == 20_000
-        assert stats["gc"]["frozen"] > 1_000
+        assert stats["tuning"]["gc_threshold"][0] == 20_000
+        assert stats["tuning"]["gc_frozen"] > 1_000
+        assert stats["tuning"]["sched"] == "batch"
         code = await cluster.terminate("n3")
         assert code == 0
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from agentcluster import gc_tuning
+from agentcluster import tuning
 from agentcluster.agents import Agent, AgentServer, MailboxFull, Runtime
 from agentcluster.agents.runtime import UnknownAgent
 from agentcluster.balancing.balancer import Balancer
@@ -519,5 +519,5 @@ class Node:
             "consensus": self.consensus.stats(),
             "auctions": self.auctions.stats(),
             "calls": self.calls.stats(),
-            "gc": gc_tuning.stats(),
+            "tuning": tuning.stats(),
         }

@@ -31,7 +31,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any
 
-from agentcluster import gc_tuning
+from agentcluster import tuning
 from agentcluster.bench.membership import percentile
 from agentcluster.store.base import Store, StoreError
 
@@ -281,8 +281,8 @@ async def _run(
     await backend.start()
     try:
         leader = await backend.leader()
-        # The client process is tuned as the node processes are (see agentcluster.gc_tuning).
-        gc_tuning.tune()
+        # The client process is tuned as the node processes are (see agentcluster.tuning).
+        tuning.tune()
         store = await backend.client([leader], timeout=10.0)
         try:
             await _sequential(store, 100)  # warm-up: connections, caches

@@ -78,7 +78,7 @@ def _cores(quick: bool) -> dict[str, Any]:
 
 
 async def _call_overhead(calls: int) -> dict[str, Any]:
-    from agentcluster import gc_tuning
+    from agentcluster import tuning
     from agentcluster.cluster import Cluster
     from agentcluster.config import NodeConfig
     from agentcluster.launcher import LocalCluster, free_port
@@ -108,8 +108,8 @@ async def _call_overhead(calls: int) -> dict[str, Any]:
             for k in range(200):  # warm up both paths (caches, estimates)
                 await cluster.call("echo", "app.echo", {"x": 1})
                 await node.transport.request(target.addr, ping(k), timeout=2.0)
-            # As `agentcluster node run` does for the target (see agentcluster.gc_tuning).
-            gc_tuning.tune()
+            # As `agentcluster node run` does for the target (see agentcluster.tuning).
+            tuning.tune()
             call_t: list[float] = []
             bare_t: list[float] = []
             perf = time.perf_counter

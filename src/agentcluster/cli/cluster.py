@@ -76,9 +76,16 @@ def node_run(
         typer.Option(
             min=0,
             help="Young-generation GC threshold once the node is up (start-up objects are "
-            "frozen too); 0 keeps CPython's defaults. See agentcluster.gc_tuning.",
+            "frozen too); 0 keeps CPython's defaults. See agentcluster.tuning.",
         ),
     ] = 20_000,
+    sched: Annotated[
+        str,
+        typer.Option(
+            help="CPU scheduling policy once the node is up: batch (no wake-up preemption) "
+            "or normal. See agentcluster.tuning.",
+        ),
+    ] = "batch",
 ) -> None:
     """Run one node until SIGTERM / Ctrl-C (then it leaves the cluster gracefully)."""
     from agentcluster.config import ConfigError, load_config
@@ -97,7 +104,10 @@ def node_run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     _check_agents(cfg.agents)
-    run_loop(_run_node(cfg, gc_young=gc_young), uvloop=uvloop)
+    if sched not in ("batch", "normal"):
+        typer.echo(f"error: --sched must be batch or normal, not {sched!r}", err=True)
+        raise typer.Exit(2)
+    run_loop(_run_node(cfg, gc_young=gc_young, sched=sched), uvloop=uvloop)
 
 
 def _check_agents(specs: list[str]) -> None:
@@ -125,8 +135,8 @@ def run_loop(main: Coroutine[Any, Any, T], *, uvloop: bool = True) -> T:
     return asyncio.run(main)
 
 
-async def _run_node(cfg: Any, *, gc_young: int = 0) -> None:
-    from agentcluster import gc_tuning
+async def _run_node(cfg: Any, *, gc_young: int = 0, sched: str = "normal") -> None:
+    from agentcluster import tuning
     from agentcluster.node import Node
 
     stop = asyncio.Event()
@@ -134,8 +144,10 @@ async def _run_node(cfg: Any, *, gc_young: int = 0) -> None:
     for sig in (os_signal.SIGINT, os_signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Node(cfg) as node:
+        # Now that everything the node needs exists (see agentcluster.tuning).
         if gc_young:
-            gc_tuning.tune(young=gc_young)  # now that everything the node needs exists
+            tuning.tune_gc(young=gc_young)
+        tuning.tune_scheduler("batch" if sched == "batch" else "normal")
         await stop.wait()
         await node.stop(leave=True)
 
