@@ -32,6 +32,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from agentcluster import tuning
+from agentcluster.bench._host import CpuPressure
 from agentcluster.bench.membership import percentile
 from agentcluster.store.base import Store, StoreError
 
@@ -290,7 +291,8 @@ async def _run(
             cas_lat = await _cas(store, cas)
         finally:
             await store.close()
-        rate = await _throughput(backend, leader, clients, seconds, shared=True)
+        with CpuPressure() as pressure:
+            rate = await _throughput(backend, leader, clients, seconds, shared=True)
         rate_own = await _throughput(backend, leader, clients, seconds, shared=False)
         rate_many = await _throughput(backend, leader, 4 * clients, seconds, shared=True)
         writer = _Writer()
@@ -312,6 +314,8 @@ async def _run(
             "put_p50_ms": _ms(seq, 0.5),
             "put_p99_ms": _ms(seq, 0.99),
             "puts_per_s": round(rate, 1),
+            # The host's own CPU contention during that run (bench/_host.py).
+            "host_cpu_pressure_pct": pressure.percent,
             "puts_per_s_separate_connections": round(rate_own, 1),
             f"puts_per_s_{4 * clients}_clients": round(rate_many, 1),
             "cas_p99_ms": _ms(cas_lat, 0.99),

@@ -29,6 +29,7 @@ import functools
 import time
 from typing import Any
 
+from agentcluster.bench._host import CpuPressure
 from agentcluster.bench.membership import percentile
 
 __all__ = ["run"]
@@ -113,16 +114,17 @@ async def _call_overhead(calls: int) -> dict[str, Any]:
             call_t: list[float] = []
             bare_t: list[float] = []
             perf = time.perf_counter
-            for i in range(calls):
-                t0 = perf()
-                await cluster.call("echo", "app.echo", {"i": i})
-                t1 = perf()
-                raw = await node.transport.request(target.addr, ping(1000 + i), timeout=2.0)
-                t2 = perf()
-                if not isinstance(codec.try_decode(raw), StreamAck):
-                    raise RuntimeError("the bare round trip got no stream ack")
-                call_t.append(t1 - t0)
-                bare_t.append(t2 - t1)
+            with CpuPressure() as pressure:
+                for i in range(calls):
+                    t0 = perf()
+                    await cluster.call("echo", "app.echo", {"i": i})
+                    t1 = perf()
+                    raw = await node.transport.request(target.addr, ping(1000 + i), timeout=2.0)
+                    t2 = perf()
+                    if not isinstance(codec.try_decode(raw), StreamAck):
+                        raise RuntimeError("the bare round trip got no stream ack")
+                    call_t.append(t1 - t0)
+                    bare_t.append(t2 - t1)
     call_t.sort()
     bare_t.sort()
     us = 1e6
@@ -136,6 +138,8 @@ async def _call_overhead(calls: int) -> dict[str, Any]:
             (percentile(call_t, 0.99) - percentile(bare_t, 0.99)) * us, 1
         ),
         "calls_timed": calls,
+        # The host's own CPU contention meanwhile (bench/_host.py): tails grow with it.
+        "host_cpu_pressure_pct": pressure.percent,
     }
 
 
