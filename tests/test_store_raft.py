@@ -279,3 +279,17 @@ async def test_a_client_batch_that_cannot_commit_in_time_is_reported_unknown(
         assert [r.error for r in replies] == ["unavailable"] * 3 + ["invalid"]
     finally:
         await c.stop()
+
+
+@pytest.mark.virtual_time
+async def test_a_request_without_a_leader_names_its_own_deadline() -> None:
+    c = await started(3, 3, seed=21)
+    try:
+        for n in c.names:
+            c.partition([n], [m for m in c.names if m != n])
+        await c.run_for(2.0)  # every leader lease and election lapses
+        store = c.nodes["n1"].store
+        with pytest.raises(StoreUnavailable, match=r"no leader answered within 0\.25 s"):
+            await store.request(KvRequest("rev"), timeout=0.25)
+    finally:
+        await c.stop()

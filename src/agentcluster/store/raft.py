@@ -578,7 +578,8 @@ class RaftStore(KvClient):
         if self._closed:
             raise StoreUnavailable("the store is closed")
         clock = self._clock
-        deadline = clock.now() + (self.timeout if timeout is None else timeout)
+        limit = self.timeout if timeout is None else timeout
+        deadline = clock.now() + limit
         backoff = _BACKOFF_MIN
         write = req.op == "cmd"
         target = self._leader
@@ -589,7 +590,7 @@ class RaftStore(KvClient):
         while True:
             remaining = deadline - clock.now()
             if remaining <= 0:
-                raise StoreUnavailable(f"no leader answered within {self.timeout:.1f} s")
+                raise StoreUnavailable(f"no leader answered within {limit:g} s")
             if target is None:
                 target = self._pick()
             try:
