@@ -1,11 +1,13 @@
-"""How busy the host was while a bench ran, so a reader can tell our numbers from its noise.
+"""How contended the CPUs were while a bench ran, to read its tails against.
 
 Theory of operation: Linux's pressure-stall information (``/proc/pressure/cpu``, kernel 4.20+)
-counts the microseconds during which at least one runnable task waited for a CPU ("some").
-On a virtual machine whose host is oversubscribed this rises even while the guest looks idle
--- the hidden form of steal time -- and every latency tail rises with it. :class:`CpuPressure`
-reads the counter before and after a measured section and reports the stalled share of the
-wall time in percent; None where the kernel does not provide it.
+counts the microseconds during which at least one runnable task waited for a CPU ("some") --
+the bench's own processes queueing for the machine's cores as much as anything else on it
+(on this project's 2-vCPU VM it also reads 10-20 % while the guest is idle, which is the host
+descheduling it). It does not see a virtual CPU that the host stops while a task runs on it,
+so a low figure does not prove a quiet host; a high one explains a wide tail.
+:class:`CpuPressure` reads the counter before and after a measured section and reports the
+stalled share of the wall time in percent; None where the kernel does not provide it.
 """
 
 from __future__ import annotations

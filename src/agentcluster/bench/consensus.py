@@ -314,7 +314,7 @@ async def _run(
             "put_p50_ms": _ms(seq, 0.5),
             "put_p99_ms": _ms(seq, 0.99),
             "puts_per_s": round(rate, 1),
-            # The host's own CPU contention during that run (bench/_host.py).
+            # CPU contention during that run, ours and the host's (bench/_host.py).
             "host_cpu_pressure_pct": pressure.percent,
             "puts_per_s_separate_connections": round(rate_own, 1),
             f"puts_per_s_{4 * clients}_clients": round(rate_many, 1),

@@ -138,7 +138,7 @@ async def _call_overhead(calls: int) -> dict[str, Any]:
             (percentile(call_t, 0.99) - percentile(bare_t, 0.99)) * us, 1
         ),
         "calls_timed": calls,
-        # The host's own CPU contention meanwhile (bench/_host.py): tails grow with it.
+        # CPU contention meanwhile, ours and the host's (bench/_host.py).
         "host_cpu_pressure_pct": pressure.percent,
     }
 
