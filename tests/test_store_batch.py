@@ -233,3 +233,27 @@ async def test_a_batch_on_a_follower_is_refused_as_not_leader_then_routed() -> N
         assert all(r.ok for r in replies)
     finally:
         await c.stop()
+
+
+@pytest.mark.virtual_time
+async def test_a_batch_reaching_a_closed_shell_is_refused_as_not_leader() -> None:
+    c = await started(3, 3, seed=13)
+    try:
+        leader = leader_of(c)
+        member = c.nodes[leader].store_host.member  # type: ignore[union-attr]
+        assert member is not None
+        member.shell._closed = True  # as close() leaves it, before the role changes
+        loop = asyncio.get_running_loop()
+        batch = BatchWait(loop)
+        reqs = [(k, KvRequest("cmd", encode_command(PutCmd(f"z{k}", b"v")))) for k in range(2)]
+        try:
+            assert member.submit_batch(reqs, batch) == {}
+        finally:
+            member.shell._closed = False  # let the cluster stop it the normal way
+        assert batch.left == 0
+        assert all(
+            isinstance(o, Failed) and "not the leader" in str(o.exc)
+            for o in batch.outcomes.values()
+        )
+    finally:
+        await c.stop()

@@ -369,10 +369,14 @@ class RaftKV:
         else:
             cmd, data = encode_batch(cmds)
             waiter = Group(slots)
-        self.shell.submit_to(data, waiter)  # the shell is open: this member leads
-        self.machine.remember(data, cmd)
         for slot in slots:
             batch.started(slot)
+        try:
+            self.shell.submit_to(data, waiter)
+        except NotLeader as exc:  # the shell closed under us: nothing was appended
+            waiter.set_exception(exc)
+            return
+        self.machine.remember(data, cmd)
 
     async def _serve(self, req: KvRequest) -> KvReply:
         shell = self.shell
