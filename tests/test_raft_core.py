@@ -171,6 +171,45 @@ def test_pre_vote_request_changes_no_state_9_6() -> None:
     assert isinstance(resp, RequestVoteResponse) and not resp.granted and resp.term == 1
 
 
+def test_pre_candidates_of_one_round_do_not_split_the_vote_9_6() -> None:
+    """Thesis §9.6, liveness: two pre-candidates of the same round that granted each other
+    would both start a real election and split its votes (a second round of timeouts). Only
+    the one ranked first -- the more up-to-date log, then the smaller id -- gets the other's
+    pre-vote; a pre-vote binds nothing, so the refusal is safe."""
+
+    def pre_candidate(name: str) -> RaftNode:
+        node = RaftNode(
+            name,
+            ["a", "b", "c"],
+            config=CFG,
+            rng=random.Random(1),
+            now=0.0,
+            storage=make_storage([1], term=1),
+        )
+        node.tick(node.next_deadline())
+        assert node.state == "pre_candidate"
+        node.ready()
+        return node
+
+    def answer(node: RaftNode, msg: RequestVote) -> bool:
+        node.step(msg, node.next_deadline() - 0.01)
+        (resp,) = node.ready().messages
+        assert isinstance(resp, RequestVoteResponse) and resp.pre_vote
+        return resp.granted
+
+    a, b = pre_candidate("a"), pre_candidate("b")
+    assert answer(b, RequestVote(2, "a", "b", 1, 1, pre_vote=True))  # a ranks first
+    assert not answer(a, RequestVote(2, "b", "a", 1, 1, pre_vote=True))
+    assert answer(a, RequestVote(2, "b", "a", 2, 1, pre_vote=True))  # a longer log wins
+    assert not answer(b, RequestVote(2, "a", "b", 0, 0, pre_vote=True))  # as ever: not behind
+    assert a.term == b.term == 1 and a.vote is None and b.vote is None
+    # A follower still grants whoever is up to date, whatever its id.
+    follower = lone_node(storage=make_storage([1], term=1))
+    follower.step(RequestVote(2, "c", "a", 1, 1, pre_vote=True), 5.0)
+    (resp,) = follower.ready().messages
+    assert isinstance(resp, RequestVoteResponse) and resp.granted
+
+
 def test_vote_ignored_while_leader_is_live_4_2_3() -> None:
     """Thesis §4.2.3: a server that heard from a leader within the election timeout ignores
     RequestVote for a higher term (no term change, no reply)."""

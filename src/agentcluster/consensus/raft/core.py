@@ -490,6 +490,14 @@ class RaftNode(ConfMixin, ReadsMixin):
             or (msg.pre_vote and msg.term > self.term)
         )
         granted = can_vote and up_to_date
+        if granted and msg.pre_vote and self.state == "pre_candidate" and msg.term == self.term + 1:
+            # Two pre-candidates of the same round: only the one ranked first -- the more
+            # up-to-date log, then the smaller id -- gets the other's pre-vote, so they do not
+            # both go on to a real election and split the votes (which costs a whole second
+            # round of timeouts). A pre-vote binds nothing, so refusing one is always safe.
+            mine = (self.log.last_term, self.log.last_index)
+            theirs = (msg.last_term, msg.last_index)
+            granted = theirs > mine or (theirs == mine and msg.src < self.id)
         if granted and not msg.pre_vote:
             self.vote = msg.src
             self._reset_election_timer(now)
