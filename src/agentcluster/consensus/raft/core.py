@@ -20,7 +20,9 @@ when the write is done): later Readys leave them out, and they count only once w
 ``[election_timeout, 2 * election_timeout)``. With ``pre_vote`` (thesis §9.6) a node whose
 timer fires first asks "would you vote for me in term + 1?" without changing its term; only a
 majority of yes answers lets it start a real election, so a node rejoining from a partition
-does not force a stable cluster into a new term. A voter refuses both kinds of request while it
+does not force a stable cluster into a new term. Two pre-candidates of the same round grant
+each other only in one direction (the more up-to-date log, then the smaller id, ranks first),
+so they do not both start the real election and split it. A voter refuses both kinds of request while it
 has heard from a leader within an election timeout (thesis §4.2.3), and grants a vote at most
 once per term, only to a candidate whose log is at least as up to date as its own (§5.4.1).
 A new leader appends a no-op entry of its term so earlier entries can commit (§8).
