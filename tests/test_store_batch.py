@@ -257,3 +257,23 @@ async def test_a_batch_reaching_a_closed_shell_is_refused_as_not_leader() -> Non
         )
     finally:
         await c.stop()
+
+
+@pytest.mark.virtual_time
+async def test_a_batch_never_holds_more_commands_than_a_follower_decodes() -> None:
+    c = await started(3, 3, seed=14)
+    try:
+        leader = leader_of(c)
+        member = c.nodes[leader].store_host.member  # type: ignore[union-attr]
+        assert member is not None
+        n = MAX_BATCH_COMMANDS + 5
+        reqs = [KvRequest("cmd", encode_command(PutCmd(f"m{i}", b"v"))) for i in range(n)]
+        before = member.shell.node.log.last_index
+        replies = await c.nodes[leader].store.route_many(reqs, timeout=10.0)
+        assert all(r.ok for r in replies)
+        assert member.shell.node.log.last_index == before + 2
+        others = [c.nodes[x].store_host.member for x in c.names if x != leader]  # type: ignore[union-attr]
+        await wait_until(lambda: all(m is not None and m.kv.get(f"m{n - 1}") for m in others))
+        assert all(m is not None and m.kv.revision == member.kv.revision for m in others)
+    finally:
+        await c.stop()

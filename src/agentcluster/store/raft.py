@@ -49,6 +49,7 @@ from agentcluster.consensus.raft.shell import (
 )
 from agentcluster.store._batch import (
     MAX_BATCH_BYTES,
+    MAX_BATCH_COMMANDS,
     BatchCmd,
     BatchWait,
     Failed,
@@ -348,7 +349,9 @@ class RaftKV:
             except InvalidCommand as exc:
                 refused[k] = KvReply(False, error="invalid", message=str(exc))
                 continue
-            if cmds and size + len(req.cmd) > MAX_BATCH_BYTES:
+            # Within what a follower will decode (the leader applies its own decoded copy,
+            # so a batch it could build but they could not read would split the replicas).
+            if cmds and (size + len(req.cmd) > MAX_BATCH_BYTES or len(cmds) >= MAX_BATCH_COMMANDS):
                 self._propose(cmds, slots, batch, raw)
                 cmds, slots, size = [], [], 0
             cmds.append(cmd)

@@ -22,9 +22,10 @@ timer fires first asks "would you vote for me in term + 1?" without changing its
 majority of yes answers lets it start a real election, so a node rejoining from a partition
 does not force a stable cluster into a new term. Two pre-candidates of the same round grant
 each other only in one direction (the more up-to-date log, then the smaller id, ranks first),
-so they do not both start the real election and split it. A voter refuses both kinds of request while it
-has heard from a leader within an election timeout (thesis §4.2.3), and grants a vote at most
-once per term, only to a candidate whose log is at least as up to date as its own (§5.4.1).
+so they do not both start the real election and split it. A voter refuses both kinds of
+request while it has heard from a leader within an election timeout (thesis §4.2.3), and
+grants a vote at most once per term, only to a candidate whose log is at least as up to date
+as its own (§5.4.1).
 A new leader appends a no-op entry of its term so earlier entries can commit (§8).
 
 **Check-quorum (thesis §6.2).** Every election timeout a leader counts the peers that
