@@ -263,6 +263,34 @@ def test_batching_and_pipelining_5_3() -> None:
     assert [e.data for e in c.applied["n3"][1:]] == [f"p{k}".encode() for k in range(10)]
 
 
+def test_appends_are_bounded_in_bytes_with_at_least_one_entry_5_3() -> None:
+    """§5.3 batching, bounded by size too: a follower catching up on large entries gets
+    messages of at most max_append_bytes of entry data, except that a single larger entry
+    still travels alone -- replication never stalls on a frame that is too big to send."""
+    cfg = RaftConfig(max_entries_per_append=10, max_append_bytes=250, max_inflight=10)
+    c = Cluster(3, config=cfg)
+    leader = c.elect("n1")
+    sizes = [100, 100, 100, 400, 50, 60, 70, 80, 90]
+    for k, size in enumerate(sizes):
+        leader.propose(bytes([k]) * size, c.now)
+    rd = c.process("n1")
+    to_n2 = [m for m in rd.messages if isinstance(m, AppendEntries) and m.dst == "n2"]
+    batches = [[len(e.data) for e in m.entries] for m in to_n2]
+    assert batches == [[100, 100], [100], [400], [50, 60, 70], [80, 90]]
+    assert all(sum(b) <= 250 or len(b) == 1 for b in batches)
+    c.pending.clear()
+    for m in to_n2:
+        c.nodes["n2"].step(m, c.now)
+    c.deliver()
+    assert leader.commit_index == 1 + len(sizes)
+    assert [len(e.data) for e in c.applied["n3"][1:]] == sizes
+
+
+def test_a_config_without_room_for_entries_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_append_bytes"):
+        RaftConfig(max_append_bytes=0)
+
+
 def test_follower_truncates_conflicting_suffix_5_3() -> None:
     """§5.3: if an existing entry conflicts with a new one, delete it and all that follow."""
     node = lone_node(storage=make_storage([1, 2, 2, 2], term=2, commit=1))

@@ -96,6 +96,10 @@ class RaftConfig:
     election_timeout: float = 1.0
     heartbeat_interval: float = 0.1
     max_entries_per_append: int = 64
+    # ... and at most this many bytes of entry data (one entry always goes, whatever its
+    # size): a follower catching up on large entries -- a store client's batch is one entry of
+    # up to 1 MiB -- must not be sent a frame the transport refuses (4 MiB streams).
+    max_append_bytes: int = 1 << 20
     max_inflight: int = 256
     pre_vote: bool = True
     check_quorum: bool = True
@@ -109,8 +113,10 @@ class RaftConfig:
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.election_timeout:
             raise ValueError("need 0 < heartbeat_interval < election_timeout")
-        if self.max_entries_per_append < 1 or self.max_inflight < 1:
-            raise ValueError("max_entries_per_append and max_inflight must be >= 1")
+        if self.max_entries_per_append < 1 or self.max_inflight < 1 or self.max_append_bytes < 1:
+            raise ValueError(
+                "max_entries_per_append, max_append_bytes and max_inflight must be >= 1"
+            )
         if not 0 <= self.commit_delay < self.heartbeat_interval:
             raise ValueError("need 0 <= commit_delay < heartbeat_interval")
         if not 0 <= self.clock_drift < 1:
@@ -721,6 +727,13 @@ class RaftNode(ConfMixin, ReadsMixin):
             return self._send_snapshot(peer, pr)
         hi = min(self.log.last_index + 1, pr.next + self.config.max_entries_per_append)
         entries = self.log.slice(pr.next, hi)
+        if len(entries) > 1:
+            budget = self.config.max_append_bytes
+            for k, e in enumerate(entries):
+                budget -= len(e.data)
+                if budget < 0 and k > 0:
+                    entries = entries[:k]
+                    break
         if not entries and not allow_empty:
             return False
         self._send(
