@@ -277,3 +277,23 @@ async def test_a_batch_never_holds_more_commands_than_a_follower_decodes() -> No
         assert all(m is not None and m.kv.revision == member.kv.revision for m in others)
     finally:
         await c.stop()
+
+
+@pytest.mark.virtual_time
+async def test_a_write_too_large_to_replicate_is_refused_and_blocks_nothing() -> None:
+    from agentcluster.store.raft import MAX_WRITE_BYTES
+
+    c = await started(3, 3, seed=15)
+    try:
+        leader = leader_of(c)
+        store = c.nodes[leader].store
+        big = KvRequest("cmd", encode_command(PutCmd("big", b"v" * (MAX_WRITE_BYTES + 1))))
+        small = KvRequest("cmd", encode_command(PutCmd("small", b"v")))
+        replies = await store.route_many([big, small], timeout=5.0)
+        assert replies[0].error == "invalid" and "limit of" in replies[0].message
+        assert replies[1].ok
+        with pytest.raises(InvalidCommand, match="per write"):
+            await store.put("big", b"v" * (MAX_WRITE_BYTES + 1))
+        assert await store.put("after", b"v") > 0  # nothing is stuck behind it
+    finally:
+        await c.stop()

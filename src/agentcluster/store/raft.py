@@ -94,7 +94,7 @@ from agentcluster.store.base import (
     WatchEvent,
 )
 
-__all__ = ["KvClient", "KvReply", "KvRequest", "NotSent", "RaftKV", "RaftStore"]
+__all__ = ["MAX_WRITE_BYTES", "KvClient", "KvReply", "KvRequest", "NotSent", "RaftKV", "RaftStore"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,20 @@ _events_dec = msgspec.msgpack.Decoder(list[WatchEvent])
 _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
 _EVENTS_BATCH = 1_000
 _DECODED_MAX = 1 << 16
+# A write is one log entry, and a follower receives an entry in one stream frame (4 MiB):
+# anything larger could never replicate, and every write behind it would wait forever.
+MAX_WRITE_BYTES = 3 << 20
+
+
+def _checked_command(data: bytes) -> Command:
+    """Decode a write for the log, or raise InvalidCommand (garbage, or too large to
+    replicate)."""
+    if len(data) > MAX_WRITE_BYTES:
+        raise InvalidCommand(
+            f"a write of {len(data):,} bytes exceeds the store's limit of "
+            f"{MAX_WRITE_BYTES:,} bytes per write"
+        )
+    return decode_command(data)
 
 
 class _Machine:
@@ -345,7 +359,7 @@ class RaftKV:
         raw = b""
         for k, req in writes:
             try:
-                cmd = decode_command(req.cmd)  # reject garbage before it reaches the log
+                cmd = _checked_command(req.cmd)  # reject garbage before it reaches the log
             except InvalidCommand as exc:
                 refused[k] = KvReply(False, error="invalid", message=str(exc))
                 continue
@@ -390,7 +404,7 @@ class RaftKV:
             # a keep-alive would find no timer and wrongly report the lease expired.)
             raise NotLeader(shell.leader_id)
         if req.op == "cmd":
-            cmd = decode_command(req.cmd)  # reject garbage before it reaches the log
+            cmd = _checked_command(req.cmd)  # reject garbage before it reaches the log
             fut = shell.submit(req.cmd)
             self.machine.remember(req.cmd, cmd)
             return KvReply(True, encode_result(await fut))
