@@ -420,7 +420,9 @@ async def test_read_deadlines_cut_slow_peers_but_never_a_slow_handler() -> None:
 
     async def slow(src: str, data: bytes) -> bytes:
         if data == b"slow":
-            await asyncio.sleep(0.5)
+            # The input under test: a handler slower than both read deadlines (real sockets,
+            # so real time; nothing waits on an effect here).
+            await asyncio.sleep(0.5)  # (noqa: sleep)
         return data
 
     async with running(slow, stream_read_timeout=0.2, stream_idle_timeout=0.3) as (b, _):
@@ -433,7 +435,8 @@ async def test_read_deadlines_cut_slow_peers_but_never_a_slow_handler() -> None:
                 async with asyncio.timeout(2):
                     (size,) = struct.unpack("!I", await reader.readexactly(4))
                     assert await reader.readexactly(size) == word
-                await asyncio.sleep(0.15)  # idle, but within the idle timeout
+                # The input under test: idle for a while, but within the idle timeout.
+                await asyncio.sleep(0.15)  # (noqa: sleep)
             writer.write(struct.pack("!I", 10) + b"abc")  # stalls mid-frame
             started = time.monotonic()
             async with asyncio.timeout(2):

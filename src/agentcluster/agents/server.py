@@ -235,9 +235,7 @@ class AgentServer:
                     return await fut
             except TimeoutError:
                 fut.cancel()
-                raise CallTimeout(
-                    f"call to agent {self.id!r} got no reply within {timeout}s"
-                ) from None
+                raise self._timed_out(timeout) from None
         # Room in the mailbox (the usual case): one timer that fails the reply's future
         # instead of a timeout context -- this is every cluster.call's path, and the
         # context's cancel-and-uncancel machinery cost more than the agent's own work.
@@ -249,8 +247,11 @@ class AgentServer:
         finally:
             timer.cancel()
         if result is _EXPIRED:
-            raise CallTimeout(f"call to agent {self.id!r} got no reply within {timeout}s")
+            raise self._timed_out(timeout)
         return result
+
+    def _timed_out(self, timeout: float | None) -> CallTimeout:
+        return CallTimeout(f"call to agent {self.id!r} got no reply within {timeout}s")
 
     @property
     def mailbox_depth(self) -> int:

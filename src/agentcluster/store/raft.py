@@ -354,9 +354,9 @@ class RaftKV:
             return {k: reply for k, _ in writes}
         refused: dict[int, KvReply] = {}
         cmds: list[Command] = []
+        raws: list[bytes] = []
         slots: list[Slot] = []
         size = 0
-        raw = b""
         for k, req in writes:
             try:
                 cmd = _checked_command(req.cmd)  # reject garbage before it reaches the log
@@ -366,22 +366,22 @@ class RaftKV:
             # Within what a follower will decode (the leader applies its own decoded copy,
             # so a batch it could build but they could not read would split the replicas).
             if cmds and (size + len(req.cmd) > MAX_BATCH_BYTES or len(cmds) >= MAX_BATCH_COMMANDS):
-                self._propose(cmds, slots, batch, raw)
-                cmds, slots, size = [], [], 0
+                self._propose(cmds, raws, slots, batch)
+                cmds, raws, slots, size = [], [], [], 0
             cmds.append(cmd)
+            raws.append(req.cmd)
             slots.append(Slot(batch, k))
             size += len(req.cmd)
-            raw = req.cmd
         if cmds:
-            self._propose(cmds, slots, batch, raw)
+            self._propose(cmds, raws, slots, batch)
         return refused
 
     def _propose(
-        self, cmds: list[Command], slots: list[Slot], batch: BatchWait, last_raw: bytes
+        self, cmds: list[Command], raws: list[bytes], slots: list[Slot], batch: BatchWait
     ) -> None:
         if len(cmds) == 1:
             cmd: Command | BatchCmd = cmds[0]
-            data = last_raw  # a single write's entry is its command as the client encoded it
+            data = raws[0]  # a lone write's entry is its command as the client encoded it
             waiter: Waiter = slots[0]
         else:
             cmd, data = encode_batch(cmds)
