@@ -63,8 +63,12 @@ async def test_errors_are_typed() -> None:
             await cluster.call("echo", "app.echo", {"fail": "bad input"})
         assert remote.value.remote_type == "ValueError" and "bad input" in str(remote.value)
         assert remote.value.attempts == ("n2",)
+        served = c.nodes["n2"].calls.served
         with pytest.raises(Timeout):
             await cluster.call("echo", "app.echo", {"sleep": 5.0}, timeout=1.0)
+        # The target finishes the run its caller gave up on, and counts it as failed (late).
+        await c.wait_until(lambda: c.nodes["n2"].calls.failed == 2, timeout=10)
+        assert c.nodes["n2"].calls.served == served
         # The agent raised: that is its answer, not a reason to take the node out.
         assert (await cluster.call("echo", "app.echo", {"ok": 1}))["echo"] == {"ok": 1}
 

@@ -376,6 +376,11 @@ class Runtime:
     async def call(self, target: str, message: Message, *, timeout: float | None = 5.0) -> Any:
         return await self.lookup(target).call(message, timeout=timeout)
 
+    async def call_direct(self, target: str, message: Message, *, timeout: float) -> Any:
+        """:meth:`call`, run on the caller's task when the agent is idle (see
+        :meth:`AgentServer.call_direct`): the serving side of ``cluster.call``."""
+        return await self.lookup(target).call_direct(message, timeout=timeout)
+
     async def cast(self, target: str, message: Message, *, timeout: float | None = 5.0) -> None:
         await self.lookup(target).cast(message, timeout=timeout)
 
