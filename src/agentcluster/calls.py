@@ -54,6 +54,9 @@ _NODE_FAILURES = frozenset({"NotSent", "Timeout", "Rejected", "NoAgent", "Lost"}
 _NOT_RUN = ("NoAgent", "Rejected", "NotSent")
 
 
+_NOBODY: frozenset[str] = frozenset()
+
+
 class RetryBudget:
     """Retries allowed as a share of recent requests (Finagle's retry budget): each request
     deposits ``ratio`` of a token, each retry withdraws one; ``min_per_s`` retries per second
@@ -166,11 +169,11 @@ class CallService:
         now = clock.now()
         deadline = now + timeout
         self._refresh(capability, now)
-        me = self.node.core.member(self.node.name)
+        config = self.node.config  # this node's location is in its configuration
         request = PickRequest(
             key,
-            zone if zone is not None else (me.meta.zone if me is not None else ""),
-            region if region is not None else (me.meta.region if me is not None else ""),
+            zone if zone is not None else config.zone,
+            region if region is not None else config.region,
         )
         self.budget.request(now)
         tried: list[str] = []
@@ -183,7 +186,9 @@ class CallService:
                     f"call to {capability!r} timed out after {timeout}s", attempts=tuple(tried)
                 )
             try:
-                target = self.balancer.pick(capability, request, now, frozenset(tried))
+                target = self.balancer.pick(
+                    capability, request, now, frozenset(tried) if tried else _NOBODY
+                )
             except NoEndpoint:
                 if last is not None:
                     raise last from None
