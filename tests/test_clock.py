@@ -81,3 +81,64 @@ def test_monotonic_clock_without_a_loop() -> None:
     a = clock.now()
     assert clock.now() >= a
     assert abs(clock.wall() - time.time()) < 5
+
+
+def _rearm_until(when_of: str) -> list[tuple[int, float, float]]:
+    """On uvloop, wait for deadlines a fraction of a millisecond away the way our shells do
+    (a timer that fires early is re-armed for the rest); per deadline: callbacks, when, fired."""
+    import uvloop
+
+    from agentcluster.clock import call_at, call_later
+
+    async def main() -> list[tuple[int, float, float]]:
+        loop = asyncio.get_running_loop()
+        out = []
+        for rest in (0.0004, 0.0014, 0.0100004, 0.0):
+            done: asyncio.Future[float] = loop.create_future()
+            deadline = loop.time() + rest
+            calls = 0
+
+            def fire() -> None:
+                nonlocal calls
+                calls += 1
+                now = loop.time()
+                if now < deadline:
+                    if when_of == "at":
+                        call_at(loop, deadline, fire)
+                    else:
+                        call_later(loop, deadline - now, fire)
+                else:
+                    done.set_result(now)
+
+            if when_of == "at":
+                call_at(loop, deadline, fire)
+            else:
+                call_later(loop, rest, fire)
+            fired = await done
+            out.append((calls, deadline, fired))
+        # The clock's own sleep is not cut short either.
+        clock = MonotonicClock()
+        t0 = clock.now()
+        await clock.sleep(0.0004)
+        out.append((1, t0 + 0.0004, clock.now()))
+        return out
+
+    return uvloop.run(main())
+
+
+@pytest.mark.parametrize("when_of", ["at", "later"])
+def test_timers_never_fire_early_on_a_millisecond_loop(when_of: str) -> None:
+    # uvloop rounds delays to the nearest millisecond and reads its clock in whole ones:
+    # re-arming for the sub-millisecond rest of a wait spun the loop 185-499 times.
+    for calls, deadline, fired in _rearm_until(when_of):
+        assert calls == 1, f"{calls} callbacks to reach one deadline"
+        assert fired >= deadline
+
+
+async def test_timers_on_asyncios_loop_keep_their_exact_deadline() -> None:
+    from agentcluster.clock import call_at, call_later
+
+    loop = asyncio.get_running_loop()
+    when = loop.time() + 0.0004
+    assert call_at(loop, when, lambda: None).when() == when
+    assert call_later(loop, 0.0004, lambda: None).when() == pytest.approx(when, abs=1e-4)

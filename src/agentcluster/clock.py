@@ -9,6 +9,15 @@ handle. Two implementations:
   :func:`agentcluster.testing.run_virtual` it becomes virtual without any change to the code.
 * :class:`SimClock` is advanced by hand (``advance(dt)``); sans-I/O cores and simulations use
   it, and its ``sleep``/``call_later`` fire in deadline order as time is advanced.
+
+A timer must never fire before its deadline by the loop's own clock: our shells re-arm a timer
+that fired early for the rest of the wait, and uvloop both rounds a delay to the *nearest*
+millisecond (under half a millisecond: "run now") and reads its clock once per loop turn in
+whole milliseconds. Re-arming for a sub-millisecond rest there spins the loop until the next
+millisecond -- measured: 185 to 499 callbacks for one wait, each SWIM probe round and Raft
+tick burning up to a millisecond of CPU. :func:`call_later` / :func:`call_at` (and the
+clock's methods) round a delay *up* to whole milliseconds on such loops; on asyncio's own loop
+(nanosecond clock) they pass it through.
 """
 
 from __future__ import annotations
@@ -16,11 +25,48 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Clock", "MonotonicClock", "SimClock", "TimerHandle"]
+__all__ = ["Clock", "MonotonicClock", "SimClock", "TimerHandle", "call_at", "call_later"]
+
+# Loop classes whose timers have millisecond granularity (see the module docstring).
+_COARSE: dict[type, bool] = {}
+
+
+def _coarse(loop: asyncio.AbstractEventLoop) -> bool:
+    cls = type(loop)
+    coarse = _COARSE.get(cls)
+    if coarse is None:
+        coarse = _COARSE[cls] = cls.__module__.partition(".")[0] == "uvloop"
+    return coarse
+
+
+def _not_early(loop: asyncio.AbstractEventLoop, delay: float) -> float:
+    if delay <= 0.0:
+        return 0.0
+    if _coarse(loop):
+        return math.ceil(delay * 1000.0) / 1000.0
+    return delay
+
+
+def call_later(
+    loop: asyncio.AbstractEventLoop, delay: float, callback: Callable[..., object], *args: Any
+) -> asyncio.TimerHandle:
+    """``loop.call_later`` that never runs ``callback`` before ``delay`` has passed by
+    ``loop.time()`` (see the module docstring)."""
+    return loop.call_later(_not_early(loop, delay), callback, *args)
+
+
+def call_at(
+    loop: asyncio.AbstractEventLoop, when: float, callback: Callable[..., object], *args: Any
+) -> asyncio.TimerHandle:
+    """``loop.call_at`` that never runs ``callback`` before ``loop.time()`` reaches ``when``."""
+    if _coarse(loop):
+        return loop.call_later(_not_early(loop, when - loop.time()), callback, *args)
+    return loop.call_at(when, callback, *args)
 
 
 class TimerHandle(Protocol):
@@ -74,10 +120,10 @@ class MonotonicClock:
         return now + self._offset
 
     async def sleep(self, delay: float) -> None:
-        await asyncio.sleep(max(0.0, delay))
+        await asyncio.sleep(_not_early(asyncio.get_running_loop(), delay))
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> TimerHandle:
-        return asyncio.get_running_loop().call_later(max(0.0, delay), callback)
+        return call_later(asyncio.get_running_loop(), delay, callback)
 
 
 class _SimTimer:

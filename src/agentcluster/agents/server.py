@@ -48,7 +48,7 @@ from agentcluster.agents.directives import (
     StopSensor,
 )
 from agentcluster.agents.sensors import PeriodicSensor, Sensor
-from agentcluster.clock import TimerHandle
+from agentcluster.clock import TimerHandle, call_later
 from agentcluster.logs import agent_id_var, signal_id_var
 from agentcluster.signals import Signal
 
@@ -256,7 +256,7 @@ class AgentServer:
         # context's cancel-and-uncancel machinery cost more than the agent's own work.
         self._mailbox.append((message, fut))
         self._wake()
-        timer = loop.call_later(timeout, _expire, fut)
+        timer = call_later(loop, timeout, _expire, fut)
         try:
             result = await fut
         finally:

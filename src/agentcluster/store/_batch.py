@@ -24,6 +24,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from agentcluster.clock import call_at
 from agentcluster.store._kv import Command, InvalidCommand, Result
 
 __all__ = [
@@ -115,7 +116,7 @@ class BatchWait:
         if self.left <= 0:
             return
         fut = self._fut = self.loop.create_future()
-        timer = self.loop.call_at(deadline, _resolve, fut)
+        timer = call_at(self.loop, deadline, _resolve, fut)
         try:
             await fut
         except asyncio.CancelledError:

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agentcluster.clock import Clock
+from agentcluster.clock import Clock, call_at
 from agentcluster.consensus.raft._log import Storage
 from agentcluster.consensus.raft.core import RaftConfig, RaftNode
 from agentcluster.consensus.raft.messages import ConfChange, ConfState, Entry, HardState, Message
@@ -318,7 +318,7 @@ class RaftShell:
             return  # no deadline any more: the next wait arms a timer again
         loop = asyncio.get_running_loop()
         if loop.time() < at:
-            self._timer = loop.call_at(at, self._on_timer)  # the deadline moved later
+            self._timer = call_at(loop, at, self._on_timer)  # the deadline moved later
             self._timer_when = at
             return
         self._wake()
@@ -331,7 +331,7 @@ class RaftShell:
         if at != math.inf and (timer is None or self._timer_when > at):
             if timer is not None:
                 timer.cancel()
-            self._timer = loop.call_at(at, self._on_timer)
+            self._timer = call_at(loop, at, self._on_timer)
             self._timer_when = at
 
     async def _run(self) -> None:
