@@ -90,32 +90,36 @@ def _rearm_until(when_of: str) -> list[tuple[int, float, float]]:
 
     from agentcluster.clock import call_at, call_later
 
+    async def wait_for(
+        loop: asyncio.AbstractEventLoop, deadline: float
+    ) -> tuple[int, float, float]:
+        done: asyncio.Future[float] = loop.create_future()
+        calls = 0
+
+        def fire() -> None:
+            nonlocal calls
+            calls += 1
+            now = loop.time()
+            if now < deadline:  # early: wait on for the rest
+                if when_of == "at":
+                    call_at(loop, deadline, fire)
+                else:
+                    call_later(loop, deadline - now, fire)
+            else:
+                done.set_result(now)
+
+        if when_of == "at":
+            call_at(loop, deadline, fire)
+        else:
+            call_later(loop, deadline - loop.time(), fire)
+        fired = await done
+        return calls, deadline, fired
+
     async def main() -> list[tuple[int, float, float]]:
         loop = asyncio.get_running_loop()
         out = []
         for rest in (0.0004, 0.0014, 0.0100004, 0.0):
-            done: asyncio.Future[float] = loop.create_future()
-            deadline = loop.time() + rest
-            calls = 0
-
-            def fire() -> None:
-                nonlocal calls
-                calls += 1
-                now = loop.time()
-                if now < deadline:
-                    if when_of == "at":
-                        call_at(loop, deadline, fire)
-                    else:
-                        call_later(loop, deadline - now, fire)
-                else:
-                    done.set_result(now)
-
-            if when_of == "at":
-                call_at(loop, deadline, fire)
-            else:
-                call_later(loop, rest, fire)
-            fired = await done
-            out.append((calls, deadline, fired))
+            out.append(await wait_for(loop, loop.time() + rest))
         # The clock's own sleep is not cut short either.
         clock = MonotonicClock()
         t0 = clock.now()
