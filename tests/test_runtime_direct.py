@@ -184,3 +184,19 @@ async def test_a_stop_requested_during_a_direct_run_takes_effect_after_it() -> N
         assert task is run
         await stopping
         assert not server.running and await server.wait() is None
+
+
+@pytest.mark.virtual_time
+async def test_an_agent_that_ends_during_a_direct_run_takes_the_run_with_it() -> None:
+    async with Runtime() as rt:
+        server = await rt.spawn(Worker, restart="temporary")
+        await until(lambda: server.idle)
+        # A connection's task serving one call, stuck in the action.
+        run = asyncio.create_task(
+            server.call_direct(Instruction("where", {"seconds": 600}), timeout=5)
+        )
+        await until(lambda: not server.idle)
+        await server.stop(timeout=1.0)  # the run outlasts the stop: the agent is cancelled
+        assert not server.running
+        await until(run.done)
+        assert run.cancelled()

@@ -222,7 +222,9 @@ class CallService:
     ) -> CallReply:
         node = self.node
         if target == node.name:
-            return await self.serve(CallRequest(capability, signal, left))
+            # Through the mailbox: a direct run could take the caller's own task down with
+            # the agent (see AgentServer.call_direct).
+            return await self.serve(CallRequest(capability, signal, left), direct=False)
         member = node.core.member(target)
         if member is None:
             return CallReply(False, error_type="NotSent", error=f"{target} is not a member")
@@ -242,7 +244,9 @@ class CallService:
         return reply
 
     # ----------------------------------------------------------------- server side
-    async def serve(self, req: CallRequest) -> CallReply:
+    async def serve(self, req: CallRequest, *, direct: bool = True) -> CallReply:
+        """Run a call on a local agent; ``direct``: on this task when the agent is idle
+        (this task serves the one request: a connection's, see AgentServer.call_direct)."""
         node = self.node
         agent = req.agent
         if agent is None:
@@ -265,8 +269,10 @@ class CallService:
         self.in_flight += 1
         ok = False
         try:
-            # On this task when the agent is idle (no mailbox hand-over on the hot path).
-            data = await node.runtime.call_direct(agent, req.signal, timeout=timeout)
+            if direct:  # no mailbox hand-over on the hot path
+                data = await node.runtime.call_direct(agent, req.signal, timeout=timeout)
+            else:
+                data = await node.runtime.call(agent, req.signal, timeout=timeout)
             ok = True
         except UnknownAgent as exc:
             return CallReply(False, error_type="NoAgent", error=str(exc))

@@ -13,7 +13,9 @@ of a hand-over and back. Meanwhile the server counts as busy: new messages queue
 agent's task once the direct run is over. A crash or a ``Stop`` met on the caller's task is
 handed to the agent's task, which ends as if it had met it itself. The caller's deadline does
 not interrupt a direct run (an action is never cancelled by a caller's impatience, as with
-``call``); a late reply is reported as late by the caller.
+``call``); a late reply is reported as late by the caller. An agent that ends meanwhile
+(cancelled when a stop timed out) cancels the caller's task with it -- hence direct runs are
+for tasks that serve one request, such as a transport connection's.
 
 A full mailbox pushes back: ``cast`` waits for room up to its timeout, then raises
 :class:`MailboxFull`; ``cast_nowait`` raises at once. Errors follow the :class:`ErrorPolicy`:
@@ -146,6 +148,7 @@ class AgentServer:
         self._stopping = False
         # A message is running on a caller's task (see call_direct): the agent is busy.
         self._direct = False
+        self._direct_task: asyncio.Task[Any] | None = None
         # What a direct run met that ends the agent (an error, or _STOP), for its own task.
         self._handoff: BaseException | object | None = None
 
@@ -267,12 +270,15 @@ class AgentServer:
 
     async def call_direct(self, message: Message, *, timeout: float) -> Any:
         """Like :meth:`call`, but run ``message`` on this task at once when the agent is
-        idle (see the module's docstring); otherwise through the mailbox."""
+        idle (see the module's docstring); otherwise through the mailbox. Should the agent
+        end while the message runs (cancelled after a stop timed out), this task is
+        cancelled: meant for a task that serves the one request, as a connection's does."""
         waiter = self._waiter
         if self._direct or waiter is None or waiter.done() or self._stopping:
             return await self.call(message, timeout=timeout)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._direct = True
+        self._direct_task = asyncio.current_task()
         token = agent_id_var.set(self.id)
         try:
             if await self._process(message, fut):
@@ -283,6 +289,7 @@ class AgentServer:
         finally:
             agent_id_var.reset(token)
             self._direct = False
+            self._direct_task = None
             if self._handoff is not None or self._mailbox or self._stopping:
                 self._wake()
         if not fut.done():
@@ -544,6 +551,11 @@ class AgentServer:
     # ----------------------------------------------------------------- cleanup
     async def _cleanup(self) -> None:
         self._stopping = True
+        direct = self._direct_task
+        if direct is not None and direct is not asyncio.current_task():
+            # The agent ended (cancelled after a stop timed out, say) while a message ran on
+            # a caller's task: that run ends with it, as it would have on the agent's own.
+            direct.cancel()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
