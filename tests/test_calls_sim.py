@@ -196,3 +196,26 @@ async def test_an_ejection_on_the_call_path_is_published() -> None:
             await cluster.call("echo", "app.echo", {"i": i}, timeout=2.0)
         signal = await asyncio.wait_for(ejections.get(), timeout=5)
         assert signal.subject == "n3" and signal.data["reason"]
+
+
+@pytest.mark.virtual_time
+async def test_a_replaced_agent_serves_the_next_calls() -> None:
+    # The serving node remembers which local agent serves a capability; a new agent in the
+    # old one's place (another id) must be found, and a stopped one never called.
+    async with SimCluster(2, seed=48) as c:
+        await _workers(c, ["n2"])
+        cluster = Cluster.of(c.nodes["n1"])
+        target = c.nodes["n2"]
+        assert _served_by(await cluster.call("echo", "app.echo", {"i": 1})) == "echo"
+        await target.runtime.stop_agent("echo")
+        await target.runtime.spawn(Echo, id="echo-2")
+        await Cluster.of(target).register("echo-2", capabilities=["echo"])
+        # The stopped agent's entry goes (its node's housekeeping), though the new one has
+        # the same name.
+        await c.wait_until(
+            lambda: (
+                [e.id for e in c.nodes["n1"].registry.index.find_capable("echo")] == ["n2/echo-2"]
+            ),
+            timeout=10,
+        )
+        assert _served_by(await cluster.call("echo", "app.echo", {"i": 2})) == "echo-2"

@@ -323,12 +323,13 @@ class CallService:
         index = node.registry.index
         version = index.capability_version(capability)
         cached = self._local.get(capability)
-        if cached is not None and cached[0] == version and node.runtime.get(cached[1]):
+        runtime = node.runtime
+        if cached is not None and cached[0] == version and runtime.get_id(cached[1]) is not None:
             return cached[1]
         for e in index.find_capable(capability, healthy_only=False):
             if e.node == node.name and e.health != "unhealthy":
                 agent = e.id.split("/", 1)[1]
-                if node.runtime.get(agent) is not None:
+                if runtime.get_id(agent) is not None:
                     self._local[capability] = (version, agent)
                     return agent
         return None

@@ -333,6 +333,10 @@ class Runtime:
         await sup.restart_child(server.id)
         return True
 
+    def get_id(self, agent_id: str) -> AgentServer | None:
+        """The running agent with exactly this id (never a match by name)."""
+        return self._table.get(agent_id)
+
     def get(self, target: str) -> AgentServer | None:
         """The running agent with this id, or else the only running agent with this name."""
         server = self._table.get(target)

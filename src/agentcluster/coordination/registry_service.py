@@ -320,7 +320,8 @@ class RegistryService:
         runtime = self.node.runtime
         for entry in [e for e in self.core.index.entries() if e.node == self.node.name]:
             agent_id = entry.id.split("/", 1)[1]
-            if runtime.get(agent_id) is not None:
+            # By id only: a new agent of the same name does not keep a stopped one's entry.
+            if runtime.get_id(agent_id) is not None:
                 self._missing.pop(entry.id, None)
                 continue
             misses = self._missing[entry.id] = self._missing.get(entry.id, 0) + 1
@@ -411,7 +412,7 @@ class RegistryService:
                     data={"entry": data, "winner": winner},
                 )
                 agent_id = ev.entry.id.split("/", 1)[1]
-                server = runtime.get(agent_id)
+                server = runtime.get_id(agent_id)
                 if server is not None:
                     with contextlib.suppress(Exception):
                         server.cast_nowait(signal)
