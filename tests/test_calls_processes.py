@@ -82,3 +82,27 @@ async def test_calls_survive_a_killed_node() -> None:
             assert view["strategy"] == "latency_aware" and view["decisions"]
         finally:
             await cluster.close()
+
+
+@pytest.mark.parametrize("preset", ["local", "lan"])
+async def test_the_call_overhead_measurement_reports_both_paths(preset: str) -> None:
+    # What `agentcluster bench lb` times: cluster.call against a real node process, and a
+    # bare stream round trip to it, percentile by percentile.
+    import gc
+
+    from agentcluster import tuning
+    from agentcluster.bench.lb import _call_overhead
+
+    threshold = gc.get_threshold()
+    try:
+        out = await _call_overhead(30, preset)
+    finally:  # the bench tunes its own process (GC, scheduler): give pytest's back
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        tuning.tune_scheduler("normal")
+    assert out["calls_timed"] == 30 and out["call_preset"] == preset
+    for key in ("call", "transport_rtt"):
+        assert 0 < out[f"{key}_p50_us"] <= out[f"{key}_p99_us"]
+    assert out["call_overhead_p50_us"] == pytest.approx(
+        out["call_p50_us"] - out["transport_rtt_p50_us"], abs=0.2
+    )

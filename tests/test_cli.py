@@ -125,3 +125,10 @@ def test_node_run_refuses_an_unknown_scheduling_policy() -> None:
     out = run("node", "run", "--sched", "fifo", timeout=30)
     assert out.returncode == 2
     assert "--sched must be batch or normal" in out.stderr
+
+
+def test_bench_lb_refuses_an_unknown_preset_at_once() -> None:
+    out = run("bench", "lb", "--preset", "moon", "--json", timeout=60)
+    assert out.returncode == 2
+    assert "--preset must be one of lan, wan, local, not 'moon'" in out.stderr
+    assert out.stdout == ""

@@ -249,14 +249,28 @@ def bench_coordination(
 def bench_lb(
     quick: Annotated[bool, typer.Option(help="Fewer picks and simulated requests.")] = False,
     calls: Annotated[int, typer.Option(min=10, help="Calls timed for the overhead.")] = 3000,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Timing preset of the two nodes in the call-overhead run: local (one host, "
+            "the most background work) or lan (the node default)."
+        ),
+    ] = "local",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Pick times, balance, the slow-node scenario, Maglev disruption, ejection, call overhead."""
     from agentcluster.bench.lb import run
+    from agentcluster.membership.config import SwimConfig
 
+    if preset not in SwimConfig.PRESETS:
+        typer.echo(
+            f"error: --preset must be one of {', '.join(SwimConfig.PRESETS)}, not {preset!r}",
+            err=True,
+        )
+        raise typer.Exit(2)
     logging.getLogger("agentcluster").setLevel(logging.ERROR)
     try:
-        result = run(quick=quick, calls=calls)
+        result = run(quick=quick, calls=calls, preset=preset)
     except Exception as exc:  # the bench reports, it does not dump a traceback
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
