@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 
 from agentcluster.store._etcd_cluster import EtcdCluster, EtcdNotInstalled
@@ -266,6 +267,13 @@ async def test_failover_when_the_clients_member_dies() -> None:
             before = await store.put("fo/before", b"1")
             assert store.current_endpoint == endpoints[0]
             await cluster.kill(endpoints[0])
+            # Until the client's connection has seen the member's socket close, a put goes
+            # out on it and fails as "Stream removed": its outcome unknown, so (rightly) an
+            # error for a write. Once it has, calls fail over before anything is sent.
+            channel = store._endpoints[0].channel
+            await wait_until(
+                lambda: channel.get_state() != grpc.ChannelConnectivity.READY, timeout=10
+            )
             revisions = [await store.put(f"fo/{i:02d}", b"x") for i in range(20)]
             assert revisions == sorted(revisions) and revisions[0] > before
             assert store.current_endpoint != endpoints[0]
