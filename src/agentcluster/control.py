@@ -24,6 +24,7 @@ import msgspec
 
 from agentcluster.membership.messages import StreamMessage
 from agentcluster.signals import Signal
+from agentcluster.store._batch import MAX_BATCH_COMMANDS
 from agentcluster.store.raft import KvRequest
 from agentcluster.transport.base import parse_addr
 from agentcluster.wire import Keyring, WireCodec
@@ -169,7 +170,11 @@ async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
     if not isinstance(timeout, int | float):
         return ControlReply(ok=False, error="kv: 'timeout' must be a number")
     timeout = min(max(float(timeout), 0.001), 60.0)
-    if isinstance(many, list) and all(isinstance(r, bytes) for r in many) and len(many) <= 4096:
+    if (
+        isinstance(many, list)
+        and len(many) <= MAX_BATCH_COMMANDS
+        and all(isinstance(r, bytes) for r in many)
+    ):
         # A client's batch: run concurrently, so the leader proposes them together (and,
         # when this node leads, without a task per request: see RaftStore.route_many).
         try:
