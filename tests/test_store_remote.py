@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from agentcluster.control import ControlError
 from agentcluster.store.raft import KvReply, KvRequest
 from agentcluster.store.remote import _Batcher
 from agentcluster.testing import wait_until
@@ -26,12 +27,15 @@ class FakeConnection:
         self.calls = calls
         self.k = k
         self.gate: asyncio.Event | None = None
+        self.fail = False
 
     async def call(self, op: str, args: dict[str, Any], *, timeout: float) -> bytes:
         keys = [_req_dec.decode(r).key for r in args["reqs"]]
         self.calls.append((self.k, keys))
         if self.gate is not None:
             await self.gate.wait()
+        if self.fail:
+            raise ControlError("connection reset")
         return _enc.encode([KvReply(True, k.encode()) for k in keys])
 
     async def close(self) -> None:
@@ -65,6 +69,22 @@ async def test_callers_ready_in_the_same_turn_leave_as_one_call() -> None:
     # Closed-loop clients woken by one batch's replies stay one batch.
     replies = await asyncio.gather(*(put(b, k) for k in keys))
     assert len(calls) == 2 and calls[1][1] == keys
+    await b.close()
+
+
+async def test_a_lone_caller_after_batches_sends_its_own_request_again() -> None:
+    # Once the batches' workers are done -- one of them failed -- nothing counts as in
+    # flight: a sequential caller is back to sending on the first connection itself.
+    b, conns, calls = batcher()
+    keys = [f"k{i}" for i in range(8)]
+    await asyncio.gather(*(put(b, k) for k in keys))
+    for c in conns[1:]:
+        c.fail = True
+    results = await asyncio.gather(*(put(b, k) for k in keys), return_exceptions=True)
+    assert all(isinstance(r, ControlError) for r in results)
+    assert [k for k, _ in calls] == [1, 1]
+    assert await put(b, "alone") == b"alone"
+    assert calls[-1] == (0, ["alone"])
     await b.close()
 
 

@@ -549,6 +549,8 @@ class KvClient(Store):
             try:
                 reply = await self._call_events(req)
             except StoreUnavailable:
+                if self._closed:
+                    return
                 await self._clock.sleep(_BACKOFF_MAX)
                 continue
             events = _events_dec.decode(reply.data)

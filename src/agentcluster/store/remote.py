@@ -70,11 +70,9 @@ class _Batcher:
         self.addr = self.clients[0].addr
         self._queue: list[tuple[bytes, float, asyncio.Future[KvReply]]] = []
         self._workers: dict[int, asyncio.Task[None]] = {}
+        self._running = 0  # workers started and not finished (a count: checked per request)
         self._inline = False  # a caller is sending on clients[0] itself
         self._starting = False  # a worker was started and has not taken the queue yet
-
-    def _busy(self) -> bool:
-        return any(not task.done() for task in self._workers.values())
 
     async def submit(self, req: KvRequest, timeout: float) -> KvReply:
         loop = asyncio.get_running_loop()
@@ -82,13 +80,13 @@ class _Batcher:
         entry = (_req_enc.encode(req), timeout, fut)
         queue = self._queue
         queue.append(entry)
-        if len(queue) == 1 and not self._inline and not self._busy():
+        if len(queue) == 1 and not self._inline and not self._running:
             try:
                 await asyncio.sleep(0)
             except asyncio.CancelledError:
                 fut.cancel()  # a worker skips it
                 raise
-            if self._queue == [entry] and not self._inline and not self._busy():
+            if self._queue == [entry] and not self._inline and not self._running:
                 self._queue = []
                 self._inline = True
                 try:
@@ -112,11 +110,18 @@ class _Batcher:
             task = self._workers.get(k)
             if task is None or task.done():
                 self._starting = True
+                self._running += 1
                 self._workers[k] = asyncio.get_running_loop().create_task(self._send_all(client))
                 return
 
     async def _send_all(self, client: ControlClient) -> None:
         self._starting = False
+        try:
+            await self._send_queue(client)
+        finally:
+            self._running -= 1
+
+    async def _send_queue(self, client: ControlClient) -> None:
         while self._queue:
             batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
             live = [(r, t, f) for r, t, f in batch if not f.done()]
@@ -143,6 +148,7 @@ class _Batcher:
         for task in workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._running = 0  # a worker cancelled before it started never counted itself out
         for _, _, f in self._queue:
             if not f.done():
                 f.set_exception(StoreUnavailable("the store is closed"))
@@ -180,7 +186,12 @@ class RemoteStore(KvClient):
         }
         self._pollers = {a: ControlClient(a, keyring=keyring, timeout=timeout) for a in nodes}
 
-    async def _ask(self, req: KvRequest, timeout: float) -> KvReply:
+    async def request(self, req: KvRequest, *, timeout: float | None = None) -> KvReply:
+        # One coroutine from here to the batcher: every put passes through it.
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        if timeout is None:
+            timeout = self.timeout
         write = req.op == "cmd"
         last: Exception | None = None
         for k in range(len(self.nodes)):
@@ -208,13 +219,8 @@ class RemoteStore(KvClient):
             return reply
         raise StoreUnavailable(f"no entry node answered: {last}")
 
-    async def request(self, req: KvRequest, *, timeout: float | None = None) -> KvReply:
-        if self._closed:
-            raise StoreUnavailable("the store is closed")
-        return await self._ask(req, self.timeout if timeout is None else timeout)
-
     async def _call_events(self, req: KvRequest) -> KvReply:
-        reply = await self._ask(req, self.poll + self.timeout)
+        reply = await self.request(req, timeout=self.poll + self.timeout)
         return self._check_events(req, reply)
 
     async def close(self) -> None:
