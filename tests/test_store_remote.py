@@ -181,3 +181,39 @@ async def test_control_client_reconnects_after_the_node_closed_an_idle_connectio
     finally:
         await client.close()
         server.close()
+
+
+async def test_a_watch_whose_store_is_closed_mid_poll_ends_at_once() -> None:
+    from agentcluster.clock import MonotonicClock
+    from agentcluster.store.remote import RemoteStore
+
+    class NoSleep(MonotonicClock):
+        async def sleep(self, seconds: float) -> None:
+            raise AssertionError(f"a closed store's watch backed off for {seconds} s")
+
+    class Poller:
+        """A long-poll that ends, failed, when its connection is closed."""
+
+        def __init__(self) -> None:
+            self.polling = asyncio.Event()
+            self.closed = asyncio.Event()
+
+        async def call(self, op: str, args: dict[str, Any], *, timeout: float) -> bytes:
+            self.polling.set()
+            await self.closed.wait()
+            raise ControlError("connection closed", not_sent=True)
+
+        async def close(self) -> None:
+            self.closed.set()
+
+    store = RemoteStore(["127.0.0.1:1"], keyring=None, timeout=0.5, clock=NoSleep())
+    poller = store._pollers["127.0.0.1:1"] = Poller()  # type: ignore[assignment]
+    async with store.watch("k/", start_revision=5) as events:
+
+        async def drain() -> list[Any]:
+            return [ev async for ev in events]
+
+        task = asyncio.ensure_future(drain())
+        await asyncio.wait_for(poller.polling.wait(), 2)
+        await store.close()
+        assert await asyncio.wait_for(task, 2) == []
