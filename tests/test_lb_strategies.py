@@ -13,7 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentcluster.balancing._sims import p2c_balance, simulate
+from agentcluster.balancing._sims import (
+    PickTimer,
+    interleaved_pick_timings,
+    p2c_balance,
+    pick_timings,
+    simulate,
+)
 from agentcluster.balancing.base import EMPTY_REQUEST, Endpoint, NoEndpoint, PickRequest, Strategy
 from agentcluster.balancing.capacity_aware import CapacityAware
 from agentcluster.balancing.geographic import Geographic
@@ -413,6 +419,30 @@ def test_p2c_balance_at_high_load() -> None:
     assert 1.0 < ratio <= 1.06
 
 
+def test_pick_timings_are_positive_and_ordered() -> None:
+    for name, n in (("round_robin", 10), ("latency_aware", 100), ("maglev", 1000)):
+        p50, p99 = pick_timings(name, n, picks=300)
+        assert 0 < p50 <= p99
+    got = interleaved_pick_timings([("least_connections", 10), ("adaptive", 100)], picks=300)
+    assert set(got) == {("least_connections", 10), ("adaptive", 100)}
+    assert all(0 < p50 <= p99 for p50, p99 in got.values())
+
+
+def test_the_bench_takes_one_case_s_passes_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every case's first pass, then every second one, ...; each figure is a case's median.
+    order: list[tuple[str, int]] = []
+
+    def run_pass(self: PickTimer, picks: int) -> tuple[float, float]:
+        order.append(self.case)
+        return 1.0, float(len(order))
+
+    monkeypatch.setattr(PickTimer, "run_pass", run_pass)
+    cases = [("round_robin", 10), ("maglev", 100), ("adaptive", 1000)]
+    got = interleaved_pick_timings(cases, picks=10, repeats=3)
+    assert order == cases * 3
+    assert got == {case: (1.0, float(k + 4)) for k, case in enumerate(cases)}
+
+
 # ---------------------------------------------------------------- peak EWMA
 
 
@@ -677,3 +707,22 @@ def test_geographic_inner_strategy_is_pluggable() -> None:
     assert got[:3] == got[3:] and len(set(got[:3])) == 3
     with pytest.raises(ValueError, match="spill_threshold"):
         Geographic(spill_threshold=-1.0)
+
+
+def test_the_lb_bench_core_keys_cover_every_strategy_and_size() -> None:
+    from agentcluster.balancing.strategies import STRATEGIES
+    from agentcluster.bench.lb import _cores
+
+    got = _cores(quick=True)
+    for key in ("pick_p50_us", "pick_p99_us"):
+        assert set(got[key]) == set(STRATEGIES)
+        assert all(set(sizes) == {"10", "100", "1000"} for sizes in got[key].values())
+    assert got["pick_p99_us_worst_1000"] == max(v["1000"] for v in got["pick_p99_us"].values())
+    assert all(
+        got["pick_p50_us"][s][n] <= got["pick_p99_us"][s][n]
+        for s in STRATEGIES
+        for n in ("10", "100", "1000")
+    )
+    assert 1.0 < got["balance_max_over_mean"] <= 1.05
+    assert got["slow_node_p99_ratio"] <= 1.5 and got["slow_node_share"] <= 0.02
+    assert got["eject_failures"] <= 5 and got["eject_time_ms"] <= 100

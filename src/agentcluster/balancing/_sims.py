@@ -26,7 +26,7 @@ puts the maximum about ``log2 log n + O(1)`` (about 3 for 100 nodes) above the m
 ratio reaches 1.05 only at high load (several dozen requests in flight per node).
 
 :func:`pick_timings` times one strategy's ``pick`` (``agentcluster bench lb`` reports it for
-every strategy at 10, 100 and 1,000 endpoints).
+every strategy at 10, 100 and 1,000 endpoints, through :func:`interleaved_pick_timings`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from agentcluster.balancing.least_connections import LeastConnections
 from agentcluster.balancing.strategies import make_strategy
 
 __all__ = [
+    "PickTimer",
     "SimResult",
+    "interleaved_pick_timings",
     "p2c_balance",
     "pick_timings",
     "simulate",
@@ -165,33 +167,34 @@ def _endpoints(n: int, rng: random.Random) -> list[Endpoint]:
     ]
 
 
-def pick_timings(
-    name: str,
-    n: int,
-    picks: int = 20_000,
-    seed: int = 0,
-    depth: int | None = None,
-    repeats: int = 3,
-) -> tuple[float, float]:
-    """``(p50, p99)`` of one ``pick`` in microseconds for strategy ``name`` over ``n``
-    endpoints (the medians over ``repeats`` passes of ``picks`` picks each, so one burst of
-    noise from another process does not decide the figure; the timer's own cost, about
-    0.05 us, is included). Every pick is followed by ``on_start``; the oldest of ``depth``
-    outstanding requests (default ``2 * n``) then finishes, so stateful strategies see live
-    counts."""
-    strategy = make_strategy(name)
-    rng = random.Random(seed)
-    strategy.update(_endpoints(n, rng))
-    request = PickRequest(zone="z0", region="r0") if name == "geographic" else EMPTY_REQUEST
-    outstanding: deque[str] = deque()
-    limit = 2 * n if depth is None else depth
-    clock = time.perf_counter_ns
-    now = 0.0
-    p50s: list[float] = []
-    p99s: list[float] = []
-    for _ in range(repeats):
+class PickTimer:
+    """Times one strategy's ``pick`` over ``n`` endpoints, one pass at a time: every pick is
+    followed by ``on_start``, and the oldest of ``depth`` outstanding requests (default
+    ``2 * n``) then finishes, so stateful strategies see live counts. The strategy and its
+    outstanding requests live on from pass to pass, so passes of several timers can be
+    interleaved (see :func:`interleaved_pick_timings`)."""
+
+    def __init__(self, name: str, n: int, *, seed: int = 0, depth: int | None = None) -> None:
+        self.case = (name, n)
+        self.strategy = make_strategy(name)
+        self.rng = random.Random(seed)
+        self.strategy.update(_endpoints(n, self.rng))
+        self.request = (
+            PickRequest(zone="z0", region="r0") if name == "geographic" else EMPTY_REQUEST
+        )
+        self.outstanding: deque[str] = deque()
+        self.limit = 2 * n if depth is None else depth
+        self.now = 0.0
+
+    def run_pass(self, picks: int) -> tuple[float, float]:
+        """``(p50, p99)`` in microseconds of ``picks`` picks (after 1,000 to warm up; the
+        timer's own cost, about 0.05 us, is included)."""
+        strategy, rng, request = self.strategy, self.rng, self.request
+        outstanding, limit = self.outstanding, self.limit
+        clock = time.perf_counter_ns
+        now = self.now
         samples = [0] * picks
-        for k in range(picks + 1_000):  # the first 1,000 picks of a pass warm up
+        for k in range(picks + 1_000):
             now += 0.0001
             t0 = clock()
             node = strategy.pick(request, rng, now)
@@ -202,7 +205,43 @@ def pick_timings(
             outstanding.append(node)
             if len(outstanding) > limit:
                 strategy.on_finish(outstanding.popleft(), rng.expovariate(100.0), True, now)
+        self.now = now
         samples.sort()
-        p50s.append(samples[picks // 2] / 1000.0)
-        p99s.append(samples[int(picks * 0.99)] / 1000.0)
-    return statistics.median(p50s), statistics.median(p99s)
+        return samples[picks // 2] / 1000.0, samples[int(picks * 0.99)] / 1000.0
+
+
+def pick_timings(
+    name: str,
+    n: int,
+    picks: int = 20_000,
+    seed: int = 0,
+    depth: int | None = None,
+    repeats: int = 3,
+) -> tuple[float, float]:
+    """``(p50, p99)`` of one ``pick`` in microseconds for strategy ``name`` over ``n``
+    endpoints: the medians over ``repeats`` consecutive passes of ``picks`` picks each
+    (:class:`PickTimer`)."""
+    timer = PickTimer(name, n, seed=seed, depth=depth)
+    passes = [timer.run_pass(picks) for _ in range(repeats)]
+    return (
+        statistics.median(p for p, _ in passes),
+        statistics.median(p for _, p in passes),
+    )
+
+
+def interleaved_pick_timings(
+    cases: Sequence[tuple[str, int]], picks: int = 20_000, repeats: int = 3
+) -> dict[tuple[str, int], tuple[float, float]]:
+    """:func:`pick_timings` for every ``(name, n)`` of ``cases``, with their passes taken
+    round-robin -- every case's first pass, then every second one -- so that the passes of
+    one case lie seconds apart and a burst of noise on the host (another process, a stalled
+    virtual CPU) lands in at most one of them, not in the majority that the median keeps."""
+    timers = {case: PickTimer(*case) for case in cases}
+    passes: dict[tuple[str, int], list[tuple[float, float]]] = {case: [] for case in cases}
+    for _ in range(repeats):
+        for case, timer in timers.items():
+            passes[case].append(timer.run_pass(picks))
+    return {
+        case: (statistics.median(p for p, _ in got), statistics.median(p for _, p in got))
+        for case, got in passes.items()
+    }

@@ -4,7 +4,9 @@ Theory of operation:
 
 * ``pick_p50_us`` / ``pick_p99_us`` -- per strategy and endpoint count (10, 100, 1,000): one
   ``pick`` timed with ``perf_counter_ns`` while requests start and finish around it (the
-  median over three passes of 20,000 picks; :func:`~agentcluster.balancing._sims.pick_timings`).
+  median over three passes of 20,000 picks, the passes of all strategies and sizes taken in
+  turn so that one burst of host noise cannot spoil two passes of one case;
+  :func:`~agentcluster.balancing._sims.interleaved_pick_timings`).
   ``pick_p99_us_worst_1000`` is the slowest strategy's p99 at 1,000 endpoints.
 * ``balance_max_over_mean`` -- least connections (P2C), 100 nodes, 64 requests in flight per
   node on average: the mean of max/mean in-flight (:func:`~agentcluster.balancing._sims.p2c_balance`).
@@ -38,7 +40,7 @@ ECHO = "agentcluster.examples.worker:Echo"
 
 
 def _cores(quick: bool) -> dict[str, Any]:
-    from agentcluster.balancing._sims import p2c_balance, pick_timings
+    from agentcluster.balancing._sims import interleaved_pick_timings, p2c_balance
     from agentcluster.balancing.maglev import maglev_keys_moved_on_remove
     from agentcluster.balancing.outliers import eject_time_scenario
     from agentcluster.balancing.sim import slow_node_scenario
@@ -47,12 +49,10 @@ def _cores(quick: bool) -> dict[str, Any]:
     p50: dict[str, dict[str, float]] = {}
     p99: dict[str, dict[str, float]] = {}
     picks = 5_000 if quick else 20_000
-    for name in sorted(STRATEGIES):
-        p50[name], p99[name] = {}, {}
-        for n in (10, 100, 1000):
-            a, b = pick_timings(name, n, picks=picks)
-            p50[name][str(n)] = round(a, 2)
-            p99[name][str(n)] = round(b, 2)
+    cases = [(name, n) for name in sorted(STRATEGIES) for n in (10, 100, 1000)]
+    for (name, n), (a, b) in interleaved_pick_timings(cases, picks=picks).items():
+        p50.setdefault(name, {})[str(n)] = round(a, 2)
+        p99.setdefault(name, {})[str(n)] = round(b, 2)
     requests = 40_000 if quick else 200_000
     slow = {
         name: {
