@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import pytest
@@ -168,15 +168,23 @@ async def test_a_stop_directive_in_a_direct_run_stops_the_agent_normally() -> No
         await until(lambda: rt.get("worker") is None)
 
 
+async def _busy_direct_run(
+    rt: Runtime, restart: Literal["transient", "temporary"], seconds: float
+) -> tuple[Any, asyncio.Task[Any]]:
+    """A worker and a task serving one call that runs on it directly for ``seconds``."""
+    server = await rt.spawn(Worker, restart=restart)
+    await until(lambda: server.idle)
+    run = asyncio.create_task(
+        server.call_direct(Instruction("where", {"seconds": seconds}), timeout=5)
+    )
+    await until(lambda: not server.idle)
+    return server, run
+
+
 @pytest.mark.virtual_time
 async def test_a_stop_requested_during_a_direct_run_takes_effect_after_it() -> None:
     async with Runtime() as rt:
-        server = await rt.spawn(Worker, restart="transient")
-        await until(lambda: server.idle)
-        run = asyncio.create_task(
-            server.call_direct(Instruction("where", {"seconds": 2}), timeout=5)
-        )
-        await until(lambda: not server.idle)
+        server, run = await _busy_direct_run(rt, "transient", 2)
         stopping = asyncio.create_task(server.stop())
         await until(lambda: server._stopping)
         assert server.running and not run.done()
@@ -189,13 +197,8 @@ async def test_a_stop_requested_during_a_direct_run_takes_effect_after_it() -> N
 @pytest.mark.virtual_time
 async def test_an_agent_that_ends_during_a_direct_run_takes_the_run_with_it() -> None:
     async with Runtime() as rt:
-        server = await rt.spawn(Worker, restart="temporary")
-        await until(lambda: server.idle)
         # A connection's task serving one call, stuck in the action.
-        run = asyncio.create_task(
-            server.call_direct(Instruction("where", {"seconds": 600}), timeout=5)
-        )
-        await until(lambda: not server.idle)
+        server, run = await _busy_direct_run(rt, "temporary", 600)
         await server.stop(timeout=1.0)  # the run outlasts the stop: the agent is cancelled
         assert not server.running
         await until(run.done)

@@ -117,29 +117,26 @@ class _Batcher:
     async def _send_all(self, client: ControlClient) -> None:
         self._starting = False
         try:
-            await self._send_queue(client)
+            while self._queue:
+                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+                live = [(r, t, f) for r, t, f in batch if not f.done()]
+                if not live:
+                    continue
+                if self._queue:
+                    self._kick()  # more than one call's worth: another connection takes the rest
+                timeout = max(t for _, t, _ in live)
+                try:
+                    replies = await _call(client, [r for r, _, _ in live], timeout)
+                except (ControlError, StoreUnavailable) as exc:
+                    for _, _, f in live:
+                        if not f.done():
+                            f.set_exception(exc)
+                    continue
+                for (_, _, f), reply in zip(live, replies, strict=True):
+                    if not f.done():
+                        f.set_result(reply)
         finally:
             self._running -= 1
-
-    async def _send_queue(self, client: ControlClient) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
-            live = [(r, t, f) for r, t, f in batch if not f.done()]
-            if not live:
-                continue
-            if self._queue:
-                self._kick()  # more than one call's worth: another connection takes the rest
-            timeout = max(t for _, t, _ in live)
-            try:
-                replies = await _call(client, [r for r, _, _ in live], timeout)
-            except (ControlError, StoreUnavailable) as exc:
-                for _, _, f in live:
-                    if not f.done():
-                        f.set_exception(exc)
-                continue
-            for (_, _, f), reply in zip(live, replies, strict=True):
-                if not f.done():
-                    f.set_result(reply)
 
     async def close(self) -> None:
         workers, self._workers = list(self._workers.values()), {}
