@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import msgspec
 
@@ -74,29 +74,37 @@ class _Batcher:
         self._inline = False  # a caller is sending on clients[0] itself
         self._starting = False  # a worker was started and has not taken the queue yet
 
-    async def submit(self, req: KvRequest, timeout: float) -> KvReply:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[KvReply] = loop.create_future()
+    def submit(self, req: KvRequest, timeout: float) -> Awaitable[KvReply]:
+        """The reply to ``req``, to await: a future a worker resolves or, for a caller that
+        may be alone, a coroutine (a plain function, so that a queued request -- every one
+        under load -- costs no coroutine frame of its own)."""
+        fut: asyncio.Future[KvReply] = asyncio.get_running_loop().create_future()
         entry = (_req_enc.encode(req), timeout, fut)
         queue = self._queue
         queue.append(entry)
         if len(queue) == 1 and not self._inline and not self._running:
+            return self._first(entry)
+        self._kick()
+        return fut
+
+    async def _first(self, entry: tuple[bytes, float, asyncio.Future[KvReply]]) -> KvReply:
+        fut = entry[2]
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            fut.cancel()  # a worker skips it
+            raise
+        if self._queue == [entry] and not self._inline and not self._running:
+            self._queue = []
+            self._inline = True
             try:
-                await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                fut.cancel()  # a worker skips it
-                raise
-            if self._queue == [entry] and not self._inline and not self._running:
-                self._queue = []
-                self._inline = True
-                try:
-                    (reply,) = await _call(self.clients[0], [entry[0]], timeout)
-                finally:
-                    self._inline = False
-                    fut.cancel()  # never awaited: the reply came straight back
-                    if self._queue:
-                        self._kick()  # callers that queued behind this one
-                return reply
+                (reply,) = await _call(self.clients[0], [entry[0]], entry[1])
+            finally:
+                self._inline = False
+                fut.cancel()  # never awaited: the reply came straight back
+                if self._queue:
+                    self._kick()  # callers that queued behind this one
+            return reply
         self._kick()
         return await fut
 
