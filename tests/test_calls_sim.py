@@ -12,8 +12,10 @@ import pytest
 
 from agentcluster.agents import Action, ActionContext, Agent, Result
 from agentcluster.cluster import Cluster
+from agentcluster.control import CallRequest
 from agentcluster.errors import CallError, CallRemoteError, NoCapacity, Rejected, Timeout
 from agentcluster.examples.worker import Echo
+from agentcluster.signals import Signal
 from agentcluster.testing.simcluster import SimCluster
 
 
@@ -219,3 +221,45 @@ async def test_a_replaced_agent_serves_the_next_calls() -> None:
             timeout=10,
         )
         assert _served_by(await cluster.call("echo", "app.echo", {"i": 2})) == "echo-2"
+
+
+@pytest.mark.virtual_time
+async def test_an_agent_restarted_under_its_id_serves_the_next_calls() -> None:
+    # The serving node caches the agent server itself, per registry version: a new server
+    # under the same id (a restart, which leaves the registry entry as it was) must replace
+    # it, and the stopped one never be called.
+    async with SimCluster(1, seed=49) as c:
+        node = c.nodes["n1"]
+        await node.runtime.spawn(Echo, id="echo")
+        await Cluster.of(node).register("echo", capabilities=["echo"])
+        sig = Signal(type="app.echo", data={"i": 1})
+        first = await node.calls.serve(CallRequest("echo", sig, 5.0))
+        assert first.ok and first.data["served"] == 1
+        version = node.registry.index.capability_version("echo")
+        old = node.runtime.get_id("echo")
+        await node.runtime.stop_agent("echo")
+        await node.runtime.spawn(Echo, id="echo")
+        assert node.runtime.get_id("echo") is not old
+        assert node.registry.index.capability_version("echo") == version
+        again = await node.calls.serve(CallRequest("echo", sig, 5.0))
+        assert again.ok, again
+        assert again.data["served"] == 1  # the new agent's own count
+
+
+@pytest.mark.virtual_time
+async def test_a_call_for_a_named_agent_that_is_missing_or_ambiguous_is_a_typed_reply() -> None:
+    async with SimCluster(1, seed=50) as c:
+        node = c.nodes["n1"]
+        await node.runtime.spawn(Echo, id="echo-a")
+        await node.runtime.spawn(Echo, id="echo-b")
+        sig = Signal(type="app.echo", data={"i": 1})
+        missing = await node.calls.serve(CallRequest("echo", sig, 5.0, agent="nobody"))
+        assert (missing.ok, missing.error_type) == (False, "NoAgent")
+        assert "nobody" in missing.error
+        both = await node.calls.serve(CallRequest("echo", sig, 5.0, agent="echo"))
+        assert (both.ok, both.error_type) == (False, "AgentError")
+        assert "several agents" in both.error
+        one = await node.calls.serve(CallRequest("echo", sig, 5.0, agent="echo-b"))
+        assert one.ok and one.data["agent"] == "echo-b"
+        # Nothing was admitted for the two that named no single agent.
+        assert node.calls.limiter.in_flight == 0 and node.calls.failed == 0

@@ -57,6 +57,16 @@ def test_rule_join_push_pull_then_gossip_reaches_everyone() -> None:
     assert "joined" in wire.kinds("b", "c")
 
 
+def test_addr_of_is_the_member_views_address() -> None:
+    wire = Wire()
+    a = wire.add("a")
+    wire.add("b", ("a",))
+    for name in ("a", "b"):
+        member = a.member(name)
+        assert member is not None and a.addr_of(name) == member.addr == addr(name)
+    assert a.addr_of("nobody") is None and a.member("nobody") is None
+
+
 def test_rule_join_failure_counted_when_seed_unreachable() -> None:
     wire = Wire()
     wire.down.add("ghost")

@@ -29,7 +29,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
-from agentcluster.agents import CallTimeout, MailboxFull
+from agentcluster.agents import AgentError, CallTimeout, MailboxFull
 from agentcluster.agents.runtime import UnknownAgent
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest
 from agentcluster.balancing.limits import AdaptiveConcurrency
@@ -39,6 +39,7 @@ from agentcluster.signals import Signal
 from agentcluster.transport.base import ConnectFailed, TransportError
 
 if TYPE_CHECKING:
+    from agentcluster.agents.server import AgentServer
     from agentcluster.balancing.balancer import Balancer
     from agentcluster.node import Node
 
@@ -103,7 +104,7 @@ class CallService:
         self.budget = RetryBudget()
         self._versions: dict[str, tuple[int, int]] = {}
         # capability -> (registry version, the local agent that served it last)
-        self._local: dict[str, tuple[int, str]] = {}
+        self._local: dict[str, tuple[int, AgentServer]] = {}
         self.served = 0
         self.failed = 0  # calls this node ran whose agent failed or timed out
         self.shed = 0
@@ -178,8 +179,7 @@ class CallService:
         self.budget.request(now)
         tried: list[str] = []
         last: Exception | None = None
-        while True:
-            now = clock.now()
+        while True:  # ``now``: when this attempt starts
             left = deadline - now
             if left <= 0:
                 raise Timeout(
@@ -216,6 +216,7 @@ class CallService:
             if not safe or not self.budget.try_retry(done):
                 raise err
             last = err
+            now = clock.now()
 
     async def _attempt(
         self, target: str, capability: str, signal: Signal, left: float
@@ -225,12 +226,12 @@ class CallService:
             # Through the mailbox: a direct run could take the caller's own task down with
             # the agent (see AgentServer.call_direct).
             return await self.serve(CallRequest(capability, signal, left), direct=False)
-        member = node.core.member(target)
-        if member is None:
+        addr = node.core.addr_of(target)
+        if addr is None:
             return CallReply(False, error_type="NotSent", error=f"{target} is not a member")
         frame = node.stream_codec.encode(CallRequest(capability, signal, left))
         try:
-            raw = await node.transport.request(member.addr, frame, timeout=left)
+            raw = await node.transport.request(addr, frame, timeout=left)
         except ConnectFailed as exc:
             return CallReply(False, error_type="NotSent", error=str(exc))
         except TimeoutError:
@@ -248,13 +249,19 @@ class CallService:
         """Run a call on a local agent; ``direct``: on this task when the agent is idle
         (this task serves the one request: a connection's, see AgentServer.call_direct)."""
         node = self.node
-        agent = req.agent
-        if agent is None:
-            agent = self._local_agent(req.capability)
-            if agent is None:
+        if req.agent is None:
+            server = self._local_server(req.capability)
+            if server is None:
                 return CallReply(
                     False, error_type="NoAgent", error=f"no {req.capability!r} agent on {node.name}"
                 )
+        else:  # the agent the caller's registry named
+            try:
+                server = node.runtime.lookup(req.agent)
+            except UnknownAgent as exc:
+                return CallReply(False, error_type="NoAgent", error=str(exc))
+            except AgentError as exc:  # a name several agents share
+                return CallReply(False, error_type=type(exc).__name__, error=str(exc))
         timeout = min(max(req.timeout, 0.001), 300.0)
         clock = node.clock
         started = clock.now()
@@ -270,17 +277,15 @@ class CallService:
         ok = False
         try:
             if direct:  # no mailbox hand-over on the hot path
-                data = await node.runtime.call_direct(agent, req.signal, timeout=timeout)
+                data = await server.call_direct(req.signal, timeout=timeout)
             else:
-                data = await node.runtime.call(agent, req.signal, timeout=timeout)
+                data = await server.call(req.signal, timeout=timeout)
             ok = True
-        except UnknownAgent as exc:
-            return CallReply(False, error_type="NoAgent", error=str(exc))
         except MailboxFull as exc:
             return CallReply(False, error_type="Rejected", error=f"overloaded: {exc}")
         except CallTimeout:
             self.failed += 1
-            return _late(agent, node.name, timeout)
+            return _late(server.id, node.name, timeout)
         except Exception as exc:
             self.failed += 1
             # Action failures may arrive wrapped; the user wants the agent's own error.
@@ -293,7 +298,7 @@ class CallService:
         if now - started > timeout:
             # A direct run is not interrupted at the deadline; its caller has given up.
             self.failed += 1
-            return _late(agent, node.name, timeout)
+            return _late(server.id, node.name, timeout)
         self.served += 1
         return CallReply(True, data=data)
 
@@ -318,20 +323,25 @@ class CallService:
             "limit": self.limiter.limit,
         }
 
-    def _local_agent(self, capability: str) -> str | None:
+    def _local_server(self, capability: str) -> AgentServer | None:
+        """The running local agent that takes calls for ``capability``; cached per registry
+        version, and only while that very server is still the one running (a restarted
+        agent is a new server)."""
         node = self.node
         index = node.registry.index
         version = index.capability_version(capability)
         cached = self._local.get(capability)
         runtime = node.runtime
-        if cached is not None and cached[0] == version and runtime.get_id(cached[1]) is not None:
-            return cached[1]
+        if cached is not None and cached[0] == version:
+            server = cached[1]
+            if runtime.get_id(server.id) is server:
+                return server
         for e in index.find_capable(capability, healthy_only=False):
             if e.node == node.name and e.health != "unhealthy":
-                agent = e.id.split("/", 1)[1]
-                if runtime.get_id(agent) is not None:
-                    self._local[capability] = (version, agent)
-                    return agent
+                found = runtime.get_id(e.id.split("/", 1)[1])
+                if found is not None:
+                    self._local[capability] = (version, found)
+                    return found
         return None
 
 

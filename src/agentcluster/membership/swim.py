@@ -319,6 +319,12 @@ class Swim(ProbeLoop):
         st = self._nodes.get(name)
         return None if st is None else self._view(st)
 
+    def addr_of(self, name: str) -> str | None:
+        """``member(name).addr`` without building the view: every call and Raft frame
+        looks its target up."""
+        st = self._nodes.get(name)
+        return None if st is None else st.addr
+
     def health_score(self) -> int:
         return self._awareness.score
 

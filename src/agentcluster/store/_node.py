@@ -144,8 +144,7 @@ class NodeStore:
     def addr_of(self, name: str) -> str | None:
         if name == self.node.name:
             return self.node.addr
-        member = self.node.core.member(name) if self.node._core is not None else None
-        return member.addr if member is not None else None
+        return self.node.core.addr_of(name) if self.node._core is not None else None
 
     def _send_raft(self, msg: Message) -> None:
         addr = self.addr_of(msg.dst)
