@@ -92,8 +92,10 @@ class _Unchanged:
 UNCHANGED: Final = _Unchanged()
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
+# Result and Instruction are frozen msgspec Structs rather than frozen dataclasses: one of
+# each is built for every message an agent runs, and a frozen dataclass's per-field
+# ``object.__setattr__`` made that 0.8 us apiece instead of 0.1 (they never go on the wire).
+class Result(msgspec.Struct, frozen=True):
     """Full form of an action's outcome inside an agent."""
 
     state: Any = UNCHANGED
@@ -101,8 +103,7 @@ class Result:
     reply: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class Instruction:
+class Instruction(msgspec.Struct, frozen=True):
     """Run ``action`` with ``params``; ``signal`` is the signal that asked for it, if any."""
 
     action: str | type[Action[Any]]
