@@ -28,6 +28,7 @@ from agentcluster.store._kv import (
     InvalidCommand,
     LeaseGrantCmd,
     LeaseMissing,
+    LeaseRevokeCmd,
     PutCmd,
     PutResult,
     decode_result,
@@ -126,16 +127,18 @@ def test_a_write_abandoned_at_the_deadline_is_skipped_by_the_group() -> None:
 class _Owner:
     """What _Machine needs of its RaftKV (leases and watch wiring are tested elsewhere)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, leading: bool = False) -> None:
         from agentcluster.clock import MonotonicClock
         from agentcluster.store._leases import LeaseTimers
         from agentcluster.store._watch import WatchHub
 
-        self.leading = False
+        self.leading = leading
         self.clock = MonotonicClock()
         self.timers = LeaseTimers()
         self.machine = _Machine(self)  # type: ignore[arg-type]
         self.hub = WatchHub(self.machine.kv)
+        self.published: list[object] = []  # every event handed to the watch hub, in order
+        self.hub.publish = self.published.extend  # type: ignore[method-assign]
 
     def wake_timers(self) -> None:
         pass
@@ -146,14 +149,19 @@ _commands = st.one_of(
     st.builds(PutCmd, _keys, st.binary(max_size=4), st.sampled_from([0, 0, 0, 1, 99])),
     st.builds(DeleteCmd, _keys, st.booleans()),
     st.builds(LeaseGrantCmd, st.sampled_from([1.0, 5.0])),
+    st.builds(LeaseRevokeCmd, st.sampled_from([1, 2, 99])),
 )
 
 
-@given(st.lists(_commands, min_size=1, max_size=30), st.integers(0, 2**32))
+@given(st.lists(_commands, min_size=1, max_size=30), st.integers(0, 2**32), st.booleans())
 @settings(max_examples=200, deadline=None)
-def test_a_batch_applies_exactly_as_its_commands_one_by_one(cmds: list[Command], seed: int) -> None:
-    """Same results, same state (snapshot bytes), wherever the batch boundaries fall."""
-    one, batched = _Owner().machine, _Owner().machine
+def test_a_batch_applies_exactly_as_its_commands_one_by_one(
+    cmds: list[Command], seed: int, leading: bool
+) -> None:
+    """Same results, same state (snapshot bytes), same watch events in the same order and the
+    same lease timers, wherever the batch boundaries fall."""
+    owners = _Owner(leading=leading), _Owner(leading=leading)
+    one, batched = owners[0].machine, owners[1].machine
     expected = [one.apply(i + 1, encode_command(c)) for i, c in enumerate(cmds)]
     rng = random.Random(seed)
     got: list[object] = []
@@ -167,6 +175,11 @@ def test_a_batch_applies_exactly_as_its_commands_one_by_one(cmds: list[Command],
         i, index = i + n, index + 1
     assert got == expected
     assert batched.snapshot() == one.snapshot()
+    assert owners[1].published == owners[0].published
+    timers = [
+        sorted((i, t.ttl(i)) for i in range(1, 100) if i in t) for t in (o.timers for o in owners)
+    ]
+    assert timers[1] == timers[0]
 
 
 def test_a_failing_command_fails_alone() -> None:

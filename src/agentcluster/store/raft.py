@@ -180,27 +180,43 @@ class _Machine:
             return self._apply(cmd)
         # A client's batch (see agentcluster.store._batch): its commands in order, as if they
         # were entries of their own; one that fails fails alone, identically on every node.
+        # Watchers get the batch's events at once, in revision order (the hub groups them
+        # by revision), as for separate entries applied in one turn.
+        kv = self.kv
         out: list[Result | Exception] = []
+        events: list[WatchEvent] = []
         for one in cmd.cmds:
             try:
-                out.append(self._apply(one))
+                result = kv.apply(one)
             except Exception as exc:
                 log.exception("state machine failed on a command of entry %d", index)
                 out.append(exc)
+                continue
+            if kv.last_events:
+                events += kv.last_events
+            if not isinstance(one, PutCmd):
+                self._leases(one, result)
+            out.append(result)
+        if events:
+            self.owner.hub.publish(events)
         return out
 
     def _apply(self, cmd: Command) -> Result:
         kv = self.kv
         result = kv.apply(cmd)
-        owner = self.owner
         if kv.last_events:
-            owner.hub.publish(kv.last_events)
+            self.owner.hub.publish(kv.last_events)
+        self._leases(cmd, result)
+        return result
+
+    def _leases(self, cmd: Command, result: Result) -> None:
+        """The leader's lease timers follow what was applied."""
+        owner = self.owner
         if isinstance(cmd, LeaseRevokeCmd):
             owner.timers.forget(cmd.lease_id)
         elif owner.leading and isinstance(result, Lease):
             owner.timers.grant(result.id, result.ttl, owner.clock.now())
             owner.wake_timers()
-        return result
 
     def snapshot(self) -> bytes:
         return self.kv.snapshot()
