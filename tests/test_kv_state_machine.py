@@ -27,6 +27,7 @@ from agentcluster.store._kv import (
     Result,
     RevokeResult,
     TxnCmd,
+    _snapshot_decoder,
     decode_command,
     decode_result,
     encode_command,
@@ -566,6 +567,43 @@ def test_restored_machine_is_indistinguishable(
     assert revs == sorted(revs)
     if revs:
         assert revs[-1] == original.revision and set(revs) == set(range(revs[0], revs[-1] + 1))
+
+
+WRITES: st.SearchStrategy[Command] = st.one_of(
+    st.builds(PutCmd, KEYS, VALUES),
+    st.builds(DeleteCmd, st.one_of(KEYS, PREFIXES), st.booleans()),
+    st.builds(TxnCmd, st.just([]), st.lists(st.builds(PutOp, KEYS, VALUES), max_size=4)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cmds=st.lists(WRITES, min_size=1, max_size=300), max_events=st.sampled_from([1, 2, 3, 7]))
+def test_history_bound_matches_a_model_that_keeps_everything(
+    cmds: list[Command], max_events: int
+) -> None:
+    """After every write: the oldest revision kept is the first from which at most
+    ``max_events`` events follow (the newest revision whole in any case), and the events
+    from there are exactly the model's -- through the in-place trims and the compactions of
+    the backing list."""
+    sm = KVStateMachine(max_events=max_events)
+    everything: list[WatchEvent] = []
+    for cmd in cmds:
+        sm.apply(cmd)
+        everything += sm.last_events
+        if not everything:
+            assert sm.oldest_revision == 1
+            continue
+        newest = everything[-1].revision
+        oldest = newest
+        for rev in range(1, newest + 1):
+            if sum(1 for e in everything if e.revision >= rev) <= max_events:
+                oldest = rev
+                break
+        assert sm.oldest_revision == max(1, oldest)
+        kept = [e for e in everything if e.revision >= sm.oldest_revision]
+        assert sm.events_since(sm.oldest_revision) == kept
+        # What a snapshot carries too: whole revisions only.
+        assert _snapshot_decoder.decode(sm.snapshot()).history == kept
 
 
 # --- the codec ----------------------------------------------------------------------------

@@ -512,20 +512,30 @@ class KVStateMachine:
         if not events:
             return
         self._revision = rev
-        self._history.extend(events)
+        history = self._history
+        history.extend(events)
         self.last_events = events
-        excess = len(self._history) - self._hist_start - self.max_events
-        if excess > 0:
-            # Drop whole revisions: a watcher must never see part of one.
-            first_kept = self._hist_start + excess
-            cut_rev = _event_revision(self._history[first_kept - 1]) + 1
-            if cut_rev <= self._revision:
-                # Every event before ``first_kept`` is older than ``cut_rev``: the cut is
-                # there or after it (a steady writer trims one event per write, and a
-                # bisection of the whole history for it was a tenth of the apply).
-                self._drop_before(cut_rev, first_kept)
-            else:
-                self._drop_before(self._revision)
+        excess = len(history) - self._hist_start - self.max_events
+        if excess <= 0:
+            return
+        # Drop whole revisions: a watcher must never see part of one.
+        first_kept = self._hist_start + excess
+        cut_rev = history[first_kept - 1].kv.mod_revision + 1
+        if cut_rev > rev:
+            self._drop_before(rev)  # the newest revision alone is over the bound: kept whole
+        elif history[first_kept].kv.mod_revision >= cut_rev:
+            # The cut falls exactly at ``first_kept`` -- as it does for a steady writer, which
+            # trims one revision per write (inline: this is every write's path once the
+            # history is full, and the general case below cost it a third of the apply).
+            self._hist_start = first_kept
+            self._oldest = cut_rev
+            if first_kept > 64 and first_kept * 2 > len(history):
+                del history[:first_kept]
+                self._hist_start = 0
+        else:
+            # Every event before ``first_kept`` is older than ``cut_rev``: the cut is after
+            # it, found by bisection from there.
+            self._drop_before(cut_rev, first_kept)
 
     def _drop_before(self, revision: int, lo: int | None = None) -> None:
         """Forget the history of every revision below ``revision``; ``lo``, when given, is
