@@ -276,9 +276,10 @@ class AgentServer:
         waiter = self._waiter
         if self._direct or waiter is None or waiter.done() or self._stopping:
             return await self.call(message, timeout=timeout)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         self._direct = True
-        self._direct_task = asyncio.current_task()
+        self._direct_task = asyncio.current_task(loop)
         token = agent_id_var.set(self.id)
         try:
             if await self._process(message, fut):
@@ -392,7 +393,11 @@ class AgentServer:
                 return False
             self.agent = agent
             self.processed += 1
-            if await self._execute_all(directives, fut):
+            if len(directives) == 1 and type(directives[0]) is Reply:
+                # A call's usual answer and nothing to carry out: no directive loop to run.
+                if fut is not None and not fut.done():
+                    fut.set_result(directives[0].data)
+            elif directives and await self._execute_all(directives, fut):
                 return True
             if fut is not None and not fut.done():
                 fut.set_result(agent.state)
