@@ -21,7 +21,6 @@ storage before a message that depends on it leaves) and :class:`Ready`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import msgspec
@@ -213,8 +212,7 @@ class HardState(msgspec.Struct, frozen=True, array_like=True):
     commit: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Ready:
+class Ready(msgspec.Struct, frozen=True):
     """One batch of work for the shell, to be handled **in this order**:
 
     0. if ``snapshot`` is set: save it and restore the state machine from it;
@@ -228,16 +226,18 @@ class Ready:
     4. call :meth:`RaftNode.advance` with this Ready.
     """
 
+    # (A frozen Struct, not a frozen dataclass: one is built per turn of every node, and the
+    # dataclass's per-field ``object.__setattr__`` made that several times dearer.)
     hard_state: HardState | None = None
-    entries: list[Entry] = field(default_factory=list)
-    messages: list[Message] = field(default_factory=list)
-    committed: list[Entry] = field(default_factory=list)
+    entries: list[Entry] = msgspec.field(default_factory=list)
+    messages: list[Message] = msgspec.field(default_factory=list)
+    committed: list[Entry] = msgspec.field(default_factory=list)
     # A snapshot received from the leader: save it (discarding the log) and restore the state
     # machine from it *before* step 1's entries and step 3's committed entries.
     snapshot: Snapshot | None = None
     # Linearizable reads released by this Ready: (request id, read index). Serve each once
     # the state machine has applied the read index.
-    read_states: list[tuple[int, int]] = field(default_factory=list)
+    read_states: list[tuple[int, int]] = msgspec.field(default_factory=list)
     # The configuration, when it changed (a committed ``conf`` entry or a snapshot).
     conf: ConfState | None = None
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -39,6 +38,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import msgspec
 
 from agentcluster.clock import Clock, call_at
 from agentcluster.consensus.raft._log import Storage
@@ -462,7 +463,7 @@ class RaftShell:
             fut = self._reads.pop(rid, None)
             if fut is not None:
                 self._read_ready.append((index, fut))
-        node.advance(dataclasses.replace(rd, entries=[]) if pipelined else rd)
+        node.advance(msgspec.structs.replace(rd, entries=[]) if pipelined else rd)
         if rd.conf is not None and self._on_conf is not None:
             self._on_conf(rd.conf)
         self._release_reads()
