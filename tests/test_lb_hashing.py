@@ -283,6 +283,31 @@ def test_bounded_load_never_exceeds_the_bound(n: int, ops: list[tuple[bool, int]
             b.on_finish(inflight.pop(key % len(inflight)), 0.01, True, 0.0)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    weights=st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0, 7.0]), min_size=2, max_size=20),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 40)), min_size=1, max_size=300),
+)
+def test_weighted_bounded_load_places_below_each_nodes_bound(
+    weights: list[float], ops: list[tuple[bool, int]]
+) -> None:
+    b = BoundedLoad()
+    names = names_of(len(weights))
+    b.update(eps(names, weights))
+    rng = random.Random(len(weights))
+    inflight: list[str] = []
+    for start, key in ops:
+        if start or not inflight:
+            before = {name: b.load(name) for name in names}
+            node = b.pick(PickRequest(key=f"k{key}"), rng, 0.0)
+            # Below its bound (ceil of its share of 1.25 x the total with this request).
+            assert before[node] < b.bound(node)
+            b.on_start(node, 0.0)
+            inflight.append(node)
+        else:
+            b.on_finish(inflight.pop(key % len(inflight)), 0.01, True, 0.0)
+
+
 def test_bounded_load_keeps_keys_home_until_overloaded() -> None:
     b = BoundedLoad()
     b.update(eps(names_of(10)))

@@ -188,7 +188,9 @@ class BoundedLoad(Strategy):
                 if i == size:
                     i = 0
                 k = owners[i]
-                if loads[k] < math.ceil(shares[k] * t) and (not exclude or names[k] not in exclude):
+                # ``load < share * t`` is ``load < ceil(share * t)`` (:meth:`bound`) for an
+                # integer load, without a call per step of the walk.
+                if loads[k] < shares[k] * t and (not exclude or names[k] not in exclude):
                     return names[k]
                 i += 1
         return self._least_loaded(exclude)

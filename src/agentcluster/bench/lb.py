@@ -4,8 +4,9 @@ Theory of operation:
 
 * ``pick_p50_us`` / ``pick_p99_us`` -- per strategy and endpoint count (10, 100, 1,000): one
   ``pick`` timed with ``perf_counter_ns`` while requests start and finish around it (the
-  median over three passes of 20,000 picks, the passes of all strategies and sizes taken in
-  turn so that one burst of host noise cannot spoil two passes of one case;
+  median over five passes of 20,000 picks, the passes of all strategies and sizes taken in
+  turn so that bursts of host noise -- a pass here sometimes times 5x slower than its
+  neighbours -- cannot spoil the majority of one case's passes;
   :func:`~agentcluster.balancing._sims.interleaved_pick_timings`).
   ``pick_p99_us_worst_1000`` is the slowest strategy's p99 at 1,000 endpoints.
 * ``balance_max_over_mean`` -- least connections (P2C), 100 nodes, 64 requests in flight per
@@ -50,7 +51,7 @@ def _cores(quick: bool) -> dict[str, Any]:
     p99: dict[str, dict[str, float]] = {}
     picks = 5_000 if quick else 20_000
     cases = [(name, n) for name in sorted(STRATEGIES) for n in (10, 100, 1000)]
-    for (name, n), (a, b) in interleaved_pick_timings(cases, picks=picks).items():
+    for (name, n), (a, b) in interleaved_pick_timings(cases, picks=picks, repeats=5).items():
         p50.setdefault(name, {})[str(n)] = round(a, 2)
         p99.setdefault(name, {})[str(n)] = round(b, 2)
     requests = 40_000 if quick else 200_000
