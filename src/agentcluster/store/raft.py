@@ -176,47 +176,40 @@ class _Machine:
     def apply(self, index: int, data: bytes) -> Result | list[Result | Exception]:
         hit = self._decoded.pop(id(data), None) if self._decoded else None
         cmd = hit[1] if hit is not None and hit[0] is data else decode_entry(data)
-        if not isinstance(cmd, BatchCmd):
-            return self._apply(cmd)
-        # A client's batch (see agentcluster.store._batch): its commands in order, as if they
-        # were entries of their own; one that fails fails alone, identically on every node.
-        # Watchers get the batch's events at once, in revision order (the hub groups them
-        # by revision), as for separate entries applied in one turn.
-        kv = self.kv
-        out: list[Result | Exception] = []
         events: list[WatchEvent] = []
-        for one in cmd.cmds:
-            try:
-                result = kv.apply(one)
-            except Exception as exc:
-                log.exception("state machine failed on a command of entry %d", index)
-                out.append(exc)
-                continue
-            if kv.last_events:
-                events += kv.last_events
-            if not isinstance(one, PutCmd):
-                self._leases(one, result)
-            out.append(result)
+        if not isinstance(cmd, BatchCmd):
+            result: Result | list[Result | Exception] = self._apply(cmd, events)
+        else:
+            # A client's batch (see agentcluster.store._batch): its commands in order, as if
+            # they were entries of their own; one that fails fails alone, identically on every
+            # node.
+            out: list[Result | Exception] = []
+            for one in cmd.cmds:
+                try:
+                    out.append(self._apply(one, events))
+                except Exception as exc:
+                    log.exception("state machine failed on a command of entry %d", index)
+                    out.append(exc)
+            result = out
+        # Watchers get an entry's events at once, in revision order (the hub groups them by
+        # revision), as for separate entries applied in one turn.
         if events:
             self.owner.hub.publish(events)
-        return out
-
-    def _apply(self, cmd: Command) -> Result:
-        kv = self.kv
-        result = kv.apply(cmd)
-        if kv.last_events:
-            self.owner.hub.publish(kv.last_events)
-        self._leases(cmd, result)
         return result
 
-    def _leases(self, cmd: Command, result: Result) -> None:
-        """The leader's lease timers follow what was applied."""
+    def _apply(self, cmd: Command, events: list[WatchEvent]) -> Result:
+        """Apply ``cmd``, adding its watch events to ``events``; the leader's lease timers
+        follow what was applied."""
+        kv = self.kv
+        result = kv.apply(cmd)
+        events += kv.last_events
         owner = self.owner
         if isinstance(cmd, LeaseRevokeCmd):
             owner.timers.forget(cmd.lease_id)
         elif owner.leading and isinstance(result, Lease):
             owner.timers.grant(result.id, result.ttl, owner.clock.now())
             owner.wake_timers()
+        return result
 
     def snapshot(self) -> bytes:
         return self.kv.snapshot()
