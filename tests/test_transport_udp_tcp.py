@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import socket
 import struct
 import time
@@ -262,6 +263,60 @@ async def test_stream_timeout() -> None:
             await a.request(b.addr, b"q", timeout=0.2)
         assert 0.15 < time.monotonic() - started < 2
         assert a.stats().stream_errors == 1
+
+
+async def test_a_kept_connections_deadline_follows_each_request() -> None:
+    """Requests share a kept connection and its one timer: a short timeout after a long one
+    still fires on time, a finished request's deadline never cancels its task later, and a
+    timed-out connection is not reused."""
+    hold = asyncio.Event()
+
+    async def maybe_stuck(src: str, data: bytes) -> bytes:
+        if data == b"stuck":
+            await hold.wait()
+        return b"re:" + data
+
+    async with running(maybe_stuck) as (b, _), running() as (a, _):
+        assert await a.request(b.addr, b"one", timeout=30) == b"re:one"
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"did not answer within 0\.2s"):
+            await a.request(b.addr, b"stuck", timeout=0.2)
+        assert 0.15 < time.monotonic() - started < 2
+        stats = a.stats()
+        assert stats.streams_reused == 1 and stats.stream_errors == 1
+        assert b.addr not in a._idle  # the timed-out connection was closed
+        hold.set()
+        # A request that finished well inside its deadline: the task lives on past it (the
+        # kept connection's timer is still armed for it, and must not cancel this sleep).
+        assert await a.request(b.addr, b"two", timeout=0.1) == b"re:two"
+        assert a._idle[b.addr][2]._handle is not None
+        await asyncio.sleep(0.3)
+        assert await a.request(b.addr, b"three", timeout=5) == b"re:three"
+        # A deadline already passed: no reply is awaited.
+        hold.clear()
+        with pytest.raises(TimeoutError):
+            await a.request(b.addr, b"stuck", timeout=0)
+        with pytest.raises(ValueError, match="NaN"):
+            await a.request(b.addr, b"x", timeout=math.nan)
+        hold.set()
+
+
+async def test_a_cancelled_request_stays_cancelled() -> None:
+    """Cancelling the caller is a cancellation, not a timeout, even as its deadline passes."""
+    hold = asyncio.Event()
+
+    async def stuck(src: str, data: bytes) -> bytes:
+        await hold.wait()
+        return b"late"
+
+    async with running(stuck) as (b, _), running() as (a, _):
+        call = asyncio.ensure_future(a.request(b.addr, b"q", timeout=30))
+        await wait_until(lambda: b.stats().streams_accepted == 1, timeout=5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert a.stats().stream_errors == 0
+        hold.set()
 
 
 async def test_refused_connection_fails_fast() -> None:
