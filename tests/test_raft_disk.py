@@ -269,9 +269,10 @@ def test_discarding_snapshot_deletes_old_segments(tmp_path: Path) -> None:
 
 
 def _log_with_record_offsets(d: Path, n: int) -> tuple[Path, list[int]]:
-    """One segment with ``n`` persist records; returns it and each record's start offset."""
+    """One segment with ``n`` persist records, appended without preallocation (the file ends
+    where the last record does); returns it and each record's start offset."""
     offsets = []
-    with DiskStorage.open(d) as s:
+    with DiskStorage.open(d, prealloc_bytes=0) as s:
         seg = segments(d)[0]
         for i in range(1, n + 1):
             offsets.append(seg.stat().st_size)
@@ -283,7 +284,6 @@ TORN_CASES: list[tuple[str, Callable[[bytes, int], bytes], int]] = [
     ("payload cut short", lambda data, last: data[:-3], 2),
     ("partial header", lambda data, last: data[: last + 5], 2),
     ("header without payload", lambda data, last: data[: last + HEADER], 2),
-    ("zero-filled tail", lambda data, last: data + bytes(40), 3),
 ]
 
 
@@ -322,6 +322,166 @@ def test_torn_roll_falls_back_to_the_previous_segment(tmp_path: Path) -> None:
         d.persist(HardState(3), [E(2, 3)])
     with DiskStorage.open(tmp_path) as d:
         assert view(d) == (HardState(3), None, [E(1), E(2, 3)])
+
+
+# ----------------------------------------------------------------- preallocated segments
+
+SECTOR = 512
+
+
+def test_records_overwrite_preallocated_zeros_in_place(tmp_path: Path) -> None:
+    d = DiskStorage.open(tmp_path, prealloc_bytes=4096)
+    (seg,) = segments(tmp_path)
+    checkpoint = len(seg.read_bytes().rstrip(b"\0"))
+    assert seg.stat().st_size == checkpoint + 4096  # the checkpoint, then 4 KiB of zeros
+    for i in range(1, 11):
+        d.persist(HardState(i), [E(i, data=b"w" * 100)])
+    assert seg.stat().st_size == checkpoint + 4096  # written over the zeros: no growth
+    for i in range(11, 61):
+        d.persist(HardState(i), [E(i, data=b"w" * 100)])
+    # Past the first zeros, a record brought the next 4 KiB with it.
+    used = len(seg.read_bytes().rstrip(b"\0"))
+    assert checkpoint + 4096 < used < seg.stat().st_size <= used + 4096
+    before = view(d)
+    d = reopen(d)
+    assert view(d) == before and d.repaired_tail_bytes == 0
+    d.persist(HardState(99), [E(61, 2)])  # goes right after the last record
+    d = reopen(d)
+    assert view(d) == (HardState(99), None, before[2] + [E(61, 2)])
+    d.close()
+
+
+def test_preallocation_stops_at_the_segment_size(tmp_path: Path) -> None:
+    d = DiskStorage.open(tmp_path, segment_bytes=1000, prealloc_bytes=1 << 20)
+    for i in range(1, 40):
+        d.persist(HardState(i), [E(i, data=b"s" * 90)])
+    files = segments(tmp_path)
+    assert len(files) > 3
+    # Every segment is at most its limit plus the record that crossed it; the older ones end
+    # in no zeros but the ones a record did not fill.
+    assert all(f.stat().st_size <= 1000 + 200 for f in files)
+    before = view(d)
+    d = reopen(d, segment_bytes=1000)
+    assert view(d) == before and d.repaired_tail_bytes == 0
+    d.close()
+
+
+def test_zeros_after_the_last_record_are_space_not_damage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seg, _ = _log_with_record_offsets(tmp_path, 3)
+    data = seg.read_bytes()
+    seg.write_bytes(data + bytes(40))  # e.g. an append-only log whose size landed first
+    with caplog.at_level(logging.WARNING), DiskStorage.open(tmp_path) as d:
+        assert [e.index for e in d.entries] == [1, 2, 3]
+        assert d.repaired_tail_bytes == 0
+        assert "torn" not in caplog.text
+        d.persist(HardState(9), [E(4, 9)])
+    with DiskStorage.open(tmp_path) as d:
+        assert [(e.index, e.term) for e in d.entries] == [(1, 1), (2, 1), (3, 1), (4, 9)]
+    # The new record went where the zeros began, not after them.
+    assert seg.read_bytes().startswith(data) and seg.read_bytes()[len(data)] != 0
+
+
+def test_an_append_only_log_is_preallocated_from_its_next_write(tmp_path: Path) -> None:
+    seg, _ = _log_with_record_offsets(tmp_path, 2)
+    size = seg.stat().st_size
+    with DiskStorage.open(tmp_path, prealloc_bytes=8192) as d:
+        d.persist(HardState(3), [E(3)])
+    assert seg.stat().st_size > size + 8000
+    with DiskStorage.open(tmp_path, prealloc_bytes=0) as d:
+        assert [e.index for e in d.entries] == [1, 2, 3]
+
+
+def _prealloc_log(d: Path) -> tuple[Path, int, bytes]:
+    """A preallocated segment with three records; returns it, where its zeros start, and the
+    frame a fourth, multi-sector persist would write there."""
+    with DiskStorage.open(d, prealloc_bytes=1 << 16) as s:
+        for i in range(1, 4):
+            s.persist(HardState(i), [E(i, data=b"p" * 40)])
+    (seg,) = segments(d)
+    end = len(seg.read_bytes().rstrip(b"\0"))
+    frame = _frame(_encoder.encode(_Persist(HardState(4), [E(4, data=b"x" * 3 * SECTOR)])))
+    return seg, end, frame
+
+
+def _land(seg: Path, at: int, frame: bytes, sectors: list[int]) -> bytes:
+    """Write the parts of ``frame`` (placed at ``at``) that fall in the given disk sectors
+    (numbered from the file's start): what a crash mid-write leaves behind."""
+    data = bytearray(seg.read_bytes())
+    for k in sectors:
+        lo, hi = max(at, k * SECTOR), min(at + len(frame), (k + 1) * SECTOR)
+        data[lo:hi] = frame[lo - at : hi - at]
+    seg.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_a_write_torn_in_preallocated_space_is_cut_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seg, at, frame = _prealloc_log(tmp_path)
+    first, last = at // SECTOR, (at + len(frame) - 1) // SECTOR
+    assert last - first >= 3
+    # Every sector but the second landed: its CRC fails, and a sector still holds zeros.
+    _land(seg, at, frame, [k for k in range(first, last + 1) if k != first + 1])
+    with caplog.at_level(logging.WARNING), DiskStorage.open(tmp_path) as d:
+        assert view(d)[0] == HardState(3) and [e.index for e in d.entries] == [1, 2, 3]
+        assert d.repaired_tail_bytes > 0 and "torn" in caplog.text
+        d.persist(HardState(5), [E(4, 5)])
+    with DiskStorage.open(tmp_path) as d:
+        assert [(e.index, e.term) for e in d.entries][-1] == (4, 5)
+        assert d.repaired_tail_bytes == 0
+
+
+def test_a_header_torn_at_a_sector_boundary_is_cut_off(tmp_path: Path) -> None:
+    seg, end, _ = _prealloc_log(tmp_path)
+    # Pad with one record so that the next header starts 5 bytes before a sector boundary.
+    with DiskStorage.open(tmp_path) as d:
+        boundary = (end // SECTOR + 2) * SECTOR
+
+        def size(extra: int) -> int:
+            return len(_frame(_encoder.encode(_Persist(HardState(4), [E(4, data=b"f" * extra)]))))
+
+        extra = next(x for x in range(SECTOR * 2) if end + size(x) == boundary - 5)
+        d.persist(HardState(4), [E(4, data=b"f" * extra)])
+    at = len(seg.read_bytes().rstrip(b"\0"))
+    assert at == boundary - 5
+    frame = _frame(_encoder.encode(_Persist(HardState(5), [E(5)])))
+    _land(seg, at, frame, [at // SECTOR])  # the header's first 5 bytes only
+    with DiskStorage.open(tmp_path) as d:
+        assert [e.index for e in d.entries] == [1, 2, 3, 4] and d.repaired_tail_bytes > 0
+
+
+TORN_LOOKALIKES: list[tuple[str, Callable[[bytes, int, bytes], bytes], str]] = [
+    # Every sector of the last record landed, one byte of it is wrong: damage, not a crash.
+    ("flipped byte", lambda data, at, frame: _flip(data, at + HEADER + 700), "CRC mismatch"),
+    # A torn-looking record with something written after it.
+    ("data after a zero sector", lambda data, at, frame: _flip(data, at + len(frame) + 10), "CRC"),
+]
+
+
+def _flip(data: bytes, i: int) -> bytes:
+    out = bytearray(data)
+    out[i] ^= 0x40
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"), [c[1:] for c in TORN_LOOKALIKES], ids=[c[0] for c in TORN_LOOKALIKES]
+)
+def test_damage_in_preallocated_space_is_reported(
+    tmp_path: Path, damage: Callable[[bytes, int, bytes], bytes], reason: str
+) -> None:
+    seg, at, frame = _prealloc_log(tmp_path)
+    first, last = at // SECTOR, (at + len(frame) - 1) // SECTOR
+    sectors = list(range(first, last + 1))
+    if reason == "CRC":
+        sectors.remove(first + 1)  # torn, but ...
+    landed = _land(seg, at, frame, sectors)
+    seg.write_bytes(damage(landed, at, frame))
+    with pytest.raises(StorageCorruption, match=reason) as info:
+        DiskStorage.open(tmp_path)
+    assert (info.value.path, info.value.offset) == (seg, at)
 
 
 FLIP_CASES: list[tuple[str, int, str]] = [

@@ -32,6 +32,17 @@ file is created, renamed or removed). The directory holds:
   deleted, so a later record (in a surviving segment) removes every hole; one that is left is
   reported as corruption. A new segment is started when the current one has reached
   ``segment_bytes``.
+
+  Segments are *preallocated*: a write that would pass the zero-filled part of the file
+  writes ``prealloc_bytes`` of zeros after its record in the same call (never past
+  ``segment_bytes``), and later records overwrite those zeros in place. An append that grows
+  a file makes ``fdatasync`` commit the file system's journal for the new size (ext4, xfs),
+  and the three members of a bench cluster on one disk then wait on each other's journal
+  commits; an overwrite in place syncs the data alone. On this project's 2-core VM a 1.4 KB
+  write + ``fdatasync`` took 340-400 us at the median with three writers appending and
+  265-285 us overwriting zeros (1.1-1.3 ms against 1.4-1.8 ms at p90), one sync per batch
+  on every member. (etcd preallocates its WAL segments for the same reason.) Recovery reads
+  a segment up to the zeros at its end: they are space, not data.
 * ``snap-<term>-<index>.snap`` -- the snapshot the log's latest ``_SnapMark`` names, written
   to ``*.tmp``, synced, renamed, directory synced -- before the mark is appended. A snapshot
   file the log does not name is the leftover of a save that crashed before its mark (or of a
@@ -44,11 +55,15 @@ CRC-32C) -- then a msgspec msgpack payload. The header's own CRC means a damaged
 reported instead of being mistaken for a torn write.
 
 Crash recovery: only the last write can be incomplete, so a *torn tail* of the last segment --
-a partial header, a valid header whose record runs past the end of the file, or a tail of zero
-bytes -- was never acknowledged: it is cut off, counted in ``repaired_tail_bytes`` and logged.
-Anything else -- a CRC mismatch in a complete record, an undecodable record, an entry that
-leaves a gap or goes backwards, a missing segment or snapshot -- raises
-:class:`StorageCorruption` naming the file and byte offset; nothing is ever skipped silently.
+a partial header, a valid header whose record runs past the end of the file, or a last record
+that a crash left part-written in preallocated space (its CRC fails, a disk sector of it still
+holds only zeros, and only zeros follow it: a disk writes whole sectors, so that is a write
+that did not finish, as etcd's WAL reads it) -- was never acknowledged: it is cut off, counted
+in ``repaired_tail_bytes`` and logged. Zeros after the last record of any segment are
+preallocated space (or a file that grew before its data landed) and end it quietly. Anything
+else -- a CRC mismatch in a complete record, an undecodable record, an entry that leaves a gap
+or goes backwards, a missing segment or snapshot -- raises :class:`StorageCorruption` naming
+the file and byte offset; nothing is ever skipped silently.
 
 A failed write or sync leaves the files in an unknown state (after a failed ``fsync`` the
 kernel may have dropped the dirty pages), so the storage closes itself and re-raises; reopening
@@ -78,6 +93,10 @@ __all__ = ["DiskStorage", "StorageCorruption", "StorageLocked"]
 _logger = logging.getLogger(__name__)
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+# Zeros written ahead of the records (see the module docstring): one write in ~700 batches of
+# 16 puts pays for the next MiB, and a bench run's sequential puts meet it once at most.
+DEFAULT_PREALLOC_BYTES = 1024 * 1024
+_SECTOR = 512  # the unit a disk writes whole: what a torn write leaves unwritten
 
 _HEADER = struct.Struct("<III")
 _PREFIX = struct.Struct("<II")
@@ -164,6 +183,31 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _zeros(data: bytes, start: int, stop: int) -> bool:
+    """``data[start:stop]`` holds only zero bytes (counted in place: no copy of a segment)."""
+    return data.count(0, start, stop) == max(0, stop - start)
+
+
+def _torn_in_zeros(data: bytes, off: int, end: int) -> bool:
+    """Is the record at ``data[off:end]``, whose CRC failed, a write a crash cut short in
+    preallocated space? Then a sector after the one it starts in still holds only zeros in
+    its part of the record, and nothing but zeros follows it."""
+    if not _zeros(data, end, len(data)):
+        return False
+    for k in range(off // _SECTOR + 1, (end - 1) // _SECTOR + 1):
+        if _zeros(data, max(off, k * _SECTOR), min(end, (k + 1) * _SECTOR)):
+            return True
+    return False
 
 
 class _State:
@@ -279,30 +323,38 @@ class _State:
             raise ValueError("checkpoint record in the middle of a segment")
 
 
-def _scan(path: Path, data: bytes, *, last: bool) -> tuple[list[tuple[int, _Record]], int]:
-    """Decode the records of one segment: ``(records with their offsets, valid length)``.
-    The valid length is short of ``len(data)`` only for a torn tail of the last segment."""
+def _scan(path: Path, data: bytes, *, last: bool) -> tuple[list[tuple[int, _Record]], int, bool]:
+    """Decode the records of one segment: ``(records with their offsets, valid length, torn)``.
+    The valid length is short of ``len(data)`` for zeros after the last record
+    (preallocated space) and for a torn tail of the last segment (``torn``)."""
     view = memoryview(data)
     size = len(data)
     out: list[tuple[int, _Record]] = []
     off = 0
     while off < size:
+        # No header is all zeros (its own CRC is not), so this is where the records end.
+        if _zeros(data, off, min(size, off + _HEADER.size)) and _zeros(data, off, size):
+            return out, off, False  # the zeros after the last record
         if size - off < _HEADER.size:
             if last:
-                break
+                return out, off, True
             raise StorageCorruption(path, off, "partial record header")
         length, crc, hcrc = _HEADER.unpack_from(data, off)
         if zlib.crc32(view[off : off + _PREFIX.size]) != hcrc:
-            if last and not data[off:].strip(b"\0"):
-                break  # a zero-filled tail: the file grew before its data reached the disk
+            # A header cut by a sector boundary whose second part never landed.
+            boundary = (off // _SECTOR + 1) * _SECTOR
+            if last and boundary < off + _HEADER.size and _zeros(data, boundary, size):
+                return out, off, True
             raise StorageCorruption(path, off, "record header checksum mismatch")
         end = off + _HEADER.size + length
         if end > size:
             if last:
-                break
+                return out, off, True
             raise StorageCorruption(path, off, "record runs past the end of the file")
         payload = view[off + _HEADER.size : end]
         if zlib.crc32(payload) != crc:
+            if last and _torn_in_zeros(data, off, end):
+                return out, off, True
             raise StorageCorruption(path, off, "record CRC mismatch")
         try:
             rec = _record_decoder.decode(payload)
@@ -310,7 +362,7 @@ def _scan(path: Path, data: bytes, *, last: bool) -> tuple[list[tuple[int, _Reco
             raise StorageCorruption(path, off, f"undecodable record: {exc}") from None
         out.append((off, rec))
         off = end
-    return out, off
+    return out, off, False
 
 
 def _read_snapshot(path: Path, term: int, index: int) -> Snapshot:
@@ -348,12 +400,18 @@ class DiskStorage:
         *,
         fsync: bool = True,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        prealloc_bytes: int = DEFAULT_PREALLOC_BYTES,
     ) -> None:
         if segment_bytes < 1:
             raise ValueError("segment_bytes must be >= 1")
+        if prealloc_bytes < 0:
+            raise ValueError("prealloc_bytes must be >= 0 (0: append without preallocating)")
         self._dir = Path(directory)
         self._fsync = fsync
         self._segment_bytes = segment_bytes
+        self._prealloc = prealloc_bytes
+        self._zero_pad = bytes(min(prealloc_bytes, segment_bytes))
+        self._tail_end = 0  # where the last segment's records end (its zeros follow)
         self.repaired_tail_bytes = 0
         self._closed = True
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -369,8 +427,9 @@ class DiskStorage:
             self._snap_path: Path | None = None
             self._segments: list[tuple[int, Path]] = []
             self._state = self._recover()
-            self._fd = os.open(self._segments[-1][1], os.O_WRONLY | os.O_APPEND)
-            self._size = os.fstat(self._fd).st_size
+            self._fd = os.open(self._segments[-1][1], os.O_WRONLY)
+            self._size = self._tail_end  # the next record goes here
+            self._zeroed = os.fstat(self._fd).st_size  # the file's end, zeros up to it
         except BaseException:
             if self._fd >= 0:
                 os.close(self._fd)
@@ -385,11 +444,15 @@ class DiskStorage:
         *,
         fsync: bool = True,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        prealloc_bytes: int = DEFAULT_PREALLOC_BYTES,
     ) -> Self:
         """Open (creating it if needed) and recover the storage in ``directory``. Raises
         :class:`StorageLocked` when it is open elsewhere, :class:`StorageCorruption` when its
-        files cannot be trusted."""
-        return cls(directory, fsync=fsync, segment_bytes=segment_bytes)
+        files cannot be trusted. ``prealloc_bytes``: zeros written ahead of the records
+        (see the module docstring; 0 appends without)."""
+        return cls(
+            directory, fsync=fsync, segment_bytes=segment_bytes, prealloc_bytes=prealloc_bytes
+        )
 
     # ----------------------------------------------------------------- the Storage protocol
 
@@ -530,7 +593,7 @@ class DiskStorage:
             if self._size >= self._segment_bytes:
                 self._roll(frame)
             else:
-                _write_all(self._fd, frame)
+                self._zeroed = self._write(self._fd, self._size, frame, self._zeroed)
                 self._size += len(frame)
                 if self._fsync:
                     _datasync(self._fd)
@@ -539,15 +602,27 @@ class DiskStorage:
             raise
         return self._segments[-1][0]
 
+    def _write(self, fd: int, offset: int, data: bytes, zeroed: int) -> int:
+        """Write ``data`` at ``offset``, with the next zeros behind it when it passes
+        ``zeroed`` (where the file's zeros end); returns the new end of the zeros."""
+        end = offset + len(data)
+        if end > zeroed:
+            pad = min(len(self._zero_pad), self._segment_bytes - end)
+            if pad > 0:
+                data += self._zero_pad[:pad]
+            zeroed = offset + len(data)
+        _pwrite_all(fd, data, offset)
+        return zeroed
+
     def _roll(self, frame: bytes) -> None:
         """Start the next segment with its checkpoint followed by ``frame``."""
         seq = self._segments[-1][0] + 1
         st = self._state
         path = self._dir / _seg_name(seq, st.next_index())
         data = _frame(_encoder.encode(st.checkpoint(seq))) + frame
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            _write_all(fd, data)
+            zeroed = self._write(fd, 0, data, 0)
             if self._fsync:
                 _datasync(fd)
             self._sync_dir()
@@ -555,20 +630,22 @@ class DiskStorage:
             os.close(fd)
             raise
         os.close(self._fd)
-        self._fd, self._size = fd, len(data)
+        self._fd, self._size, self._zeroed = fd, len(data), zeroed
         self._segments.append((seq, path))
 
     def _create_segment(self, seq: int) -> None:
         path = self._dir / _seg_name(seq, self._state.next_index())
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, _frame(_encoder.encode(self._state.checkpoint(seq))))
+            data = _frame(_encoder.encode(self._state.checkpoint(seq)))
+            self._write(fd, 0, data, 0)
             if self._fsync:
                 _datasync(fd)
         finally:
             os.close(fd)
         self._sync_dir()
         self._segments.append((seq, path))
+        self._tail_end = len(data)
 
     def _drop_dead_segments(self) -> None:
         """Delete, oldest first, the segments before the one the first live entry lives in.
@@ -620,8 +697,8 @@ class DiskStorage:
         for k, (seq, path) in enumerate(segments):
             last = k == len(segments) - 1
             data = path.read_bytes()
-            records, valid = _scan(path, data, last=last)
-            if valid < len(data):
+            records, valid, torn = _scan(path, data, last=last)
+            if torn:
                 self._repair_tail(path, valid, len(data) - valid)
             if not records:
                 if not last:
@@ -648,6 +725,7 @@ class DiskStorage:
                 except ValueError as exc:
                     raise StorageCorruption(path, off, str(exc)) from None
             self._segments.append((seq, path))
+            self._tail_end = valid
         if state is None:
             if snaps:
                 # Segment 1 is synced before open returns, so no snapshot can predate it.
