@@ -201,6 +201,34 @@ async def test_an_ejection_on_the_call_path_is_published() -> None:
 
 
 @pytest.mark.virtual_time
+async def test_successes_reach_the_balancer_and_a_recovery_is_published() -> None:
+    # A successful call's outcome is recorded a loop turn after the caller has its answer:
+    # every one is counted, and a breaker that closes on them is still announced.
+    async with SimCluster(3, seed=49) as c:
+        await _workers(c, ["n2"])
+        node = c.nodes["n1"]
+        bal = node.balancer
+        changes = node.runtime.bus.subscribe("cluster.lb.breaker", queue_size=16)
+        for _ in range(5):  # five failures in a row: n2's breaker opens
+            bal.finished("echo", "n2", 0.01, False, c.clock.now())
+        assert str(bal.breakers.state("n2", c.clock.now())) == "open"
+        cluster = Cluster.of(node)
+        await c.run_for(2.0)  # past the (jittered) first open period: half-open
+        before = len(bal.decisions)
+        for i in range(3):  # the three probes
+            assert (await cluster.call("echo", "app.echo", {"i": i}, timeout=2.0))["echo"] == {
+                "i": i
+            }
+        await asyncio.sleep(0)
+        assert len(bal.decisions) == before + 3
+        assert all(d.ok and d.node == "n2" for d in list(bal.decisions)[-3:])
+        seen = []
+        while not any(s.data["reason"] == "probes_ok" for s in seen):
+            seen.append(await asyncio.wait_for(changes.get(), timeout=5))
+        assert str(bal.breakers.state("n2", c.clock.now())) == "closed"
+
+
+@pytest.mark.virtual_time
 async def test_a_replaced_agent_serves_the_next_calls() -> None:
     # The serving node remembers which local agent serves a capability; a new agent in the
     # old one's place (another id) must be found, and a stopped one never called.

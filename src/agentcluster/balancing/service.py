@@ -66,6 +66,7 @@ class BalancerService:
         self.balancer = balancer
         self.load_probe = load_probe if load_probe is not None else _psutil_load
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
         self._last_report: dict[str, float] = {}
         # The design's thresholds (cpu 0.8, memory 0.85, connections 0.9, response time
         # 1000 ms, error rate 0.05), raised slowly where this node's normal is higher.
@@ -89,11 +90,19 @@ class BalancerService:
         self._tasks.add(task)
 
     async def close(self) -> None:
+        self._closed = True
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+
+    def publish_soon(self, events: list[dict[str, Any]]) -> None:
+        """:meth:`publish` from a plain callback, on a task this service owns (none once
+        it is closed)."""
+        if self._closed:
+            return
+        self._spawn(self.publish(events))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
