@@ -409,7 +409,6 @@ class DiskStorage:
         self._dir = Path(directory)
         self._fsync = fsync
         self._segment_bytes = segment_bytes
-        self._prealloc = prealloc_bytes
         self._zero_pad = bytes(min(prealloc_bytes, segment_bytes))
         self._tail_end = 0  # where the last segment's records end (its zeros follow)
         self.repaired_tail_bytes = 0
