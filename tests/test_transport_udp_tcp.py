@@ -250,14 +250,19 @@ async def test_a_kept_connection_the_server_closed_is_not_reused() -> None:
         assert stats.stream_errors == 0
 
 
-async def test_stream_timeout() -> None:
-    release = asyncio.Event()
+def stuck_until(release: asyncio.Event) -> StreamFn:
+    """A stream handler that answers only once ``release`` is set."""
 
     async def stuck(src: str, data: bytes) -> bytes:
         await release.wait()
         return b"late"
 
-    async with running(stuck) as (b, _), running() as (a, _):
+    return stuck
+
+
+async def test_stream_timeout() -> None:
+    release = asyncio.Event()
+    async with running(stuck_until(release)) as (b, _), running() as (a, _):
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             await a.request(b.addr, b"q", timeout=0.2)
@@ -302,14 +307,9 @@ async def test_a_kept_connections_deadline_follows_each_request() -> None:
 
 
 async def test_a_cancelled_request_stays_cancelled() -> None:
-    """Cancelling the caller is a cancellation, not a timeout, even as its deadline passes."""
+    """Cancelling the caller is a cancellation, not a timeout."""
     hold = asyncio.Event()
-
-    async def stuck(src: str, data: bytes) -> bytes:
-        await hold.wait()
-        return b"late"
-
-    async with running(stuck) as (b, _), running() as (a, _):
+    async with running(stuck_until(hold)) as (b, _), running() as (a, _):
         call = asyncio.ensure_future(a.request(b.addr, b"q", timeout=30))
         await wait_until(lambda: b.stats().streams_accepted == 1, timeout=5)
         call.cancel()
