@@ -146,3 +146,35 @@ async def test_timers_on_asyncios_loop_keep_their_exact_deadline() -> None:
     when = loop.time() + 0.0004
     assert call_at(loop, when, lambda: None).when() == when
     assert call_later(loop, 0.0004, lambda: None).when() == pytest.approx(when, abs=1e-4)
+
+
+@pytest.mark.virtual_time
+async def test_a_deadline_keeps_one_timer_for_a_sequence_of_waits() -> None:
+    from agentcluster.clock import Deadline
+
+    loop = asyncio.get_running_loop()
+    fired: list[float] = []
+    d = Deadline(loop, lambda: fired.append(loop.time()))
+    t0 = loop.time()
+    d.set(t0 + 1.0)
+    first = d._handle
+    d.set(t0 + 5.0)  # later: the armed timer stays and re-arms itself when it fires early
+    assert d._handle is first
+    await advance(4.9)
+    assert fired == []
+    await advance(0.2)
+    assert fired == [pytest.approx(t0 + 5.0)]
+    d.set(loop.time() + 3.0)
+    d.set(loop.time() + 1.0)  # earlier: a timer for the earlier time
+    await advance(1.1)
+    assert len(fired) == 2 and fired[1] == pytest.approx(t0 + 6.1, abs=0.01)
+    d.set(loop.time() + 1.0)
+    d.clear()  # the wait ended in time: the timer's firing does nothing
+    await advance(2.0)
+    assert len(fired) == 2
+    d.set(float("inf"))  # no deadline: no timer
+    assert d._handle is None
+    d.set(loop.time() + 1.0)
+    d.close()
+    await advance(2.0)
+    assert len(fired) == 2 and d._handle is None

@@ -6,9 +6,11 @@ on another connection."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import msgspec
+import pytest
 
 from agentcluster.control import ControlError
 from agentcluster.store.raft import KvReply, KvRequest
@@ -120,8 +122,13 @@ async def test_a_caller_cancelled_before_its_request_left_is_never_sent() -> Non
 
 
 async def _control_server(
-    codec: Any, *, close_after_reply: bool = False, oversized: bool = False
+    codec: Any,
+    *,
+    close_after_reply: bool = False,
+    oversized: bool = False,
+    hold: asyncio.Event | None = None,
 ) -> tuple[asyncio.Server, str]:
+    """A control API that answers each request with its op (``hold``: "slow" waits for it)."""
     from agentcluster.control import ControlReply
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -129,6 +136,8 @@ async def _control_server(
             while True:
                 size = int.from_bytes(await reader.readexactly(4), "big")
                 req = codec.decode(await reader.readexactly(size))
+                if hold is not None and req.op == "slow":
+                    await hold.wait()
                 if oversized:
                     writer.write((64 << 20).to_bytes(4, "big"))
                 else:
@@ -178,6 +187,34 @@ async def test_control_client_reconnects_after_the_node_closed_an_idle_connectio
             assert "oversized" in str(exc) and addr in str(exc)
         else:
             raise AssertionError("an oversized reply must fail the call")
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_a_control_call_times_out_alone() -> None:
+    """A call past its timeout fails (and drops the connection); a call answered in time
+    leaves nothing behind that could fail a later one."""
+    from agentcluster.control import ControlClient, ControlError, NodeStream
+    from agentcluster.wire import Keyring, WireCodec
+
+    keyring = Keyring.generate()
+    hold = asyncio.Event()
+    server, addr = await _control_server(
+        WireCodec(NodeStream, keyring, max_size=1 << 20), hold=hold
+    )
+    client = ControlClient(addr, keyring=keyring, timeout=2.0)
+    try:
+        assert await client.call("quick", timeout=0.1) == "quick"
+        await asyncio.sleep(0.2)  # past that call's deadline, with no call waiting
+        assert await client.call("again", timeout=5.0) == "again"
+        started = time.monotonic()
+        with pytest.raises(ControlError, match=r"did not answer within 0\.2s"):
+            async with asyncio.timeout(5):  # (a missing deadline fails here, not hangs)
+                await client.call("slow", timeout=0.2)
+        assert 0.15 < time.monotonic() - started < 2
+        hold.set()
+        assert await client.call("after") == "after"  # on a new connection
     finally:
         await client.close()
         server.close()

@@ -294,7 +294,7 @@ async def test_a_kept_connections_deadline_follows_each_request() -> None:
         # A request that finished well inside its deadline: the task lives on past it (the
         # kept connection's timer is still armed for it, and must not cancel this sleep).
         assert await a.request(b.addr, b"two", timeout=0.1) == b"re:two"
-        assert a._idle[b.addr][2]._handle is not None
+        assert a._idle[b.addr][2]._timer._handle is not None
         await asyncio.sleep(0.3)
         assert await a.request(b.addr, b"three", timeout=5) == b"re:three"
         # A deadline already passed: no reply is awaited.

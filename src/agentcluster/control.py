@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
+from agentcluster.clock import Deadline
 from agentcluster.membership.messages import StreamMessage
 from agentcluster.signals import Signal
 from agentcluster.store._batch import MAX_BATCH_COMMANDS
@@ -337,11 +338,6 @@ class _ReplyProtocol(asyncio.Protocol):
 _MAX_REPLY = 4 << 20
 
 
-def _expire(fut: asyncio.Future[bytes]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
 class ControlClient:
     """A connection to one node's control API, kept open for further requests (one at a
     time; concurrent callers queue on a lock). Any failure closes it; the next call
@@ -354,6 +350,7 @@ class ControlClient:
         self._codec = WireCodec(NodeStream, keyring, max_size=_MAX_REPLY)
         self._proto: _ReplyProtocol | None = None
         self._lock = asyncio.Lock()
+        self._timer: Deadline | None = None  # fails the waiting call's reply when it is late
 
     async def call(
         self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
@@ -380,16 +377,19 @@ class ControlClient:
                     self._proto = proto
                 transport = proto.transport
                 assert transport is not None
-                # One timer per call that fails the reply's future (no timeout context, no
-                # cancellation of the caller's task to undo).
+                # The client's one timer fails the reply's future when it is late (no timeout
+                # context, no cancellation of the caller's task to undo, no timer per call).
                 waiter: asyncio.Future[bytes] = loop.create_future()
                 proto.waiter = waiter
-                timer = loop.call_at(deadline, _expire, waiter)
+                timer = self._timer
+                if timer is None:
+                    timer = self._timer = Deadline(loop, self._expire)
+                timer.set(deadline)
                 try:
                     transport.write(len(frame).to_bytes(4, "big") + frame)
                     raw = await waiter
                 finally:
-                    timer.cancel()
+                    timer.clear()
             except TimeoutError:
                 await self.close()
                 raise ControlError(f"{addr} did not answer within {timeout}s") from None
@@ -417,7 +417,16 @@ class ControlClient:
             raise ControlError(f"{addr}: {reply.error}")
         return reply.data
 
+    def _expire(self) -> None:
+        proto = self._proto
+        waiter = proto.waiter if proto is not None else None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
     async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
         proto, self._proto = self._proto, None
         if proto is not None and proto.transport is not None:
             proto.transport.close()

@@ -43,7 +43,7 @@ import socket
 import struct
 from typing import Any
 
-from agentcluster.clock import call_at
+from agentcluster.clock import Deadline
 from agentcluster.transport.base import (
     ConnectFailed,
     PacketHandler,
@@ -80,22 +80,20 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
 
 
 class _Deadline:
-    """A connection's deadline: one timer that cancels the task using the connection when
-    the awaited read, drain or connect is not done in time; :attr:`expired` tells that
-    cancellation from any other. Moving the deadline is an assignment -- the timer re-arms
-    itself only when it fires early -- so a connection costs a timer every few seconds, not
-    one per frame (a timeout context per request cost ~10 us of a 60 us loopback round trip
-    on uvloop: a timer created and closed each time). A server connection binds its own task
-    once; a client connection binds the requesting task for each request."""
+    """A connection's deadline: cancels the task using the connection when the awaited read,
+    drain or connect is not done in time; :attr:`expired` tells that cancellation from any
+    other. One :class:`~agentcluster.clock.Deadline` timer per connection, not a timeout
+    context per request (that cost ~10 us of a 60 us loopback round trip on uvloop). A server
+    connection binds its own task once; a client connection binds the requesting task for
+    each request."""
 
-    __slots__ = ("_at", "_cancelling", "_handle", "_loop", "_task", "expired")
+    __slots__ = ("_cancelling", "_loop", "_task", "_timer", "expired")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any] | None = None):
         self._loop = loop
         self._task = task
         self._cancelling = 0
-        self._at = math.inf
-        self._handle: asyncio.TimerHandle | None = None
+        self._timer = Deadline(loop, self._expire)
         self.expired = False
 
     def bind(self, task: asyncio.Task[Any]) -> None:
@@ -106,17 +104,10 @@ class _Deadline:
 
     def start(self, seconds: float) -> None:
         """The awaited operation must finish within ``seconds`` from now."""
-        self._at = at = self._loop.time() + seconds
-        handle = self._handle
-        # Invariant: an armed timer never fires later than the deadline (give or take the
-        # millisecond a coarse loop rounds it up by: not worth a new timer per request).
-        if handle is None or handle.when() > at + 0.001:
-            if handle is not None:
-                handle.cancel()
-            self._handle = call_at(self._loop, at, self._fire)
+        self._timer.set(self._loop.time() + seconds)
 
     def stop(self) -> None:
-        self._at = math.inf
+        self._timer.clear()
 
     def timed_out(self) -> bool:
         """In the bound task's ``except CancelledError``: True when this deadline, and
@@ -125,22 +116,13 @@ class _Deadline:
         task = self._task
         return self.expired and task is not None and task.uncancel() <= self._cancelling
 
-    def _fire(self) -> None:
-        self._handle = None
-        at = self._at
-        if at == math.inf or self._task is None:
-            return  # nothing awaited now; the next start() arms a timer again
-        if self._loop.time() < at:
-            self._handle = call_at(self._loop, at, self._fire)  # moved since: wait on
-            return
-        self._at = math.inf
-        self.expired = True
-        self._task.cancel()
+    def _expire(self) -> None:
+        if self._task is not None:
+            self.expired = True
+            self._task.cancel()
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._timer.close()
 
 
 # How long an idle request connection is kept for reuse: well under the server side's
