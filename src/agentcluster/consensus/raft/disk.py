@@ -40,7 +40,7 @@ file is created, renamed or removed). The directory holds:
   and the three members of a bench cluster on one disk then wait on each other's journal
   commits; an overwrite in place syncs the data alone. On this project's 2-core VM a 1.4 KB
   write + ``fdatasync`` took 340-400 us at the median with three writers appending and
-  265-285 us overwriting zeros (1.1-1.3 ms against 1.4-1.8 ms at p90), one sync per batch
+  265-285 us overwriting zeros (1.0-1.2 ms against 1.3-1.5 ms at p90), one sync per batch
   on every member. (etcd preallocates its WAL segments for the same reason.) Recovery reads
   a segment up to the zeros at its end: they are space, not data.
 * ``snap-<term>-<index>.snap`` -- the snapshot the log's latest ``_SnapMark`` names, written
