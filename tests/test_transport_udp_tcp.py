@@ -301,9 +301,11 @@ async def test_a_kept_connections_deadline_follows_each_request() -> None:
         hold.clear()
         with pytest.raises(TimeoutError):
             await a.request(b.addr, b"stuck", timeout=0)
+        hold.set()
+        assert await a.request(b.addr, b"four", timeout=5) == b"re:four"
         with pytest.raises(ValueError, match="NaN"):
             await a.request(b.addr, b"x", timeout=math.nan)
-        hold.set()
+        assert b.addr in a._idle  # the kept connection was not taken for a refused request
 
 
 async def test_a_cancelled_request_stays_cancelled() -> None:

@@ -446,6 +446,8 @@ class UdpTcpTransport(Transport):
             raise TransportError(
                 f"request of {len(data)} bytes exceeds max_stream {self.max_stream}"
             )
+        if math.isnan(timeout):
+            raise ValueError("timeout must be a number of seconds, not NaN")
         try:
             host, port = parse_addr(addr)
         except ValueError as exc:
@@ -461,8 +463,6 @@ class UdpTcpTransport(Transport):
         else:
             deadline = _Deadline(loop)
         deadline.bind(task)
-        if math.isnan(timeout):
-            raise ValueError("timeout must be a number of seconds, not NaN")
         if timeout < math.inf:  # an infinite timeout waits as long as it takes
             deadline.start(max(timeout, 0.0))
         keep = False
