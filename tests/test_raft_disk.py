@@ -366,6 +366,33 @@ def test_preallocation_stops_at_the_segment_size(tmp_path: Path) -> None:
     d.close()
 
 
+def test_a_disk_too_full_for_the_zeros_takes_the_records_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+
+    import agentcluster.consensus.raft.disk as disk
+
+    real = disk._pwrite_all
+
+    def no_room_for_zeros(fd: int, data: bytes | memoryview, offset: int) -> None:
+        if len(data) >= 1024 and bytes(data).count(0) == len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    d = DiskStorage.open(tmp_path, prealloc_bytes=4096)
+    monkeypatch.setattr(disk, "_pwrite_all", no_room_for_zeros)
+    with caplog.at_level(logging.WARNING):
+        for i in range(1, 60):  # well past the first 4 KiB of zeros
+            d.persist(HardState(i), [E(i, data=b"n" * 100)])
+    (seg,) = segments(tmp_path)
+    assert seg.stat().st_size == len(seg.read_bytes().rstrip(b"\0")) > 4096
+    assert "no space to preallocate" in caplog.text
+    d = reopen(d)
+    assert [e.index for e in d.entries] == list(range(1, 60)) and d.repaired_tail_bytes == 0
+    d.close()
+
+
 def test_zeros_after_the_last_record_are_space_not_damage(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

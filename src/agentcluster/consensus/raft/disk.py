@@ -72,6 +72,7 @@ kernel may have dropped the dirty pages), so the storage closes itself and re-ra
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import itertools
 import logging
@@ -185,7 +186,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -603,15 +604,24 @@ class DiskStorage:
 
     def _write(self, fd: int, offset: int, data: bytes, zeroed: int) -> int:
         """Write ``data`` at ``offset``, with the next zeros behind it when it passes
-        ``zeroed`` (where the file's zeros end); returns the new end of the zeros."""
-        end = offset + len(data)
-        if end > zeroed:
-            pad = min(len(self._zero_pad), self._segment_bytes - end)
-            if pad > 0:
-                data += self._zero_pad[:pad]
-            zeroed = offset + len(data)
+        ``zeroed`` (where the file's zeros end); returns the new end of the zeros. (The one
+        sync that follows covers both.) A disk too full for the zeros takes the record
+        alone: the log goes on appending rather than fail a write it has room for."""
         _pwrite_all(fd, data, offset)
-        return zeroed
+        end = offset + len(data)
+        if end <= zeroed:
+            return zeroed
+        pad = min(len(self._zero_pad), self._segment_bytes - end)
+        if pad <= 0:
+            return end
+        try:
+            _pwrite_all(fd, memoryview(self._zero_pad)[:pad], end)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            _logger.warning("%s: no space to preallocate %d bytes; appending", self._dir, pad)
+            return max(end, os.fstat(fd).st_size)
+        return end + pad
 
     def _roll(self, frame: bytes) -> None:
         """Start the next segment with its checkpoint followed by ``frame``."""
