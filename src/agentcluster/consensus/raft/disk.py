@@ -619,7 +619,10 @@ class DiskStorage:
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
-            _logger.warning("%s: no space to preallocate %d bytes; appending", self._dir, pad)
+            _logger.warning(
+                "%s: no space to preallocate %d bytes; appending from now on", self._dir, pad
+            )
+            self._zero_pad = b""  # until reopened: one warning, not one per write
             return max(end, os.fstat(fd).st_size)
         return end + pad
 
