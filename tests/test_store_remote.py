@@ -206,7 +206,10 @@ async def test_a_control_call_times_out_alone() -> None:
     client = ControlClient(addr, keyring=keyring, timeout=2.0)
     try:
         assert await client.call("quick", timeout=0.1) == "quick"
-        await asyncio.sleep(0.2)  # past that call's deadline, with no call waiting
+        timer = client._timer
+        assert timer is not None
+        # The timer armed for that call fires with no call waiting, and fails nothing.
+        await wait_until(lambda: timer._handle is None, timeout=5)
         assert await client.call("again", timeout=5.0) == "again"
         started = time.monotonic()
         with pytest.raises(ControlError, match=r"did not answer within 0\.2s"):

@@ -292,10 +292,11 @@ async def test_a_kept_connections_deadline_follows_each_request() -> None:
         assert b.addr not in a._idle  # the timed-out connection was closed
         hold.set()
         # A request that finished well inside its deadline: the task lives on past it (the
-        # kept connection's timer is still armed for it, and must not cancel this sleep).
+        # kept connection's timer is still armed for it, and its firing must cancel nothing).
         assert await a.request(b.addr, b"two", timeout=0.1) == b"re:two"
-        assert a._idle[b.addr][2]._timer._handle is not None
-        await asyncio.sleep(0.3)
+        timer = a._idle[b.addr][2]._timer
+        assert timer._handle is not None
+        await wait_until(lambda: timer._handle is None, timeout=5)  # it fired, idle
         assert await a.request(b.addr, b"three", timeout=5) == b"re:three"
         # A deadline already passed: no reply is awaited.
         hold.clear()

@@ -484,12 +484,10 @@ class UdpTcpTransport(Transport):
                 stats.oversized_dropped += 1
                 raise TransportError(f"{addr} sent a {size}-byte reply (max {self.max_stream})")
             reply = await reader.readexactly(size)
-            deadline.stop()
             stats.bytes_received += _LEN.size + size
             keep = True
             return reply
         except asyncio.CancelledError:
-            deadline.stop()
             if deadline.timed_out():
                 stats.stream_errors += 1
                 raise TimeoutError(f"{addr} did not answer within {timeout}s") from None
@@ -505,7 +503,7 @@ class UdpTcpTransport(Transport):
             stats.stream_errors += 1
             raise TransportError(f"{addr}: {exc.strerror or exc}") from None
         finally:
-            deadline.stop()
+            deadline.stop()  # whatever ended the request: its deadline no longer applies
             if keep and not self._closed and writer is not None:
                 self._put_idle(addr, reader, writer, deadline)
             else:
