@@ -132,3 +132,28 @@ def test_bench_lb_refuses_an_unknown_preset_at_once() -> None:
     assert out.returncode == 2
     assert "--preset must be one of lan, wan, local, not 'moon'" in out.stderr
     assert out.stdout == ""
+
+
+def test_bench_consensus_refuses_etcd_tls_for_raft() -> None:
+    out = run("bench", "consensus", "--etcd-tls", "--json", timeout=60)
+    assert out.returncode == 2
+    assert "--etcd-tls needs --backend etcd" in out.stderr
+    assert out.stdout == ""
+
+
+@pytest.mark.slow
+def test_bench_consensus_against_etcd_over_tls_prints_every_key() -> None:
+    from test_store_etcd import _ensure_etcd
+
+    _ensure_etcd()
+    out = run(
+        "bench", "consensus", "--backend", "etcd", "--etcd-tls", "--puts", "50",
+        "--clients", "4", "--seconds", "0.5", "--failovers", "1", "--json",
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["backend"] == "etcd" and result["etcd_tls"] is True
+    for key in ("put_p50_ms", "put_p99_ms", "puts_per_s", "cas_p99_ms", "failover_p99_ms"):
+        assert result[key] > 0, key
+    assert result["lost_acknowledged_writes"] == 0

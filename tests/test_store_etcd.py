@@ -186,9 +186,9 @@ async def test_endpoint_forms_and_validation(etcd_cluster: EtcdCluster) -> None:
         assert store.endpoints == etcd_cluster.endpoints
         with pytest.raises(ValueError, match="key is not provided"):
             await store.put("", b"x")
-    with pytest.raises(ValueError, match="TLS"):
-        EtcdStore(["https://127.0.0.1:2379"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mix http:// and https://"):
+        EtcdStore([urls[0], "https://127.0.0.1:2379"])
+    with pytest.raises(ValueError, match="at least one endpoint"):
         EtcdStore([])
 
 

@@ -196,6 +196,13 @@ def bench_consensus(
     seconds: Annotated[float, typer.Option(min=0.5, help="Throughput run length.")] = 3.0,
     failovers: Annotated[int, typer.Option(min=1, help="Leader kills timed.")] = 10,
     preset: Annotated[str, typer.Option(help="Raft timing preset (raft backend).")] = "lan",
+    etcd_tls: Annotated[
+        bool,
+        typer.Option(
+            "--etcd-tls",
+            help="etcd backend: members speak TLS and require client certificates.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Put latency, throughput, CAS latency, failover time and lost writes of the store."""
@@ -204,11 +211,16 @@ def bench_consensus(
     if backend not in ("raft", "etcd") or nodes not in (3, 5):
         typer.echo("error: --backend must be raft or etcd and --nodes 3 or 5", err=True)
         raise typer.Exit(2)
+    if etcd_tls and backend != "etcd":
+        typer.echo(
+            "error: --etcd-tls needs --backend etcd (raft frames are always sealed)", err=True
+        )
+        raise typer.Exit(2)
     logging.getLogger("agentcluster").setLevel(logging.ERROR)
     try:
         result = run(
             backend, nodes=nodes, puts=puts, clients=clients, seconds=seconds,
-            failovers=failovers, preset=preset,
+            failovers=failovers, preset=preset, etcd_tls=etcd_tls,
         )  # fmt: skip
     except Exception as exc:  # the bench reports, it does not dump a traceback
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)

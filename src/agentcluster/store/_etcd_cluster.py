@@ -15,6 +15,12 @@ Faults are real signals: ``kill(member)`` sends SIGKILL by default (a crash; the
 directory stays, fsynced as etcd left it), ``restart(member)`` starts the same member again
 on the same ports and data directory and waits until it is healthy.
 
+With ``tls=True`` the client listeners speak TLS only and demand a client certificate
+(``--client-cert-auth``): the cluster makes a throw-away CA, a server certificate for
+127.0.0.1 and a client certificate (:func:`~agentcluster.store._test_pki.make_pki`, files in
+``cluster.pki``), and its own health and status probes present that client certificate.
+Peers still talk plain HTTP to each other: that link is not what the tests exercise.
+
 Timing flags are etcd's own defaults, spelled out so the figures measured against this
 cluster can be quoted with them: ``--heartbeat-interval 100`` ms and ``--election-timeout
 1000`` ms. fsync stays on (no ``--unsafe-no-fsync``): this cluster is the baseline our own
@@ -30,6 +36,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -38,6 +45,7 @@ from pathlib import Path
 from types import TracebackType
 
 from agentcluster.launcher import die_with_parent
+from agentcluster.store._test_pki import TestPKI, make_pki
 
 __all__ = ["EtcdCluster", "EtcdMember", "EtcdNotInstalled", "find_etcd"]
 
@@ -87,6 +95,7 @@ class EtcdMember:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    scheme: str = "http"  # of the client listener; peers always use http
 
     @property
     def endpoint(self) -> str:
@@ -95,7 +104,7 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -106,9 +115,11 @@ class EtcdMember:
         return self.proc is not None and self.proc.poll() is None
 
 
-async def _http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+async def _http(
+    port: int, method: str, path: str, body: bytes = b"", *, tls: ssl.SSLContext | None = None
+) -> tuple[int, bytes]:
     # HTTP/1.0 so the server answers with a plain body and closes: no chunking, no keep-alive.
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     try:
         head = (
             f"{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n"
@@ -142,6 +153,7 @@ class EtcdCluster:
         election_timeout_ms: int = 1000,
         log_level: str = "warn",
         extra_args: tuple[str, ...] = (),
+        tls: bool = False,
     ) -> None:
         if n < 1:
             raise ValueError(f"an etcd cluster needs at least one member, got {n}")
@@ -157,6 +169,12 @@ class EtcdCluster:
             workdir = self._tmp.name
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pki: TestPKI | None = make_pki(self.workdir / "pki") if tls else None
+        self._probe_tls: ssl.SSLContext | None = None
+        if self.pki is not None:
+            ctx = ssl.create_default_context(cafile=str(self.pki.ca_file))
+            ctx.load_cert_chain(str(self.pki.client_cert), str(self.pki.client_key))
+            self._probe_tls = ctx
         # A unique token keeps members of two clusters started side by side from ever joining.
         self.token = f"agentcluster-{os.getpid()}-{time.monotonic_ns()}"
         ports = _free_ports(2 * n)
@@ -167,6 +185,7 @@ class EtcdCluster:
                 peer_port=ports[2 * i + 1],
                 data_dir=self.workdir / f"e{i + 1}.etcd",
                 log_path=self.workdir / f"e{i + 1}.log",
+                scheme="https" if tls else "http",
             )
             for i in range(n)
         ]
@@ -204,7 +223,18 @@ class EtcdCluster:
             "--logger", "zap",
             "--log-outputs", "stderr",
             "--log-level", self.log_level,
+            *self._tls_args(),
             *self.extra_args,
+        ]  # fmt: skip
+
+    def _tls_args(self) -> list[str]:
+        if self.pki is None:
+            return []
+        return [
+            "--cert-file", str(self.pki.server_cert),
+            "--key-file", str(self.pki.server_key),
+            "--trusted-ca-file", str(self.pki.ca_file),
+            "--client-cert-auth",
         ]  # fmt: skip
 
     def _spawn(self, member: EtcdMember) -> None:
@@ -254,7 +284,9 @@ class EtcdCluster:
         if not m.running:
             return False
         try:
-            status, body = await asyncio.wait_for(_http(m.client_port, "GET", "/health"), 2.0)
+            status, body = await asyncio.wait_for(
+                _http(m.client_port, "GET", "/health", tls=self._probe_tls), 2.0
+            )
         except (OSError, TimeoutError):
             return False
         if status != 200:
@@ -289,7 +321,8 @@ class EtcdCluster:
         """The member's own id, the leader's id and the raft term (``/v3/maintenance/status``)."""
         m = self.member(member)
         status, body = await asyncio.wait_for(
-            _http(m.client_port, "POST", "/v3/maintenance/status", b"{}"), 2.0
+            _http(m.client_port, "POST", "/v3/maintenance/status", b"{}", tls=self._probe_tls),
+            2.0,
         )
         if status != 200:
             raise OSError(f"status of {m.name}: HTTP {status}: {body[:200]!r}")

@@ -51,7 +51,20 @@ etcd's compaction raises :class:`Compacted` from the iterator; so does a resume 
 was compacted while the watch was reconnecting. If no endpoint takes the watch back within
 ``timeout``, the iterator raises :class:`StoreUnavailable`.
 
-TLS and authentication are not supported: endpoints are ``host:port`` or ``http://host:port``.
+**TLS and authentication.** Endpoints are ``host:port``, ``http://host:port`` or
+``https://host:port`` (see :mod:`agentcluster.store._etcd_conn` for the rules). TLS takes
+a CA file (else the system's roots), a client certificate and key for a cluster started with
+``--client-cert-auth``, and ``server_name`` when the endpoints are addresses the server's
+certificate does not name. With ``user`` and ``password`` the store authenticates once when it
+connects and sends etcd's token with every call and stream. etcd forgets a token (its TTL,
+``--auth-token-ttl``, runs out while the client is idle; a member restarts; the auth store
+changes): a call refused for its token -- before anything was applied, so a write is safe to
+send again -- authenticates anew and goes again; concurrent calls share one renewal. A watch
+whose stream a member cancels as "permission denied" renews its token once and re-creates
+itself; refused again with a fresh token, it raises :class:`EtcdAuthError`, as do wrong
+credentials, a request the user has no permission for, and a cluster with authentication on
+when the store has no credentials. Credentials against a cluster without authentication are
+accepted and unused, as etcd's own client does.
 """
 
 from __future__ import annotations
@@ -60,7 +73,8 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, TypedDict, TypeVar, Unpack
 
 try:
     import grpc
@@ -71,15 +85,24 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "(it brings aetcd, grpcio and protobuf)"
     ) from exc
 
+from agentcluster.store._etcd_conn import plan
+from agentcluster.store._etcd_map import (
+    compare_msg,
+    event_of,
+    key_bytes,
+    key_range,
+    kv_of,
+    op_result,
+    prefix_range,
+    request_op,
+)
 from agentcluster.store.base import (
     Compacted,
     Compare,
-    DeleteOp,
     GetOp,
     KeyValue,
     Lease,
     LeaseNotFound,
-    PutOp,
     RangeResult,
     Store,
     StoreError,
@@ -89,7 +112,7 @@ from agentcluster.store.base import (
     WatchEvent,
 )
 
-__all__ = ["EtcdStore"]
+__all__ = ["EtcdAuthError", "EtcdOptions", "EtcdStore"]
 
 T = TypeVar("T")
 
@@ -109,100 +132,35 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
 
+# Refusals of the token (not of the user): etcd checks the token before a request reaches its
+# log, and the auth store's revision when it applies one -- refused either way, not applied.
+_STALE_TOKEN = frozenset(
+    {"etcdserver: invalid auth token", "etcdserver: revision of auth store is old"}
+)
+_NO_TOKEN = "etcdserver: user name is empty"  # authentication is on and the call had no token
+_AUTH_OFF = "etcdserver: authentication is not enabled"
+_RENEWALS_PER_CALL = 3  # a token refused again right after a renewal is not a stale one
+
+
+class EtcdOptions(TypedDict, total=False):
+    """The security options of :class:`EtcdStore` and :meth:`EtcdStore.connect`."""
+
+    ca_file: str | Path | None
+    cert_file: str | Path | None
+    key_file: str | Path | None
+    server_name: str | None
+    user: str | None
+    password: str | None
+
+
+class EtcdAuthError(StoreError):
+    """etcd refused the credentials, the token or the user's permission (see the module
+    docstring); another endpoint would not change that."""
+
+
 # Failures that prove the request was not applied: safe to send again, writes included.
 _UNSENT_PREFIXES = ("failed to connect to all addresses",)
 _UNSENT_DETAILS = frozenset({"etcdserver: no leader", "etcdserver: too many requests"})
-
-_TARGETS: dict[str, tuple[int, str]] = {
-    "value": (rpc.Compare.VALUE, "value"),
-    "version": (rpc.Compare.VERSION, "version"),
-    "create": (rpc.Compare.CREATE, "create_revision"),
-    "mod": (rpc.Compare.MOD, "mod_revision"),
-    "lease": (rpc.Compare.LEASE, "lease"),
-}
-_RESULTS: dict[str, int] = {
-    "==": rpc.Compare.EQUAL,
-    "!=": rpc.Compare.NOT_EQUAL,
-    "<": rpc.Compare.LESS,
-    ">": rpc.Compare.GREATER,
-}
-
-
-def _b(key: str) -> bytes:
-    return key.encode("utf-8", "surrogateescape")
-
-
-def _s(key: bytes) -> str:
-    return bytes(key).decode("utf-8", "surrogateescape")
-
-
-def _prefix_range(prefix: str) -> tuple[bytes, bytes]:
-    """``(key, range_end)`` covering every key that starts with ``prefix``."""
-    key = _b(prefix)
-    if not key:
-        return b"\0", b"\0"
-    end = bytearray(key)
-    for i in reversed(range(len(end))):
-        if end[i] < 0xFF:
-            end[i] += 1
-            return key, bytes(end[: i + 1])
-    return key, b"\0"  # all 0xff: every key from ``key`` on
-
-
-def _key_range(key: str, prefix: bool) -> tuple[bytes, bytes]:
-    return _prefix_range(key) if prefix else (_b(key), b"")
-
-
-def _kv(kv: Any) -> KeyValue:
-    return KeyValue(
-        key=_s(kv.key),
-        value=bytes(kv.value),
-        create_revision=int(kv.create_revision),
-        mod_revision=int(kv.mod_revision),
-        version=int(kv.version),
-        lease=int(kv.lease),
-    )
-
-
-def _event(ev: Any, has_prev: bool) -> WatchEvent:
-    prev = _kv(ev.prev_kv) if has_prev and ev.HasField("prev_kv") else None
-    if ev.type == rpc.Event.DELETE:
-        return WatchEvent(type="delete", kv=_kv(ev.kv), prev=prev)
-    return WatchEvent(type="put", kv=_kv(ev.kv), prev=prev)
-
-
-def _compare(cmp: Compare) -> Any:
-    target, field = _TARGETS[cmp.target]
-    msg = rpc.Compare(key=_b(cmp.key), target=target, result=_RESULTS[cmp.op])
-    if cmp.target == "value":
-        if not isinstance(cmp.value, bytes):
-            raise TypeError(f"a value comparison needs bytes, got {type(cmp.value).__name__}")
-    elif isinstance(cmp.value, bytes):
-        raise TypeError(f"a {cmp.target} comparison needs an int, got bytes")
-    setattr(msg, field, cmp.value)
-    return msg
-
-
-def _request_op(op: TxnOp) -> Any:
-    if isinstance(op, PutOp):
-        return rpc.RequestOp(
-            request_put=rpc.PutRequest(key=_b(op.key), value=op.value, lease=op.lease)
-        )
-    key, end = _key_range(op.key, op.prefix)
-    if isinstance(op, DeleteOp):
-        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key, range_end=end))
-    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, range_end=end))
-
-
-def _op_result(resp: Any, revision: int) -> int | list[KeyValue]:
-    which = resp.WhichOneof("response")
-    if which == "response_put":
-        return revision  # every write of a transaction happens at the transaction's revision
-    if which == "response_delete_range":
-        return int(resp.response_delete_range.deleted)
-    if which == "response_range":
-        return [_kv(kv) for kv in resp.response_range.kvs]
-    raise StoreError(f"etcd answered a transaction operation with {which!r}")
 
 
 def _details(err: Any) -> str:
@@ -217,6 +175,15 @@ def _unsent(err: Any) -> bool:
 def _permanent(err: Any) -> Exception | None:
     """The error to raise as is for a failure that another endpoint would not fix."""
     code, details = err.code(), _details(err)
+    if details.startswith("etcdserver: authentication failed"):
+        return EtcdAuthError(f"etcd refused the credentials: {details}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return EtcdAuthError(f"etcd denied the request: {details}")
+    if details == _NO_TOKEN:
+        return EtcdAuthError(
+            "etcd has authentication on: connect with user= and password= "
+            f"(etcd answered: {details})"
+        )
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
         return LeaseNotFound(details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -235,52 +202,83 @@ def _permanent(err: Any) -> Exception | None:
 
 
 class _Endpoint:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, credentials: Any, options: list[tuple[str, Any]]) -> None:
         self.target = target
-        self.channel: Any = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        if credentials is None:
+            self.channel: Any = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
         self.kv: Any = rpc.KVStub(self.channel)
         self.lease: Any = rpc.LeaseStub(self.channel)
         self.watch: Any = rpc.WatchStub(self.channel)
-
-
-def _target(endpoint: str) -> str:
-    endpoint = endpoint.strip()
-    if endpoint.startswith("https://"):
-        raise ValueError(f"TLS endpoints are not supported by the etcd backend: {endpoint!r}")
-    endpoint = endpoint.removeprefix("http://").rstrip("/")
-    if not endpoint:
-        raise ValueError("empty etcd endpoint")
-    return endpoint
+        self.auth: Any = rpc.AuthStub(self.channel)
 
 
 class EtcdStore(Store):
     """A :class:`Store` over an etcd v3 cluster (see the module docstring)."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0) -> None:
-        """Prefer :meth:`connect`, which also checks that the cluster answers."""
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float = 5.0,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        server_name: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        """Prefer :meth:`connect`, which also authenticates and checks that the cluster
+        answers. ValueError for inconsistent or unreadable TLS options (see the module
+        docstring) or a user without a password."""
         if isinstance(endpoints, str):
             endpoints = endpoints.split(",")
-        targets = [_target(e) for e in endpoints]
-        if not targets:
-            raise ValueError("the etcd backend needs at least one endpoint")
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
+        if (user is None) != (password is None):
+            raise ValueError("etcd authentication needs both user and password")
+        if user == "":
+            raise ValueError("the etcd user name is empty")
+        conn = plan(
+            endpoints,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            server_name=server_name,
+            base_options=_CHANNEL_OPTIONS,
+        )
+        self.tls = conn.tls
+        self._user = user
+        self._password = password
+        self._token: str | None = None
+        self._metadata: tuple[tuple[str, str], ...] = _METADATA
+        self._auth_lock: asyncio.Lock | None = None
+        self.authentications = 0  # tokens obtained (the first one included)
         self._timeout = timeout
         # Reads give up on one member after half the budget, so a hung member leaves time to
         # ask another; writes keep the whole budget (a retry is not theirs to make).
         self._read_attempt = max(0.5, timeout / 2)
-        self._endpoints = [_Endpoint(t) for t in targets]
+        self._endpoints = [_Endpoint(t, conn.credentials, conn.options) for t in conn.targets]
         self._current = 0
         self._closed = False
         self._watches: dict[int, _Watch] = {}
 
     @classmethod
-    async def connect(cls, endpoints: Sequence[str], *, timeout: float = 5.0) -> EtcdStore:
-        """A store over ``endpoints``; raises :class:`StoreUnavailable` when none answers a
-        linearizable read within ``timeout``."""
-        store = cls(endpoints, timeout=timeout)
+    async def connect(
+        cls, endpoints: Sequence[str], *, timeout: float = 5.0, **options: Unpack[EtcdOptions]
+    ) -> EtcdStore:
+        """A store over ``endpoints`` (the options as for the constructor); raises
+        :class:`StoreUnavailable` when no member answers within ``timeout`` -- a
+        linearizable read, or, with credentials, the authentication (which etcd commits
+        through its log, so a quorum answered; the user may not be allowed to read) -- and
+        :class:`EtcdAuthError` when etcd refuses the credentials."""
+        store = cls(endpoints, timeout=timeout, **options)
         try:
-            await store.revision()
+            if store._user is not None:
+                await store._authenticate()
+            if store._token is None:
+                await store.revision()
         except BaseException:
             await store.close()
             raise
@@ -303,12 +301,55 @@ class EtcdStore(Store):
         if self._current == index:
             self._current = (index + 1) % len(self._endpoints)
 
+    # -- authentication ----------------------------------------------------------------------
+
+    async def _authenticate(self) -> None:
+        """Get a token for the store's user (none when etcd has authentication off)."""
+        assert self._user is not None and self._password is not None
+        request = rpc.AuthenticateRequest(name=self._user, password=self._password)
+
+        async def attempt(ep: _Endpoint, timeout: float) -> Any:
+            return await ep.auth.Authenticate(request, timeout=timeout, metadata=_METADATA)
+
+        try:
+            resp = await self._call("authenticate", attempt, idempotent=True, renew=False)
+        except StoreError as exc:
+            if _AUTH_OFF not in str(exc):
+                raise
+            token = None
+        else:
+            token = str(resp.token)
+            self.authentications += 1
+        self._token = token
+        self._metadata = _METADATA if token is None else (*_METADATA, ("token", token))
+
+    async def _renew(self, stale: str | None, err: Any) -> None:
+        """A new token, unless another call replaced ``stale`` meanwhile."""
+        if self._user is None:
+            raise EtcdAuthError(
+                "etcd has authentication on: connect with user= and password= "
+                f"(etcd answered: {_details(err)})"
+            ) from err
+        if self._auth_lock is None:
+            self._auth_lock = asyncio.Lock()
+        async with self._auth_lock:
+            if self._token == stale:
+                await self._authenticate()
+
+    def _hint(self, error: Exception) -> Exception:
+        """``error``, saying so when a refusal may just be the missing credentials."""
+        if isinstance(error, EtcdAuthError) and self._user is None and "user=" not in str(error):
+            hint = "this store has no credentials: connect with user= and password="
+            return EtcdAuthError(f"{error} ({hint})")
+        return error
+
     async def _call(
         self,
         what: str,
         attempt: Callable[[_Endpoint, float], Awaitable[T]],
         *,
         idempotent: bool,
+        renew: bool = True,
     ) -> T:
         if self._closed:
             raise StoreUnavailable("the etcd store is closed")
@@ -316,6 +357,7 @@ class EtcdStore(Store):
         deadline = loop.time() + self._timeout
         delay = 0.05
         failures = 0
+        renewals = 0
         reason = "no endpoint answered"
         while True:
             index = self._current
@@ -324,12 +366,22 @@ class EtcdStore(Store):
             if remaining <= 0:
                 raise StoreUnavailable(f"{reason} (gave up after {self._timeout} s)")
             per_try = min(remaining, self._read_attempt) if idempotent else remaining
+            token = self._token
             try:
                 return await attempt(endpoint, per_try)
             except grpc.aio.AioRpcError as err:
+                if renew and _details(err) in _STALE_TOKEN:
+                    # Refused before it took effect: any request may go again, with a new token.
+                    if renewals >= _RENEWALS_PER_CALL:
+                        raise EtcdAuthError(
+                            f"{what}: etcd kept refusing fresh tokens: {_details(err)}"
+                        ) from err
+                    renewals += 1
+                    await self._renew(token, err)
+                    continue
                 permanent = _permanent(err)
                 if permanent is not None:
-                    raise permanent from err
+                    raise self._hint(permanent) from err
                 if self._closed:
                     raise StoreUnavailable("the etcd store is closed") from err
                 self._failover(index)
@@ -346,45 +398,45 @@ class EtcdStore(Store):
     # -- key-value ---------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
-        request = rpc.RangeRequest(key=_b(key))
+        request = rpc.RangeRequest(key=key_bytes(key))
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
-            return await ep.kv.Range(request, timeout=timeout, metadata=_METADATA)
+            return await ep.kv.Range(request, timeout=timeout, metadata=self._metadata)
 
         resp = await self._call("get", attempt, idempotent=True)
-        return _kv(resp.kvs[0]) if resp.kvs else None
+        return kv_of(resp.kvs[0]) if resp.kvs else None
 
     async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        key, end = _prefix_range(prefix)
+        key, end = prefix_range(prefix)
         request = rpc.RangeRequest(key=key, range_end=end, limit=limit)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
-            return await ep.kv.Range(request, timeout=timeout, metadata=_METADATA)
+            return await ep.kv.Range(request, timeout=timeout, metadata=self._metadata)
 
         resp = await self._call("range", attempt, idempotent=True)
         return RangeResult(
-            kvs=[_kv(kv) for kv in resp.kvs],
+            kvs=[kv_of(kv) for kv in resp.kvs],
             revision=int(resp.header.revision),
             more=bool(resp.more),
         )
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        request = rpc.PutRequest(key=_b(key), value=bytes(value), lease=lease)
+        request = rpc.PutRequest(key=key_bytes(key), value=bytes(value), lease=lease)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
-            return await ep.kv.Put(request, timeout=timeout, metadata=_METADATA)
+            return await ep.kv.Put(request, timeout=timeout, metadata=self._metadata)
 
         resp = await self._call("put", attempt, idempotent=False)
         return int(resp.header.revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
-        start, end = _key_range(key, prefix)
+        start, end = key_range(key, prefix)
         request = rpc.DeleteRangeRequest(key=start, range_end=end)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
-            return await ep.kv.DeleteRange(request, timeout=timeout, metadata=_METADATA)
+            return await ep.kv.DeleteRange(request, timeout=timeout, metadata=self._metadata)
 
         resp = await self._call("delete", attempt, idempotent=False)
         return int(resp.deleted)
@@ -396,29 +448,30 @@ class EtcdStore(Store):
         failure: Sequence[TxnOp] = (),
     ) -> TxnResult:
         request = rpc.TxnRequest(
-            compare=[_compare(c) for c in compares],
-            success=[_request_op(op) for op in success],
-            failure=[_request_op(op) for op in failure],
+            compare=[compare_msg(c) for c in compares],
+            success=[request_op(op) for op in success],
+            failure=[request_op(op) for op in failure],
         )
         read_only = all(isinstance(op, GetOp) for op in (*success, *failure))
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
-            return await ep.kv.Txn(request, timeout=timeout, metadata=_METADATA)
+            return await ep.kv.Txn(request, timeout=timeout, metadata=self._metadata)
 
         resp = await self._call("txn", attempt, idempotent=read_only)
         revision = int(resp.header.revision)
         return TxnResult(
             succeeded=bool(resp.succeeded),
             revision=revision,
-            results=[_op_result(r, revision) for r in resp.responses],
+            results=[op_result(r, revision) for r in resp.responses],
         )
 
     async def revision(self) -> int:
         # A linearizable count-only read of one key: etcd answers with the store revision.
+        # (With authentication on, the user needs read permission on that key, "\0".)
         request = rpc.RangeRequest(key=b"\0", count_only=True)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
-            return await ep.kv.Range(request, timeout=timeout, metadata=_METADATA)
+            return await ep.kv.Range(request, timeout=timeout, metadata=self._metadata)
 
         resp = await self._call("revision", attempt, idempotent=True)
         return int(resp.header.revision)
@@ -429,7 +482,7 @@ class EtcdStore(Store):
         request = rpc.CompactionRequest(revision=revision, physical=physical)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
-            return await ep.kv.Compact(request, timeout=timeout, metadata=_METADATA)
+            return await ep.kv.Compact(request, timeout=timeout, metadata=self._metadata)
 
         try:
             await self._call("compact", attempt, idempotent=True)
@@ -446,7 +499,7 @@ class EtcdStore(Store):
         request = rpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)))
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
-            return await ep.lease.LeaseGrant(request, timeout=timeout, metadata=_METADATA)
+            return await ep.lease.LeaseGrant(request, timeout=timeout, metadata=self._metadata)
 
         resp = await self._call("lease grant", attempt, idempotent=False)
         if resp.error:
@@ -457,7 +510,9 @@ class EtcdStore(Store):
         request = rpc.LeaseKeepAliveRequest(ID=lease_id)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
-            call = ep.lease.LeaseKeepAlive(iter([request]), timeout=timeout, metadata=_METADATA)
+            call = ep.lease.LeaseKeepAlive(
+                iter([request]), timeout=timeout, metadata=self._metadata
+            )
             try:
                 async for resp in call:
                     return resp
@@ -474,7 +529,7 @@ class EtcdStore(Store):
         request = rpc.LeaseRevokeRequest(ID=lease_id)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
-            return await ep.lease.LeaseRevoke(request, timeout=timeout, metadata=_METADATA)
+            return await ep.lease.LeaseRevoke(request, timeout=timeout, metadata=self._metadata)
 
         # A retried revoke may find the lease gone already: that is the goal, not an error.
         with contextlib.suppress(LeaseNotFound):
@@ -510,13 +565,22 @@ class EtcdStore(Store):
             await ep.channel.close()
 
 
+class _WatchDenied(EtcdAuthError):
+    """etcd cancelled a watch as it was created: for its token (``stale``), or for want of
+    permission -- which is also etcd's answer to a watch that carries no token."""
+
+    def __init__(self, message: str, *, stale: bool) -> None:
+        super().__init__(message)
+        self.stale = stale
+
+
 class _Watch:
     """One watch: a task that keeps a gRPC watch stream alive and feeds a queue."""
 
     def __init__(self, store: EtcdStore, prefix: str, start_revision: int) -> None:
         self._store = store
         self._prefix = prefix
-        self._key, self._range_end = _prefix_range(prefix)
+        self._key, self._range_end = prefix_range(prefix)
         self._next = start_revision  # 0 until etcd tells us the revision of "now"
         # None marks the end: the watch was closed (by its context or by the store).
         self._queue: asyncio.Queue[WatchEvent | BaseException | None] = asyncio.Queue()
@@ -574,17 +638,36 @@ class _Watch:
         broken_since = loop.time()
         delay = 0.05
         failures = 0
+        renewals = 0  # token renewals since the stream last worked
         while True:
             index = store._current
             endpoint = store._endpoints[index]
             self._healthy_since = None
             self._cancel_reason = None
+            token = store._token
             try:
                 reason = await self._stream(endpoint)
-            except grpc.aio.AioRpcError as err:
+            except (grpc.aio.AioRpcError, _WatchDenied) as err:
+                if isinstance(err, _WatchDenied):
+                    # A denial gets one fresh token, in case the old one was the problem.
+                    renewable, limit = True, _RENEWALS_PER_CALL if err.stale else 1
+                else:
+                    renewable, limit = _details(err) in _STALE_TOKEN, _RENEWALS_PER_CALL
+                if renewable and store._user is not None and renewals < limit:
+                    renewals += 1
+                    try:
+                        await store._renew(token, err)
+                    except StoreError as exc:
+                        if not isinstance(exc, StoreUnavailable):
+                            self._fail(exc)
+                            return
+                    continue
+                if isinstance(err, _WatchDenied):
+                    self._fail(store._hint(err))
+                    return
                 permanent = _permanent(err)
                 if permanent is not None:
-                    self._fail(permanent)
+                    self._fail(store._hint(permanent))
                     return
                 reason = f"{err.code().name}: {_details(err)}"
             except StoreError as exc:  # Compacted, or a watch etcd refused
@@ -592,7 +675,7 @@ class _Watch:
                 return
             store._failover(index)
             if self._healthy_since is not None:  # the stream worked: a fresh failure budget
-                broken_since, delay, failures = loop.time(), 0.05, 0
+                broken_since, delay, failures, renewals = loop.time(), 0.05, 0, 0
             if loop.time() - broken_since >= store._timeout:
                 self._fail(
                     StoreUnavailable(
@@ -621,7 +704,7 @@ class _Watch:
                 prev_kv=True,
             )
         )
-        call = endpoint.watch.Watch(self._requests(create), metadata=_METADATA)
+        call = endpoint.watch.Watch(self._requests(create), metadata=self._store._metadata)
         try:
             # A member that takes the stream but never confirms the watch (hung, stopped)
             # is given up after a read's budget; once confirmed, the stream may idle forever.
@@ -643,6 +726,12 @@ class _Watch:
             raise Compacted(self._next, int(resp.compact_revision))
         if resp.created:
             if resp.canceled:
+                reason = resp.cancel_reason
+                if "invalid auth token" in reason or "permission denied" in reason:
+                    raise _WatchDenied(
+                        f"etcd refused the watch on {self._prefix!r}: {reason}",
+                        stale="invalid auth token" in reason,
+                    )
                 raise StoreError(f"etcd refused the watch: {resp.cancel_reason}")
             if self._next == 0:
                 self._next = int(resp.header.revision) + 1
@@ -658,7 +747,7 @@ class _Watch:
         for ev in resp.events:
             revision = int(ev.kv.mod_revision)
             if revision >= floor:
-                self._queue.put_nowait(_event(ev, has_prev=True))
+                self._queue.put_nowait(event_of(ev, has_prev=True))
                 top = max(top, revision)
         self._next = top + 1
         return self._healthy_since is not None

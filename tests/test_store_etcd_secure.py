@@ -1,0 +1,362 @@
+"""The etcd backend with TLS and authentication, against real etcd members on loopback.
+
+The option checks at the top need no etcd. Everything else starts real ``etcd`` processes
+whose client listeners speak TLS only and demand a client certificate (``EtcdCluster(...,
+tls=True)``: a throw-away CA made for the run), so those tests are marked ``slow``; as in
+``test_store_etcd``, a missing etcd is installed or named, never skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from aetcd import rpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agentcluster.store._etcd_cluster import EtcdCluster
+from agentcluster.store._test_pki import TestPKI, make_pki
+from agentcluster.store.base import Store, StoreUnavailable
+from agentcluster.store.etcd import EtcdAuthError, EtcdStore
+from agentcluster.testing import eventually
+from store_contract import StoreContract
+from test_store_etcd import _ensure_etcd, _next_events
+
+ROOT_PASSWORD = "root-secret"
+READER_PASSWORD = "reader-secret"
+
+
+def _tls(pki: TestPKI) -> dict[str, Any]:
+    return {"ca_file": pki.ca_file, "cert_file": pki.client_cert, "key_file": pki.client_key}
+
+
+# -- options, no etcd needed ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "options", "message"),
+    [
+        (["http://h:1", "https://h:2"], {}, "mix http:// and https://"),
+        (["ftp://h:1"], {}, "host:port, http:// or https://"),
+        (["https://h:1"], {"cert_file": "c.pem"}, "needs its key"),
+        (["https://h:1"], {"key_file": "k.pem"}, "needs its key"),
+        (["http://h:1"], {"ca_file": "ca.pem"}, "endpoints are http://"),
+        (["h:1"], {"server_name": "localhost"}, "only applies to TLS"),
+        (["h:1"], {"user": "root"}, "both user and password"),
+        (["h:1"], {"password": "pw"}, "both user and password"),
+        (["h:1"], {"user": "", "password": "pw"}, "user name is empty"),
+    ],
+)
+def test_inconsistent_options_are_refused(
+    endpoints: list[str], options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        EtcdStore(endpoints, **options)
+
+
+def test_unreadable_or_wrong_files_are_named(pki: TestPKI, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ValueError, match=r"cannot read the etcd CA file .*nope\.pem"):
+        EtcdStore(["h:1"], ca_file=missing)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match=r"CA file .*garbage\.pem.* holds no PEM certificate"):
+        EtcdStore(["h:1"], ca_file=garbage)
+    with pytest.raises(ValueError, match=r"client certificate file .* holds no PEM"):
+        EtcdStore(["h:1"], cert_file=garbage, key_file=pki.client_key)
+    # A key in the certificate's place, and an encrypted key: gRPC could use neither.
+    with pytest.raises(ValueError, match=r"client key file .* no unencrypted PEM private key"):
+        EtcdStore(["h:1"], cert_file=pki.client_cert, key_file=pki.client_cert)
+    locked = tmp_path / "locked-key.pem"
+    locked.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    with pytest.raises(ValueError, match="no unencrypted PEM private key"):
+        EtcdStore(["h:1"], cert_file=pki.client_cert, key_file=locked)
+
+
+async def test_scheme_decides_tls(pki: TestPKI) -> None:
+    plain = EtcdStore(["h:1", "http://h:2/"])
+    system_roots = EtcdStore(["https://h:1"])
+    bare_with_ca = EtcdStore(["h:1"], **_tls(pki))
+    try:
+        assert (plain.tls, system_roots.tls, bare_with_ca.tls) == (False, True, True)
+        assert plain.endpoints == ["h:1", "h:2"]
+        assert bare_with_ca.endpoints == ["h:1"]
+    finally:
+        for store in (plain, system_roots, bare_with_ca):
+            await store.close()
+
+
+# -- real etcd with TLS ---------------------------------------------------------------------
+
+
+async def _add_user(admin: EtcdStore, name: str, password: str, role: str) -> None:
+    """Add a user with ``role``, through ``admin``'s own channel and token."""
+    auth = admin._endpoints[admin._current].auth
+    meta = admin._metadata
+    await auth.UserAdd(rpc.AuthUserAddRequest(name=name, password=password), metadata=meta)
+    await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=name, role=role), metadata=meta)
+
+
+async def _enable_auth(cluster: EtcdCluster) -> None:
+    """A root user and a ``reader`` who may read keys under ``pub/`` only; then auth on."""
+    assert cluster.pki is not None
+    async with await EtcdStore.connect(cluster.endpoints, **_tls(cluster.pki)) as store:
+        auth = store._endpoints[store._current].auth
+        await auth.UserAdd(rpc.AuthUserAddRequest(name="root", password=ROOT_PASSWORD))
+        await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"))
+        await auth.RoleAdd(rpc.AuthRoleAddRequest(name="pub-reader"))
+        await auth.RoleGrantPermission(
+            rpc.AuthRoleGrantPermissionRequest(
+                name="pub-reader",
+                perm=rpc.Permission(permType=rpc.Permission.READ, key=b"pub/", range_end=b"pub0"),
+            )
+        )
+        await auth.UserAdd(rpc.AuthUserAddRequest(name="reader", password=READER_PASSWORD))
+        await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="reader", role="pub-reader"))
+        await auth.AuthEnable(rpc.AuthEnableRequest())
+
+
+@pytest.fixture(scope="module")
+def secure_cluster() -> Iterator[EtcdCluster]:
+    """Three TLS members (client certificates required) with authentication on."""
+    _ensure_etcd()
+    cluster = EtcdCluster(3, tls=True)
+
+    async def start() -> None:
+        await cluster.start()
+        await _enable_auth(cluster)
+
+    asyncio.run(start())
+    try:
+        yield cluster
+    finally:
+        asyncio.run(cluster.stop())
+
+
+@asynccontextmanager
+async def fresh_secure_cluster(n: int) -> AsyncIterator[EtcdCluster]:
+    _ensure_etcd()
+    async with EtcdCluster(n, tls=True) as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+class TestSecureEtcdStore(StoreContract):
+    """The whole store contract over TLS with a client certificate, as an authenticated
+    user: every call and every watch and keep-alive stream carries the token."""
+
+    short_ttl = 2.0
+    lock_ttl = 3.0
+    settle_timeout = 10.0
+
+    @pytest.fixture(autouse=True)
+    def _use_cluster(self, secure_cluster: EtcdCluster) -> None:
+        assert secure_cluster.pki is not None
+        self.urls = [m.client_url for m in secure_cluster.members]
+        self.tls = _tls(secure_cluster.pki)
+
+    async def make_store(self) -> Store:
+        return await EtcdStore.connect(self.urls, user="root", password=ROOT_PASSWORD, **self.tls)
+
+
+@pytest.mark.slow
+async def test_tls_refuses_a_client_without_the_right_certificates(
+    secure_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    assert secure_cluster.pki is not None
+    urls = [m.client_url for m in secure_cluster.members]
+    creds: dict[str, Any] = {"user": "root", "password": ROOT_PASSWORD}
+    pki = secure_cluster.pki
+    # No client certificate: the server ends the handshake.
+    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1"):
+        await EtcdStore.connect(urls, ca_file=pki.ca_file, timeout=1.0, **creds)
+    # Plain text to a TLS listener.
+    with pytest.raises(StoreUnavailable):
+        await EtcdStore.connect(secure_cluster.endpoints, timeout=1.0, **creds)
+    # The server's certificate is not from the CA we trust.
+    other = make_pki(tmp_path / "other", ca_name="some other CA")
+    stranger: dict[str, Any] = {"cert_file": pki.client_cert, "key_file": pki.client_key}
+    with pytest.raises(StoreUnavailable, match=r"(?i)tls handshake failed"):
+        await EtcdStore.connect(urls, ca_file=other.ca_file, timeout=1.0, **stranger, **creds)
+    # A client certificate from another CA.
+    foreign: dict[str, Any] = {"cert_file": other.client_cert, "key_file": other.client_key}
+    with pytest.raises(StoreUnavailable):
+        await EtcdStore.connect(urls, ca_file=pki.ca_file, timeout=1.0, **foreign, **creds)
+
+
+@pytest.mark.slow
+async def test_server_name_checks_the_certificate_name(secure_cluster: EtcdCluster) -> None:
+    assert secure_cluster.pki is not None
+    tls = _tls(secure_cluster.pki)
+    creds: dict[str, Any] = {"user": "root", "password": ROOT_PASSWORD}
+    # The certificate names localhost (and 127.0.0.1): either name passes.
+    async with await EtcdStore.connect(
+        secure_cluster.endpoints, server_name="localhost", **tls, **creds
+    ) as store:
+        assert store.tls
+        assert await store.put("pub/named", b"1") > 0
+    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1"):
+        await EtcdStore.connect(
+            secure_cluster.endpoints, server_name="etcd.example", timeout=1.0, **tls, **creds
+        )
+
+
+# -- authentication --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_wrong_or_missing_credentials_are_auth_errors(secure_cluster: EtcdCluster) -> None:
+    assert secure_cluster.pki is not None
+    urls = [m.client_url for m in secure_cluster.members]
+    tls = _tls(secure_cluster.pki)
+    with pytest.raises(EtcdAuthError, match="refused the credentials"):
+        await EtcdStore.connect(urls, user="root", password="wrong", **tls)
+    with pytest.raises(EtcdAuthError, match="refused the credentials"):
+        await EtcdStore.connect(urls, user="nobody", password="x", **tls)
+    # No credentials: connecting (a read) is refused, and the error says what is missing.
+    with pytest.raises(EtcdAuthError, match="user= and password="):
+        await EtcdStore.connect(urls, **tls)
+
+
+@pytest.mark.slow
+async def test_permissions_limit_what_a_user_may_do(secure_cluster: EtcdCluster) -> None:
+    assert secure_cluster.pki is not None
+    urls = [m.client_url for m in secure_cluster.members]
+    tls = _tls(secure_cluster.pki)
+    async with await EtcdStore.connect(urls, user="root", password=ROOT_PASSWORD, **tls) as root:
+        await root.put("pub/news", b"hello")
+        await root.put("secret/plan", b"x")
+    async with await EtcdStore.connect(
+        urls, user="reader", password=READER_PASSWORD, **tls
+    ) as reader:
+        got = await reader.get("pub/news")
+        assert got is not None and got.value == b"hello"
+        with pytest.raises(EtcdAuthError, match="permission denied"):
+            await reader.put("pub/news", b"defaced")
+        with pytest.raises(EtcdAuthError, match="permission denied"):
+            await reader.get("secret/plan")
+        async with reader.watch("pub/"):  # allowed: the watch is created
+            pass
+        before = reader.authentications
+        with pytest.raises(EtcdAuthError, match="refused the watch on 'secret/'"):
+            async with reader.watch("secret/"):
+                pass
+        # Denied once more with a fresh token: the refusal is real, not an old token.
+        assert reader.authentications == before + 1
+
+
+async def _invalidate_tokens(admin: EtcdStore, victim: EtcdStore, password: str) -> None:
+    """Set the password of ``victim``'s user (to the same one): etcd forgets every token of
+    that user, on each member as it applies the change -- so this waits until every member
+    refuses ``victim``'s token (a refused token is not refreshed by the probe)."""
+    assert victim._user is not None
+    auth = admin._endpoints[admin._current].auth
+    request = rpc.AuthUserChangePasswordRequest(name=victim._user, password=password)
+    await auth.UserChangePassword(request, metadata=admin._metadata)
+
+    async def all_refuse() -> bool:
+        for ep in victim._endpoints:
+            try:
+                await ep.kv.Range(rpc.RangeRequest(key=b"pub/"), metadata=victim._metadata)
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+            else:
+                return False
+        return True
+
+    await eventually(all_refuse, timeout=10.0)
+
+
+@pytest.mark.slow
+async def test_a_revoked_token_is_renewed_once_for_concurrent_calls(
+    secure_cluster: EtcdCluster,
+) -> None:
+    """The refused calls -- writes included, since etcd refuses a bad token before anything
+    reaches its log -- share one new token and all succeed."""
+    assert secure_cluster.pki is not None
+    urls = [m.client_url for m in secure_cluster.members]
+    tls = _tls(secure_cluster.pki)
+    async with await EtcdStore.connect(urls, user="root", password=ROOT_PASSWORD, **tls) as admin:
+        await _add_user(admin, "rotor", "rotor-pw", "root")
+        async with await EtcdStore.connect(urls, user="rotor", password="rotor-pw", **tls) as store:
+            assert store.authentications == 1
+            await store.put("pub/stale/0", b"before")
+            await _invalidate_tokens(admin, store, "rotor-pw")
+            revisions = await asyncio.gather(
+                *(store.put(f"pub/stale/{i}", b"after") for i in range(1, 9))
+            )
+            assert len(set(revisions)) == 8
+            assert store.authentications == 2
+            kv = await store.get("pub/stale/8")
+            assert kv is not None and kv.value == b"after"
+            # A token that keeps being refused right after each renewal is not stale: the
+            # call gives up with an auth error instead of looping.
+            await _invalidate_tokens(admin, store, "rotor-pw")
+            renewals = store.authentications
+            real_renew = store._renew
+
+            async def renew_then_revoke(stale: str | None, err: Any) -> None:
+                await real_renew(stale, err)
+                await _invalidate_tokens(admin, store, "rotor-pw")
+
+            store._renew = renew_then_revoke  # type: ignore[method-assign]
+            with pytest.raises(EtcdAuthError, match="kept refusing fresh tokens"):
+                await store.put("pub/stale/never", b"x")
+            assert store.authentications == renewals + 3
+            store._renew = real_renew  # type: ignore[method-assign]
+            assert await store.get("pub/stale/never") is None
+
+
+@pytest.mark.slow
+async def test_credentials_against_a_cluster_without_auth_are_unused() -> None:
+    async with fresh_secure_cluster(1) as cluster:
+        assert cluster.pki is not None
+        async with await EtcdStore.connect(
+            cluster.endpoints, user="root", password="pw", **_tls(cluster.pki)
+        ) as store:
+            assert store.authentications == 0
+            assert await store.put("k", b"v") > 0
+
+
+@pytest.mark.slow
+async def test_watch_resumes_with_a_new_token_after_its_member_restarts() -> None:
+    """The watch's member restarts after etcd revoked the watch's token: re-created on
+    another member, the watch is refused for its token, renews it and misses nothing."""
+    async with fresh_secure_cluster(3) as cluster:
+        await _enable_auth(cluster)
+        assert cluster.pki is not None
+        urls = [m.client_url for m in cluster.members]
+        tls = _tls(cluster.pki)
+        async with (
+            await EtcdStore.connect(urls, user="root", password=ROOT_PASSWORD, **tls) as store,
+            await EtcdStore.connect(urls, user="root", password=ROOT_PASSWORD, **tls) as admin,
+            store.watch("pub/w/") as events,
+        ):
+            await store.put("pub/w/1", b"1")
+            assert [e.kv.key for e in await _next_events(events, 1)] == ["pub/w/1"]
+            await _invalidate_tokens(admin, store, ROOT_PASSWORD)
+            before = store.authentications
+            await cluster.restart(cluster.member(store.current_endpoint).name)
+            await admin.put("pub/w/2", b"2")
+            await admin.put("pub/w/3", b"3")
+            got = [e.kv.key for e in await _next_events(events, 2, timeout=20.0)]
+            assert got == ["pub/w/2", "pub/w/3"]
+            assert store.authentications == before + 1
