@@ -326,14 +326,21 @@ async def test_a_revoked_token_is_renewed_once_for_concurrent_calls(
 
 
 @pytest.mark.slow
-async def test_credentials_against_a_cluster_without_auth_are_unused() -> None:
+async def test_credentials_are_used_once_the_cluster_turns_auth_on() -> None:
+    """Credentials against a cluster without authentication go unused (as etcd's own client
+    does); when authentication is turned on later, the first refused call authenticates."""
     async with fresh_secure_cluster(1) as cluster:
         assert cluster.pki is not None
         async with await EtcdStore.connect(
-            cluster.endpoints, user="root", password="pw", **_tls(cluster.pki)
+            cluster.endpoints, user="root", password=ROOT_PASSWORD, **_tls(cluster.pki)
         ) as store:
             assert store.authentications == 0
-            assert await store.put("k", b"v") > 0
+            assert await store.put("pub/before", b"v") > 0
+            await _enable_auth(cluster)
+            assert await store.put("pub/after", b"v") > 0
+            assert store.authentications == 1
+            kv = await store.get("pub/after")
+            assert kv is not None and kv.value == b"v"
 
 
 @pytest.mark.slow

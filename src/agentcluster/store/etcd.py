@@ -57,14 +57,16 @@ a CA file (else the system's roots), a client certificate and key for a cluster 
 ``--client-cert-auth``, and ``server_name`` when the endpoints are addresses the server's
 certificate does not name. With ``user`` and ``password`` the store authenticates once when it
 connects and sends etcd's token with every call and stream. etcd forgets a token (its TTL,
-``--auth-token-ttl``, runs out while the client is idle; a member restarts; the auth store
-changes): a call refused for its token -- before anything was applied, so a write is safe to
-send again -- authenticates anew and goes again; concurrent calls share one renewal. A watch
-whose stream a member cancels as "permission denied" renews its token once and re-creates
-itself; refused again with a fresh token, it raises :class:`EtcdAuthError`, as do wrong
-credentials, a request the user has no permission for, and a cluster with authentication on
-when the store has no credentials. Credentials against a cluster without authentication are
-accepted and unused, as etcd's own client does.
+``--auth-token-ttl``, runs out while the client is idle; a member restarts; the user's
+password changes): a call refused for its token -- before anything was applied, so a write
+is safe to send again -- authenticates anew and goes again; concurrent calls share one
+renewal. A watch that a member cancels as it is created ("invalid auth token", or
+"permission denied", which is also etcd's word for a missing token) renews its token and
+re-creates itself; a denial again with a fresh token raises :class:`EtcdAuthError`, as do
+wrong credentials, a request the user has no permission for, and a cluster with
+authentication on when the store has no credentials. Credentials against a cluster without
+authentication are accepted and unused, as etcd's own client does, until a call is refused
+for want of a token: then the store authenticates.
 """
 
 from __future__ import annotations
@@ -336,6 +338,19 @@ class EtcdStore(Store):
             if self._token == stale:
                 await self._authenticate()
 
+    def _refused_token(self, err: Any, token: str | None) -> bool:
+        """Whether ``err`` refused the call for its token (or, from a store that has
+        credentials but no token yet -- etcd had authentication off when it connected -- for
+        having none), so that a new token may be worth a try."""
+        details = _details(err)
+        if details in _STALE_TOKEN:
+            return True
+        return (
+            token is None
+            and self._user is not None
+            and (details == _NO_TOKEN or err.code() == grpc.StatusCode.PERMISSION_DENIED)
+        )
+
     def _hint(self, error: Exception) -> Exception:
         """``error``, saying so when a refusal may just be the missing credentials."""
         if isinstance(error, EtcdAuthError) and self._user is None and "user=" not in str(error):
@@ -370,7 +385,7 @@ class EtcdStore(Store):
             try:
                 return await attempt(endpoint, per_try)
             except grpc.aio.AioRpcError as err:
-                if renew and _details(err) in _STALE_TOKEN:
+                if renew and self._refused_token(err, token):
                     # Refused before it took effect: any request may go again, with a new token.
                     if renewals >= _RENEWALS_PER_CALL:
                         raise EtcdAuthError(
