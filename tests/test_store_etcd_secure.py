@@ -24,7 +24,7 @@ from agentcluster.store._etcd_cluster import EtcdCluster
 from agentcluster.store._test_pki import TestPKI, make_pki
 from agentcluster.store.base import Store, StoreUnavailable
 from agentcluster.store.etcd import EtcdAuthError, EtcdStore
-from agentcluster.testing import eventually
+from agentcluster.testing import eventually, wait_until
 from store_contract import StoreContract
 from test_store_etcd import _ensure_etcd, _next_events
 
@@ -49,6 +49,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
     [
         (["http://h:1", "https://h:2"], {}, "mix http:// and https://"),
         (["ftp://h:1"], {}, "host:port, http:// or https://"),
+        (["http://https://h:1"], {}, "host:port, http:// or https://"),
         (["https://h:1"], {"cert_file": "c.pem"}, "needs its key"),
         (["https://h:1"], {"key_file": "k.pem"}, "needs its key"),
         (["http://h:1"], {"ca_file": "ca.pem"}, "endpoints are http://"),
@@ -157,6 +158,25 @@ async def fresh_secure_cluster(n: int) -> AsyncIterator[EtcdCluster]:
         yield cluster
 
 
+@asynccontextmanager
+async def _rooted_cluster(
+    *, jwt_tokens: bool = False
+) -> AsyncIterator[tuple[EtcdCluster, EtcdStore, EtcdStore]]:
+    """A fresh 3-member TLS cluster with authentication on, a store and an admin store (both
+    root) on it."""
+    _ensure_etcd()
+    async with EtcdCluster(3, tls=True, jwt_tokens=jwt_tokens) as cluster:
+        await _enable_auth(cluster)
+        assert cluster.pki is not None
+        urls = [m.client_url for m in cluster.members]
+        tls = _tls(cluster.pki)
+        async with (
+            await EtcdStore.connect(urls, user="root", password=ROOT_PASSWORD, **tls) as store,
+            await EtcdStore.connect(urls, user="root", password=ROOT_PASSWORD, **tls) as admin,
+        ):
+            yield cluster, store, admin
+
+
 @pytest.mark.slow
 class TestSecureEtcdStore(StoreContract):
     """The whole store contract over TLS with a client certificate, as an authenticated
@@ -184,9 +204,10 @@ async def test_tls_refuses_a_client_without_the_right_certificates(
     urls = [m.client_url for m in secure_cluster.members]
     creds: dict[str, Any] = {"user": "root", "password": ROOT_PASSWORD}
     pki = secure_cluster.pki
-    # No client certificate: the server ends the handshake.
-    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1"):
+    # No client certificate: the server ends the handshake (a listener that is there).
+    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1") as info:
         await EtcdStore.connect(urls, ca_file=pki.ca_file, timeout=1.0, **creds)
+    assert "Connection refused" not in str(info.value)
     # Plain text to a TLS listener.
     with pytest.raises(StoreUnavailable):
         await EtcdStore.connect(secure_cluster.endpoints, timeout=1.0, **creds)
@@ -262,27 +283,35 @@ async def test_permissions_limit_what_a_user_may_do(secure_cluster: EtcdCluster)
         assert reader.authentications == before + 1
 
 
-async def _invalidate_tokens(admin: EtcdStore, victim: EtcdStore, password: str) -> None:
-    """Set the password of ``victim``'s user (to the same one): etcd forgets every token of
-    that user, on each member as it applies the change -- so this waits until every member
-    refuses ``victim``'s token (a refused token is not refreshed by the probe)."""
-    assert victim._user is not None
-    auth = admin._endpoints[admin._current].auth
-    request = rpc.AuthUserChangePasswordRequest(name=victim._user, password=password)
-    await auth.UserChangePassword(request, metadata=admin._metadata)
+async def _until_every_member_refuses(store: EtcdStore) -> None:
+    """Wait until every member refuses ``store``'s token: members apply an auth change one
+    by one. (A refused token is not refreshed by the probe.)"""
 
     async def all_refuse() -> bool:
-        for ep in victim._endpoints:
+        for ep in store._endpoints:
             try:
-                await ep.kv.Range(rpc.RangeRequest(key=b"pub/"), metadata=victim._metadata)
+                await ep.kv.Range(rpc.RangeRequest(key=b"pub/"), metadata=store._metadata)
             except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                if err.details() not in (
+                    "etcdserver: invalid auth token",
+                    "etcdserver: revision of auth store is old",
+                ):
                     raise
             else:
                 return False
         return True
 
     await eventually(all_refuse, timeout=10.0)
+
+
+async def _invalidate_tokens(admin: EtcdStore, victim: EtcdStore, password: str) -> None:
+    """Set the password of ``victim``'s user (to the same one): etcd forgets every token of
+    that user, on each member as it applies the change."""
+    assert victim._user is not None
+    auth = admin._endpoints[admin._current].auth
+    request = rpc.AuthUserChangePasswordRequest(name=victim._user, password=password)
+    await auth.UserChangePassword(request, metadata=admin._metadata)
+    await _until_every_member_refuses(victim)
 
 
 @pytest.mark.slow
@@ -313,8 +342,8 @@ async def test_a_revoked_token_is_renewed_once_for_concurrent_calls(
             renewals = store.authentications
             real_renew = store._renew
 
-            async def renew_then_revoke(stale: str | None, err: Any) -> None:
-                await real_renew(stale, err)
+            async def renew_then_revoke(stale: str | None, err: Any, deadline: float) -> None:
+                await real_renew(stale, err, deadline)
                 await _invalidate_tokens(admin, store, "rotor-pw")
 
             store._renew = renew_then_revoke  # type: ignore[method-assign]
@@ -337,7 +366,11 @@ async def test_credentials_are_used_once_the_cluster_turns_auth_on() -> None:
             assert store.authentications == 0
             assert await store.put("pub/before", b"v") > 0
             await _enable_auth(cluster)
-            assert await store.put("pub/after", b"v") > 0
+            # A watch without a token is cancelled as "permission denied": it authenticates.
+            async with store.watch("pub/") as events:
+                assert store.authentications == 1
+                assert await store.put("pub/after", b"v") > 0
+                assert [e.kv.key for e in await _next_events(events, 1)] == ["pub/after"]
             assert store.authentications == 1
             kv = await store.get("pub/after")
             assert kv is not None and kv.value == b"v"
@@ -347,23 +380,106 @@ async def test_credentials_are_used_once_the_cluster_turns_auth_on() -> None:
 async def test_watch_resumes_with_a_new_token_after_its_member_restarts() -> None:
     """The watch's member restarts after etcd revoked the watch's token: re-created on
     another member, the watch is refused for its token, renews it and misses nothing."""
-    async with fresh_secure_cluster(3) as cluster:
-        await _enable_auth(cluster)
-        assert cluster.pki is not None
-        urls = [m.client_url for m in cluster.members]
-        tls = _tls(cluster.pki)
-        async with (
-            await EtcdStore.connect(urls, user="root", password=ROOT_PASSWORD, **tls) as store,
-            await EtcdStore.connect(urls, user="root", password=ROOT_PASSWORD, **tls) as admin,
-            store.watch("pub/w/") as events,
-        ):
+    async with _rooted_cluster() as (cluster, store, admin):
+        watched = store.current_endpoint  # where the watch's stream goes
+        async with store.watch("pub/w/") as events:
             await store.put("pub/w/1", b"1")
             assert [e.kv.key for e in await _next_events(events, 1)] == ["pub/w/1"]
             await _invalidate_tokens(admin, store, ROOT_PASSWORD)
             before = store.authentications
-            await cluster.restart(cluster.member(store.current_endpoint).name)
+            assert store.current_endpoint == watched
+            await cluster.restart(cluster.member(watched).name)
             await admin.put("pub/w/2", b"2")
             await admin.put("pub/w/3", b"3")
             got = [e.kv.key for e in await _next_events(events, 2, timeout=20.0)]
             assert got == ["pub/w/2", "pub/w/3"]
             assert store.authentications == before + 1
+
+
+@pytest.mark.slow
+async def test_jwt_tokens_made_stale_by_an_auth_change_are_renewed() -> None:
+    """With JWT tokens (they carry the auth store's revision), any change to users or roles
+    makes every older token stale ("revision of auth store is old", refused when applied:
+    nothing takes effect). Concurrent calls share one renewal, and a watch created -- or
+    re-created after its member restarts -- with a stale token renews it and misses nothing."""
+    async with _rooted_cluster(jwt_tokens=True) as (cluster, store, admin):
+        await _add_user(admin, "unrelated-1", "pw", "pub-reader")
+        revisions = await asyncio.gather(*(store.put(f"pub/j/{i}", b"v") for i in range(8)))
+        assert len(set(revisions)) == 8
+        assert store.authentications == 2
+        await _add_user(admin, "unrelated-2", "pw", "pub-reader")
+        watched = store.current_endpoint
+        async with store.watch("pub/jw/") as events:
+            assert store.authentications == 3
+            await admin.put("pub/jw/1", b"1")
+            assert [e.kv.key for e in await _next_events(events, 1)] == ["pub/jw/1"]
+            await _add_user(admin, "unrelated-3", "pw", "pub-reader")
+            await _until_every_member_refuses(store)
+            assert store.current_endpoint == watched
+            await cluster.restart(cluster.member(watched).name)
+            await admin.put("pub/jw/2", b"2")
+            got = [e.kv.key for e in await _next_events(events, 1, timeout=20.0)]
+            assert got == ["pub/jw/2"]
+            assert store.authentications == 4
+
+
+class _Refusal(Exception):
+    """Stands in for a gRPC error refusing a call for its token."""
+
+    def details(self) -> str:
+        return "etcdserver: invalid auth token"
+
+
+async def test_concurrent_renewals_share_one_authentication_and_its_failure() -> None:
+    store = EtcdStore(["127.0.0.1:1"], user="u", password="p")
+    calls = 0
+    release = asyncio.Event()
+
+    async def failing_authenticate() -> None:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        raise StoreUnavailable("no quorum")
+
+    store._authenticate = failing_authenticate  # type: ignore[method-assign]
+    try:
+        loop = asyncio.get_running_loop()
+        far = loop.time() + 60
+        waiters = [asyncio.ensure_future(store._renew(None, _Refusal(), far)) for _ in range(8)]
+        # A caller whose own deadline comes first gives up alone, as unavailable.
+        with pytest.raises(StoreUnavailable, match="no new etcd auth token in time"):
+            await store._renew(None, _Refusal(), loop.time() + 0.05)
+        assert not any(w.done() for w in waiters)
+        release.set()
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        assert calls == 1
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+        # The next stale call starts a new authentication.
+        release.clear()
+        retry = asyncio.ensure_future(store._renew(None, _Refusal(), far))
+        await wait_until(lambda: calls == 2, timeout=5.0)
+        release.set()
+        with pytest.raises(StoreUnavailable):
+            await retry
+    finally:
+        await store.close()
+
+
+async def test_close_cancels_a_renewal_under_way() -> None:
+    store = EtcdStore(["127.0.0.1:1"], user="u", password="p")
+    started = asyncio.Event()
+
+    async def hanging_authenticate() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    store._authenticate = hanging_authenticate  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    waiter = asyncio.ensure_future(store._renew(None, _Refusal(), loop.time() + 60))
+    await started.wait()
+    renewal = store._renewal
+    assert renewal is not None
+    await store.close()
+    assert renewal.cancelled()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter

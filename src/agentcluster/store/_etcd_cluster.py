@@ -19,7 +19,10 @@ With ``tls=True`` the client listeners speak TLS only and demand a client certif
 (``--client-cert-auth``): the cluster makes a throw-away CA, a server certificate for
 127.0.0.1 and a client certificate (:func:`~agentcluster.store._test_pki.make_pki`, files in
 ``cluster.pki``), and its own health and status probes present that client certificate.
-Peers still talk plain HTTP to each other: that link is not what the tests exercise.
+Peers still talk plain HTTP to each other: that link is not what the tests exercise. With
+``jwt_tokens=True`` etcd's auth tokens are JWTs (ES256, a key pair made for the run) instead
+of its default in-memory "simple" tokens: a JWT carries the auth store's revision, so any
+change to users or roles makes the tokens issued before it stale.
 
 Timing flags are etcd's own defaults, spelled out so the figures measured against this
 cluster can be quoted with them: ``--heartbeat-interval 100`` ms and ``--election-timeout
@@ -45,7 +48,7 @@ from pathlib import Path
 from types import TracebackType
 
 from agentcluster.launcher import die_with_parent
-from agentcluster.store._test_pki import TestPKI, make_pki
+from agentcluster.store._test_pki import TestPKI, make_jwt_keys, make_pki
 
 __all__ = ["EtcdCluster", "EtcdMember", "EtcdNotInstalled", "find_etcd"]
 
@@ -154,6 +157,7 @@ class EtcdCluster:
         log_level: str = "warn",
         extra_args: tuple[str, ...] = (),
         tls: bool = False,
+        jwt_tokens: bool = False,
     ) -> None:
         if n < 1:
             raise ValueError(f"an etcd cluster needs at least one member, got {n}")
@@ -170,6 +174,13 @@ class EtcdCluster:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pki: TestPKI | None = make_pki(self.workdir / "pki") if tls else None
+        self._token_args: list[str] = []
+        if jwt_tokens:
+            private, public = make_jwt_keys(self.workdir / "jwt")
+            self._token_args = [
+                "--auth-token",
+                f"jwt,pub-key={public},priv-key={private},sign-method=ES256,ttl=10m",
+            ]
         self._probe_tls: ssl.SSLContext | None = None
         if self.pki is not None:
             ctx = ssl.create_default_context(cafile=str(self.pki.ca_file))
@@ -224,6 +235,7 @@ class EtcdCluster:
             "--log-outputs", "stderr",
             "--log-level", self.log_level,
             *self._tls_args(),
+            *self._token_args,
             *self.extra_args,
         ]  # fmt: skip
 

@@ -42,6 +42,7 @@ def _split(endpoint: str) -> tuple[str | None, str]:
     for prefix in ("http://", "https://"):
         if endpoint.startswith(prefix):
             scheme, endpoint = prefix[:-3], endpoint[len(prefix) :]
+            break
     if "://" in endpoint:
         raise ValueError(f"etcd endpoints are host:port, http:// or https://, not {endpoint!r}")
     endpoint = endpoint.rstrip("/")

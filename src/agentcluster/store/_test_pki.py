@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["TestPKI", "make_pki"]
+__all__ = ["TestPKI", "make_jwt_keys", "make_pki"]
 
 _VALID = datetime.timedelta(days=1)
 # A clock that is a little behind the one that made the certificate must still accept it.
@@ -150,3 +150,19 @@ def make_pki(directory: str | Path, *, ca_name: str = "agentcluster test CA") ->
     _write_cert(pki.client_cert, client)
     _write_key(pki.client_key, client_key)
     return pki
+
+
+def make_jwt_keys(directory: str | Path) -> tuple[Path, Path]:
+    """Write a P-256 key pair for signing ES256 tokens (etcd's ``--auth-token jwt,...``)
+    into ``directory``; returns ``(private key, public key)`` paths."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = out / "jwt-key.pem", out / "jwt-pub.pem"
+    _write_key(private, key)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private, public

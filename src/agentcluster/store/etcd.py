@@ -58,9 +58,10 @@ a CA file (else the system's roots), a client certificate and key for a cluster 
 certificate does not name. With ``user`` and ``password`` the store authenticates once when it
 connects and sends etcd's token with every call and stream. etcd forgets a token (its TTL,
 ``--auth-token-ttl``, runs out while the client is idle; a member restarts; the user's
-password changes): a call refused for its token -- before anything was applied, so a write
-is safe to send again -- authenticates anew and goes again; concurrent calls share one
-renewal. A watch that a member cancels as it is created ("invalid auth token", or
+password changes; with JWT tokens, which carry the auth store's revision, any change to users
+or roles): a call refused for its token -- before anything was applied, so a write is safe
+to send again -- authenticates anew and goes again; concurrent calls share one renewal and
+its outcome, each waiting within its own deadline. A watch that a member cancels as it is created ("invalid auth token", or
 "permission denied", which is also etcd's word for a missing token) renews its token and
 re-creates itself; a denial again with a fresh token raises :class:`EtcdAuthError`, as do
 wrong credentials, a request the user has no permission for, and a cluster with
@@ -165,6 +166,11 @@ _UNSENT_PREFIXES = ("failed to connect to all addresses",)
 _UNSENT_DETAILS = frozenset({"etcdserver: no leader", "etcdserver: too many requests"})
 
 
+def _consume(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _details(err: Any) -> str:
     return str(err.details() or "")
 
@@ -255,7 +261,7 @@ class EtcdStore(Store):
         self._password = password
         self._token: str | None = None
         self._metadata: tuple[tuple[str, str], ...] = _METADATA
-        self._auth_lock: asyncio.Lock | None = None
+        self._renewal: asyncio.Task[None] | None = None  # the one authentication under way
         self.authentications = 0  # tokens obtained (the first one included)
         self._timeout = timeout
         # Reads give up on one member after half the budget, so a hung member leaves time to
@@ -325,18 +331,33 @@ class EtcdStore(Store):
         self._token = token
         self._metadata = _METADATA if token is None else (*_METADATA, ("token", token))
 
-    async def _renew(self, stale: str | None, err: Any) -> None:
-        """A new token, unless another call replaced ``stale`` meanwhile."""
+    async def _renew(self, stale: str | None, err: Any, deadline: float) -> None:
+        """A new token, unless one replaced ``stale`` already. Every caller that finds the
+        same stale token shares one authentication and its outcome (a failure included);
+        each waits for it until its own ``deadline`` (loop time) at most, then raises
+        :class:`StoreUnavailable`."""
         if self._user is None:
             raise EtcdAuthError(
                 "etcd has authentication on: connect with user= and password= "
                 f"(etcd answered: {_details(err)})"
             ) from err
-        if self._auth_lock is None:
-            self._auth_lock = asyncio.Lock()
-        async with self._auth_lock:
-            if self._token == stale:
-                await self._authenticate()
+        if self._token != stale:
+            return
+        task = self._renewal
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(
+                self._authenticate(), name="etcd-authenticate"
+            )
+            # Its outcome is read by the waiters; one that none waited for is not "lost".
+            task.add_done_callback(_consume)
+            self._renewal = task
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(task)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"no new etcd auth token in time (etcd answered: {_details(err)})"
+            ) from err
 
     def _refused_token(self, err: Any, token: str | None) -> bool:
         """Whether ``err`` refused the call for its token (or, from a store that has
@@ -392,7 +413,7 @@ class EtcdStore(Store):
                             f"{what}: etcd kept refusing fresh tokens: {_details(err)}"
                         ) from err
                     renewals += 1
-                    await self._renew(token, err)
+                    await self._renew(token, err, deadline)
                     continue
                 permanent = _permanent(err)
                 if permanent is not None:
@@ -576,6 +597,11 @@ class EtcdStore(Store):
         for watch in list(self._watches.values()):
             await watch.stop()
         self._watches.clear()
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None and not renewal.done():
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await renewal
         for ep in self._endpoints:
             await ep.channel.close()
 
@@ -669,22 +695,27 @@ class _Watch:
                 else:
                     renewable, limit = _details(err) in _STALE_TOKEN, _RENEWALS_PER_CALL
                 if renewable and store._user is not None and renewals < limit:
-                    renewals += 1
                     try:
-                        await store._renew(token, err)
-                    except StoreError as exc:
-                        if not isinstance(exc, StoreUnavailable):
-                            self._fail(exc)
-                            return
-                    continue
-                if isinstance(err, _WatchDenied):
+                        await store._renew(token, err, broken_since + store._timeout)
+                    except StoreUnavailable as exc:
+                        # No token to be had now: an outage, handled as any broken stream
+                        # (next endpoint, back-off, and the watch's own deadline) below.
+                        reason = str(exc)
+                    except StoreError as exc:  # the credentials themselves were refused
+                        self._fail(exc)
+                        return
+                    else:
+                        renewals += 1
+                        continue
+                elif isinstance(err, _WatchDenied):
                     self._fail(store._hint(err))
                     return
-                permanent = _permanent(err)
-                if permanent is not None:
-                    self._fail(store._hint(permanent))
-                    return
-                reason = f"{err.code().name}: {_details(err)}"
+                else:
+                    permanent = _permanent(err)
+                    if permanent is not None:
+                        self._fail(store._hint(permanent))
+                        return
+                    reason = f"{err.code().name}: {_details(err)}"
             except StoreError as exc:  # Compacted, or a watch etcd refused
                 self._fail(exc)
                 return
@@ -742,10 +773,10 @@ class _Watch:
         if resp.created:
             if resp.canceled:
                 reason = resp.cancel_reason
-                if "invalid auth token" in reason or "permission denied" in reason:
+                stale = any(text.removeprefix("etcdserver: ") in reason for text in _STALE_TOKEN)
+                if stale or "permission denied" in reason:
                     raise _WatchDenied(
-                        f"etcd refused the watch on {self._prefix!r}: {reason}",
-                        stale="invalid auth token" in reason,
+                        f"etcd refused the watch on {self._prefix!r}: {reason}", stale=stale
                     )
                 raise StoreError(f"etcd refused the watch: {resp.cancel_reason}")
             if self._next == 0:
