@@ -483,3 +483,33 @@ async def test_close_cancels_a_renewal_under_way() -> None:
     assert renewal.cancelled()
     with pytest.raises(asyncio.CancelledError):
         await waiter
+
+
+async def test_a_watch_that_cannot_renew_its_token_ends_unavailable_not_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every member refuses the watch's token and no new one can be had (no quorum): that
+    is an outage, so the watch ends as unavailable within its deadline -- not with an auth
+    error, which would say that retrying is pointless."""
+    from agentcluster.store import etcd as etcd_module
+
+    store = EtcdStore(["127.0.0.1:1", "127.0.0.1:2"], user="u", password="p", timeout=0.3)
+    renewals = 0
+
+    async def refused(self: Any, endpoint: Any) -> str:
+        raise etcd_module._WatchDenied("invalid auth token", stale=True)
+
+    async def no_quorum(stale: str | None, err: Any, deadline: float) -> None:
+        nonlocal renewals
+        renewals += 1
+        raise StoreUnavailable("no leader")
+
+    monkeypatch.setattr(etcd_module._Watch, "_stream", refused)
+    store._renew = no_quorum  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StoreUnavailable, match=r"not re-established within 0\.3 s"):
+            async with store.watch("x/"):
+                pass
+        assert renewals > etcd_module._RENEWALS_PER_CALL  # an outage spends no renewals
+    finally:
+        await store.close()
