@@ -61,9 +61,10 @@ connects and sends etcd's token with every call and stream. etcd forgets a token
 password changes; with JWT tokens, which carry the auth store's revision, any change to users
 or roles): a call refused for its token -- before anything was applied, so a write is safe
 to send again -- authenticates anew and goes again; concurrent calls share one renewal and
-its outcome, each waiting within its own deadline. A watch that a member cancels as it is created ("invalid auth token", or
-"permission denied", which is also etcd's word for a missing token) renews its token and
-re-creates itself; a denial again with a fresh token raises :class:`EtcdAuthError`, as do
+its outcome, each waiting within its own deadline. A watch that a member cancels as it is
+created ("invalid auth token", "revision of auth store is old", or "permission denied",
+which is also etcd's word for a missing token) renews its token and re-creates itself; a
+denial again with a fresh token raises :class:`EtcdAuthError`, as do
 wrong credentials, a request the user has no permission for, and a cluster with
 authentication on when the store has no credentials. Credentials against a cluster without
 authentication are accepted and unused, as etcd's own client does, until a call is refused
