@@ -1,9 +1,10 @@
 """The etcd backend with TLS and authentication, against real etcd members on loopback.
 
-The option checks at the top need no etcd. Everything else starts real ``etcd`` processes
-whose client listeners speak TLS only and demand a client certificate (``EtcdCluster(...,
-tls=True)``: a throw-away CA made for the run), so those tests are marked ``slow``; as in
-``test_store_etcd``, a missing etcd is installed or named, never skipped.
+The option checks at the top and the renewal tests at the end need no etcd (they are not
+marked slow). Everything else starts real ``etcd`` processes whose client listeners speak TLS
+only and demand a client certificate (``EtcdCluster(..., tls=True)``: a throw-away CA made
+for the run), so those tests are marked ``slow``; as in ``test_store_etcd``, a missing etcd
+is installed or named, never skipped.
 """
 
 from __future__ import annotations
