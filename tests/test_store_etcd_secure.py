@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agentcluster.store._etcd_cluster import EtcdCluster
+from agentcluster.store._etcd_errors import RENEWALS_PER_CALL
 from agentcluster.store._test_pki import TestPKI, make_pki
 from agentcluster.store.base import Store, StoreUnavailable
 from agentcluster.store.etcd import EtcdAuthError, EtcdStore
@@ -511,6 +512,6 @@ async def test_a_watch_that_cannot_renew_its_token_ends_unavailable_not_refused(
         with pytest.raises(StoreUnavailable, match=r"not re-established within 0\.3 s"):
             async with store.watch("x/"):
                 pass
-        assert renewals > etcd_module._RENEWALS_PER_CALL  # an outage spends no renewals
+        assert renewals > RENEWALS_PER_CALL  # an outage spends no renewals
     finally:
         await store.close()

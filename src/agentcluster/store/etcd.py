@@ -90,6 +90,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from agentcluster.store._etcd_conn import plan
+from agentcluster.store._etcd_errors import (
+    AUTH_OFF,
+    NO_TOKEN,
+    RENEWALS_PER_CALL,
+    STALE_TOKEN,
+    EtcdAuthError,
+    consume,
+    detail_text,
+    final_error,
+    unsent,
+)
 from agentcluster.store._etcd_map import (
     compare_msg,
     event_of,
@@ -136,15 +147,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
 
-# Refusals of the token (not of the user): etcd checks the token before a request reaches its
-# log, and the auth store's revision when it applies one -- refused either way, not applied.
-_STALE_TOKEN = frozenset(
-    {"etcdserver: invalid auth token", "etcdserver: revision of auth store is old"}
-)
-_NO_TOKEN = "etcdserver: user name is empty"  # authentication is on and the call had no token
-_AUTH_OFF = "etcdserver: authentication is not enabled"
-_RENEWALS_PER_CALL = 3  # a token refused again right after a renewal is not a stale one
-
 
 class EtcdOptions(TypedDict, total=False):
     """The security options of :class:`EtcdStore` and :meth:`EtcdStore.connect`."""
@@ -155,59 +157,6 @@ class EtcdOptions(TypedDict, total=False):
     server_name: str | None
     user: str | None
     password: str | None
-
-
-class EtcdAuthError(StoreError):
-    """etcd refused the credentials, the token or the user's permission (see the module
-    docstring); another endpoint would not change that."""
-
-
-# Failures that prove the request was not applied: safe to send again, writes included.
-_UNSENT_PREFIXES = ("failed to connect to all addresses",)
-_UNSENT_DETAILS = frozenset({"etcdserver: no leader", "etcdserver: too many requests"})
-
-
-def _consume(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-def _details(err: Any) -> str:
-    return str(err.details() or "")
-
-
-def _unsent(err: Any) -> bool:
-    details = _details(err)
-    return details.startswith(_UNSENT_PREFIXES) or details in _UNSENT_DETAILS
-
-
-def _permanent(err: Any) -> Exception | None:
-    """The error to raise as is for a failure that another endpoint would not fix."""
-    code, details = err.code(), _details(err)
-    if details.startswith("etcdserver: authentication failed"):
-        return EtcdAuthError(f"etcd refused the credentials: {details}")
-    if code == grpc.StatusCode.PERMISSION_DENIED:
-        return EtcdAuthError(f"etcd denied the request: {details}")
-    if details == _NO_TOKEN:
-        return EtcdAuthError(
-            "etcd has authentication on: connect with user= and password= "
-            f"(etcd answered: {details})"
-        )
-    if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
-        return LeaseNotFound(details)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return ValueError(f"etcd rejected the request: {details}")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details not in _UNSENT_DETAILS:
-        return StoreError(f"etcd: {details}")  # e.g. "database space exceeded"
-    if code in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ):
-        return None
-    return StoreError(f"etcd: {code.name}: {details}")
 
 
 class _Endpoint:
@@ -323,7 +272,7 @@ class EtcdStore(Store):
         try:
             resp = await self._call("authenticate", attempt, idempotent=True, renew=False)
         except StoreError as exc:
-            if _AUTH_OFF not in str(exc):
+            if AUTH_OFF not in str(exc):
                 raise
             token = None
         else:
@@ -340,7 +289,7 @@ class EtcdStore(Store):
         if self._user is None:
             raise EtcdAuthError(
                 "etcd has authentication on: connect with user= and password= "
-                f"(etcd answered: {_details(err)})"
+                f"(etcd answered: {detail_text(err)})"
             ) from err
         if self._token != stale:
             return
@@ -350,27 +299,27 @@ class EtcdStore(Store):
                 self._authenticate(), name="etcd-authenticate"
             )
             # Its outcome is read by the waiters; one that none waited for is not "lost".
-            task.add_done_callback(_consume)
+            task.add_done_callback(consume)
             self._renewal = task
         try:
             async with asyncio.timeout_at(deadline):
                 await asyncio.shield(task)
         except TimeoutError:
             raise StoreUnavailable(
-                f"no new etcd auth token in time (etcd answered: {_details(err)})"
+                f"no new etcd auth token in time (etcd answered: {detail_text(err)})"
             ) from err
 
     def _refused_token(self, err: Any, token: str | None) -> bool:
         """Whether ``err`` refused the call for its token (or, from a store that has
         credentials but no token yet -- etcd had authentication off when it connected -- for
         having none), so that a new token may be worth a try."""
-        details = _details(err)
-        if details in _STALE_TOKEN:
+        details = detail_text(err)
+        if details in STALE_TOKEN:
             return True
         return (
             token is None
             and self._user is not None
-            and (details == _NO_TOKEN or err.code() == grpc.StatusCode.PERMISSION_DENIED)
+            and (details == NO_TOKEN or err.code() == grpc.StatusCode.PERMISSION_DENIED)
         )
 
     def _hint(self, error: Exception) -> Exception:
@@ -409,21 +358,21 @@ class EtcdStore(Store):
             except grpc.aio.AioRpcError as err:
                 if renew and self._refused_token(err, token):
                     # Refused before it took effect: any request may go again, with a new token.
-                    if renewals >= _RENEWALS_PER_CALL:
+                    if renewals >= RENEWALS_PER_CALL:
                         raise EtcdAuthError(
-                            f"{what}: etcd kept refusing fresh tokens: {_details(err)}"
+                            f"{what}: etcd kept refusing fresh tokens: {detail_text(err)}"
                         ) from err
                     renewals += 1
                     await self._renew(token, err, deadline)
                     continue
-                permanent = _permanent(err)
+                permanent = final_error(err)
                 if permanent is not None:
                     raise self._hint(permanent) from err
                 if self._closed:
                     raise StoreUnavailable("the etcd store is closed") from err
                 self._failover(index)
-                reason = f"{what} via {endpoint.target}: {err.code().name}: {_details(err)}"
-                if not (idempotent or _unsent(err)):
+                reason = f"{what} via {endpoint.target}: {err.code().name}: {detail_text(err)}"
+                if not (idempotent or unsent(err)):
                     raise StoreUnavailable(
                         f"{reason} (the write may or may not have happened)"
                     ) from err
@@ -692,9 +641,9 @@ class _Watch:
             except (grpc.aio.AioRpcError, _WatchDenied) as err:
                 if isinstance(err, _WatchDenied):
                     # A denial gets one fresh token, in case the old one was the problem.
-                    renewable, limit = True, _RENEWALS_PER_CALL if err.stale else 1
+                    renewable, limit = True, RENEWALS_PER_CALL if err.stale else 1
                 else:
-                    renewable, limit = _details(err) in _STALE_TOKEN, _RENEWALS_PER_CALL
+                    renewable, limit = detail_text(err) in STALE_TOKEN, RENEWALS_PER_CALL
                 if renewable and store._user is not None and renewals < limit:
                     try:
                         await store._renew(token, err, broken_since + store._timeout)
@@ -712,11 +661,11 @@ class _Watch:
                     self._fail(store._hint(err))
                     return
                 else:
-                    permanent = _permanent(err)
+                    permanent = final_error(err)
                     if permanent is not None:
                         self._fail(store._hint(permanent))
                         return
-                    reason = f"{err.code().name}: {_details(err)}"
+                    reason = f"{err.code().name}: {detail_text(err)}"
             except StoreError as exc:  # Compacted, or a watch etcd refused
                 self._fail(exc)
                 return
@@ -774,7 +723,7 @@ class _Watch:
         if resp.created:
             if resp.canceled:
                 reason = resp.cancel_reason
-                stale = any(text.removeprefix("etcdserver: ") in reason for text in _STALE_TOKEN)
+                stale = any(text.removeprefix("etcdserver: ") in reason for text in STALE_TOKEN)
                 if stale or "permission denied" in reason:
                     raise _WatchDenied(
                         f"etcd refused the watch on {self._prefix!r}: {reason}", stale=stale
