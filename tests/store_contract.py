@@ -474,6 +474,30 @@ class StoreContract:
             assert final is not None and final.value == b"15"
             assert await self.keys_under(store, name + "/") == []
 
+    async def test_nested_names_are_separate_locks_and_elections(self) -> None:
+        # "jobs" and "jobs/7" share a key prefix ("jobs/"): their queues must not mix.
+        async with self.open_store() as store:
+            outer, inner = self.key("jobs"), self.key("jobs") + "/7"
+            # The outer lock is not queued behind the inner one's key, under "jobs/" too.
+            async with asyncio.timeout(self.settle_timeout):
+                async with (
+                    store.lock(inner, ttl=self.lock_ttl) as held_inner,
+                    store.lock(outer, ttl=self.lock_ttl) as held_outer,
+                ):
+                    assert held_inner.held and held_outer.held
+            lease = await store.lease_grant(self.long_ttl)
+            try:
+                big, small = store.election(outer + "-office"), store.election(outer + "-office/7")
+                await self.settled(small.campaign(b"small", lease=lease.id))
+                assert await big.leader() is None
+                mine = await self.settled(big.campaign(b"big", lease=lease.id))
+                leader = await store.election(outer + "-office").leader()
+                assert leader is not None and leader.key == mine.key
+                leader = await store.election(outer + "-office/7").leader()
+                assert leader is not None and leader.value == b"small"
+            finally:
+                await store.lease_revoke(lease.id)
+
     async def test_lock_fencing_after_the_holder_lost_its_lease(self) -> None:
         async with self.open_store() as store:
             name, k = self.key("fence"), self.key("guarded")

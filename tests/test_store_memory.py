@@ -122,6 +122,25 @@ async def test_keepalive_after_the_deadline_is_refused_even_before_the_timer_ran
         assert await store.get("k") is None
 
 
+async def test_writes_after_the_deadline_find_the_lease_gone_before_the_timer_ran() -> None:
+    # A holder paused past its TTL (a GC pause, a busy loop) must be fenced off at once, not
+    # when the expiry task next gets the CPU.
+    clock = SimClock()
+    async with MemoryStore(clock=clock) as store:
+        lock = store.lock("job", ttl=5.0)
+        await lock.acquire()
+        assert await lock.fenced_put("out", b"1")
+        lease = await store.lease_grant(5.0)
+        await store.put("mine", b"", lease=lease.id)
+        clock.advance(5.0)  # both deadlines passed; the expiry task has not run yet
+        assert await store.get("mine") is None
+        assert not await lock.fenced_put("out", b"stale")
+        with pytest.raises(LeaseNotFound):
+            await store.put("k", b"v", lease=lease.id)
+        assert (await store.get("out")).value == b"1"  # type: ignore[union-attr]
+        assert (await store.range("job/")).kvs == [] and store.machine.leases() == {}
+
+
 async def test_a_sim_clock_drives_expiry() -> None:
     clock = SimClock()
     async with MemoryStore(clock=clock) as store:

@@ -5,11 +5,16 @@ replicated store has to show: leader failover, snapshots catching a member up, s
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 
+import msgspec
 import pytest
 
+from agentcluster.clock import MonotonicClock
+from agentcluster.consensus.raft import MemoryStorage, RaftConfig
+from agentcluster.consensus.raft.messages import Message, RequestVote, TimeoutNow
 from agentcluster.store import (
     Compare,
     KeyValue,
@@ -21,8 +26,15 @@ from agentcluster.store import (
     TxnResult,
     WatchEvent,
 )
-from agentcluster.store._kv import PutCmd, PutResult, decode_result, encode_command, unwrap
-from agentcluster.store.raft import KvRequest
+from agentcluster.store._kv import (
+    LeaseGrantCmd,
+    PutCmd,
+    PutResult,
+    decode_result,
+    encode_command,
+    unwrap,
+)
+from agentcluster.store.raft import KvRequest, RaftKV
 from agentcluster.testing import SimCluster, wait_until
 from store_contract import StoreContract
 
@@ -293,3 +305,110 @@ async def test_a_request_without_a_leader_names_its_own_deadline() -> None:
             await store.request(KvRequest("rev"), timeout=0.25)
     finally:
         await c.stop()
+
+
+class _HeldNet:
+    """Messages between RaftKV members: delivered on the next loop turn, or held while
+    ``hold`` is set and released by the test, in order."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.held: list[Message] = []
+        self.members: dict[str, RaftKV] = {}
+
+    def send(self, msg: Message) -> None:
+        if self.hold:
+            self.held.append(msg)
+        else:
+            asyncio.get_running_loop().call_soon(self._deliver, msg)
+
+    def _deliver(self, msg: Message) -> None:
+        self.members[msg.dst].on_message(msg)
+
+    def release(self, to: str | None = None) -> None:
+        go = [m for m in self.held if to is None or m.dst == to]
+        self.held = [m for m in self.held if m not in go]
+        for m in go:
+            self._deliver(m)
+
+
+@pytest.mark.virtual_time
+@pytest.mark.parametrize("lease_reads", [False, True])
+async def test_a_keepalive_racing_a_step_down_is_redirected_not_reported_expired(
+    lease_reads: bool,
+) -> None:
+    # A keep-alive's read barrier can complete in the very turn the leader steps down (the
+    # quorum's acks and a higher term's vote request arrive together). The old leader has
+    # dropped its lease timers then: it must send the client to the next leader, not report
+    # a live lease expired (a Lock would give up a lock it still holds).
+    net = _HeldNet()
+    names = ["a", "b", "c"]
+    config = RaftConfig(election_timeout=1.0, heartbeat_interval=0.1, lease_reads=lease_reads)
+    for i, name in enumerate(names):
+        net.members[name] = RaftKV(
+            name,
+            names,
+            storage=MemoryStorage(),
+            clock=MonotonicClock(),
+            rng=random.Random(i),
+            send=net.send,
+            raft_config=config,
+        )
+
+    def leaders() -> list[RaftKV]:
+        return [m for m in net.members.values() if m.shell.is_leader and m.leading]
+
+    async with asyncio.TaskGroup() as tg:
+        for member in net.members.values():
+            await member.start(tg)
+        try:
+            await wait_until(lambda: len(leaders()) == 1, timeout=10)
+            (leader,) = leaders()
+            f1, f2 = [n for n in names if n != leader.id]
+            grant = await leader.serve(KvRequest("cmd", encode_command(LeaseGrantCmd(60.0))))
+            lease_id = unwrap(decode_result(grant.data), Lease).id
+            assert (await leader.serve(KvRequest("keepalive", n=lease_id))).ok
+            net.hold = True
+            if lease_reads:
+                await asyncio.sleep(0.92)  # no acks: its read lease lapses, it still leads
+                assert leader.shell.is_leader
+            before = len(net.held)
+            keepalive = asyncio.create_task(leader.serve(KvRequest("keepalive", n=lease_id)))
+            await wait_until(lambda: any(m.dst == f1 for m in net.held[before:]))  # its round
+            net.release(f1)  # f1 acknowledges (its answers held)
+            await wait_until(lambda: any(m.src == f1 for m in net.held))
+            assert leader.shell.transfer_leadership(f2)
+            await wait_until(lambda: any(isinstance(m, TimeoutNow) for m in net.held))
+            net.release(f2)  # f2 campaigns (its vote request held)
+            await wait_until(lambda: any(isinstance(m, RequestVote) for m in net.held))
+            assert not keepalive.done()
+            net.release(leader.id)  # f1's acks and f2's vote request in one turn
+            reply = await keepalive
+            assert not leader.shell.is_leader
+            assert (reply.ok, reply.error) == (False, "not_leader"), reply
+            net.hold = False
+            net.release()
+            await wait_until(lambda: len(leaders()) == 1, timeout=10)
+            (new,) = leaders()
+            assert (await new.serve(KvRequest("keepalive", n=lease_id))).ok  # it lives on
+        finally:
+            for member in net.members.values():
+                await member.close()
+
+
+@pytest.mark.virtual_time
+async def test_an_events_poll_ends_quietly_when_its_member_closes() -> None:
+    net = _HeldNet()
+    member = RaftKV(
+        "a", ["a"], storage=MemoryStorage(), clock=MonotonicClock(), rng=random.Random(0),
+        send=net.send,
+    )  # fmt: skip
+    net.members["a"] = member
+    async with asyncio.TaskGroup() as tg:
+        await member.start(tg)
+        await wait_until(lambda: member.shell.is_leader and member.leading, timeout=10)
+        poll = asyncio.create_task(member.serve(KvRequest("events", key="", n=1, wait=20.0)))
+        await wait_until(lambda: len(member.hub) > 0)
+        await member.close()
+        reply = await poll
+        assert reply.ok and reply.data == msgspec.msgpack.encode([])

@@ -75,6 +75,13 @@ def _lowest(kvs: Sequence[KeyValue]) -> KeyValue | None:
     return min(kvs, key=lambda kv: kv.create_revision, default=None)
 
 
+def _queue(prefix: str, kvs: Sequence[KeyValue]) -> list[KeyValue]:
+    """The candidates' keys under ``prefix``: ``prefix`` + a lease id, nothing deeper -- so the
+    queues of ``jobs`` and ``jobs/7`` (whose keys also start with ``jobs/``) stay apart."""
+    start = len(prefix)
+    return [kv for kv in kvs if "/" not in kv.key[start:]]
+
+
 async def _campaign(store: Store, prefix: str, lease: int, value: bytes) -> Leadership:
     """Join the queue under ``prefix`` and wait until first in it."""
     key = f"{prefix}{lease:x}"
@@ -109,7 +116,7 @@ async def _wait_for_turn(store: Store, prefix: str, leadership: Leadership) -> N
         queue = await store.range(prefix)
         mine: KeyValue | None = None
         ahead: KeyValue | None = None  # the last key before ours
-        for kv in queue.kvs:
+        for kv in _queue(prefix, queue.kvs):
             if kv.key == leadership.key:
                 mine = kv
             elif kv.create_revision < leadership.token and (
@@ -176,7 +183,7 @@ class Election:
 
     async def leader(self) -> KeyValue | None:
         """The current leader's key, or None."""
-        return _lowest((await self._store.range(self.prefix)).kvs)
+        return _lowest(_queue(self.prefix, (await self._store.range(self.prefix)).kvs))
 
     async def observe(self) -> AsyncGenerator[KeyValue, None]:
         """The leader's key-value now (if any) and at every change (a new leader, or a new
@@ -187,7 +194,7 @@ class Election:
         last: KeyValue | None = None
         while True:
             snapshot = await self._store.range(self.prefix)
-            leader = _lowest(snapshot.kvs)
+            leader = _lowest(_queue(self.prefix, snapshot.kvs))
             if leader is not None and leader != last:
                 last = leader
                 yield leader
@@ -198,7 +205,7 @@ class Election:
                 ) as events:
                     async for event in events:
                         if leader is None:
-                            if event.type == "put":
+                            if event.type == "put" and _queue(self.prefix, [event.kv]):
                                 break  # a first candidate: re-read who leads
                             continue
                         if event.kv.key != leader.key:

@@ -10,8 +10,10 @@ replicated backend wires them, minus the log:
 * lease deadlines live in :class:`~agentcluster.store._leases.LeaseTimers`; one owned
   background task sleeps on the :class:`~agentcluster.clock.Clock` until the next deadline
   and revokes what expired (on a virtual-time loop, a 10 s lease expires at exactly t + 10 s);
-* a keep-alive that arrives after the deadline but before the expiry task ran is refused and
-  revokes the lease at once, so no lease outlives its TTL by scheduling luck.
+* any request that arrives after a lease's deadline but before the expiry task ran revokes the
+  lease first (a keep-alive is then refused, a put on it fails, a read misses its keys, a
+  fenced write of a lock it held finds the lock key gone), so no lease outlives its TTL by
+  scheduling luck.
 
 Every method is ``async`` (the interface is): each takes effect in one synchronous step of the
 machine when called -- so concurrent tasks see a linearizable store -- then yields to the loop
@@ -103,16 +105,19 @@ class MemoryStore(Store):
 
     async def get(self, key: str) -> KeyValue | None:
         self._check_open()
+        self._expire_due()
         return await _reply(self._machine.get(key))
 
     async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
         self._check_open()
         if limit < 0:
             raise ValueError("limit must not be negative")
+        self._expire_due()
         return await _reply(self._machine.range(prefix, limit))
 
     async def revision(self) -> int:
         self._check_open()
+        self._expire_due()
         return await _reply(self._machine.revision)
 
     # -- writes --
@@ -184,8 +189,15 @@ class MemoryStore(Store):
         if self._closed:
             raise StoreUnavailable("the store is closed")
 
+    def _expire_due(self) -> None:
+        """Revoke the leases past their deadline that the expiry task has not reached yet."""
+        for lease_id in self._timers.expired(self._clock.now()):
+            self._revoke(lease_id)
+
     def _apply(self, cmd: Command) -> Result:
         self._check_open()
+        if not isinstance(cmd, LeaseRevokeCmd):
+            self._expire_due()
         result = self._machine.apply(decode_command(encode_command(cmd)))
         if self._machine.last_events:
             self._hub.publish(self._machine.last_events)

@@ -427,6 +427,11 @@ class RaftKV:
             return KvReply(True, _enc.encode(kv.range(req.key, req.n)))
         if req.op == "rev":
             return KvReply(True, _enc.encode(kv.revision))
+        if not shell.is_leader or not self.leading:
+            # Deposed while the barrier was out (a vote request in the same turn as the
+            # quorum's acks): the lease timers were dropped with the role, so the lease would
+            # look expired here while the next leader keeps it alive. The client retries there.
+            raise NotLeader(shell.leader_id)
         lease = kv.lease(req.n)
         if lease is None:
             raise LeaseNotFound(f"lease {req.n:x} not found")
@@ -443,7 +448,7 @@ class RaftKV:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(req.wait, 30.0)):
                     async with self.hub.watch(req.key, start) as stream:
-                        await anext(stream)
+                        await anext(stream, None)  # None: the hub closed (the member stops)
             events = kv.events_since(start, req.key)
         if len(events) > _EVENTS_BATCH:
             # Cut at a revision boundary: the client resumes from the last revision + 1.
