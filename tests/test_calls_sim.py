@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 from typing import Any
 
 import msgspec
 import pytest
 
 from agentcluster.agents import Action, ActionContext, Agent, Result
+from agentcluster.balancing.limits import AdaptiveConcurrency, ConcurrencyConfig
 from agentcluster.cluster import Cluster
 from agentcluster.control import CallRequest
 from agentcluster.errors import CallError, CallRemoteError, NoCapacity, Rejected, Timeout
@@ -79,11 +81,36 @@ async def test_errors_are_typed() -> None:
 async def test_a_full_mailbox_sheds_with_rejected() -> None:
     async with SimCluster(2, seed=43) as c:
         await _workers(c, ["n2"], mailbox=1)
+        # A fixed, roomy concurrency limit: the mailbox is what sheds here.
+        roomy = ConcurrencyConfig(
+            initial_limit=100.0, min_limit=100.0, max_limit=100.0, probe_limit=100
+        )
+        c.nodes["n2"].calls.limiter = AdaptiveConcurrency(roomy, rng=random.Random(1))
         cluster = Cluster.of(c.nodes["n1"])
         calls = [cluster.call("echo", "app.echo", {"sleep": 0.5}, timeout=5.0) for _ in range(6)]
         results = await asyncio.gather(*calls, return_exceptions=True)
         rejected = [r for r in results if isinstance(r, Rejected)]
         assert rejected and all(isinstance(r, dict | Rejected) for r in results)
+        assert {r.reason for r in rejected} == {"overload"}
+
+
+@pytest.mark.virtual_time
+async def test_the_concurrency_limit_sheds_with_rejected_naming_it() -> None:
+    async with SimCluster(2, seed=45) as c:
+        await _workers(c, ["n2"])
+        target = c.nodes["n2"]
+        # One call at a time, also while it probes its baseline latency.
+        one = ConcurrencyConfig(initial_limit=1.0, min_limit=1.0, max_limit=1.0, probe_limit=1)
+        target.calls.limiter = AdaptiveConcurrency(one, rng=random.Random(1))
+        cluster = Cluster.of(c.nodes["n1"])
+        calls = [cluster.call("echo", "app.echo", {"sleep": 0.5}, timeout=5.0) for _ in range(4)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        served = [r for r in results if isinstance(r, dict)]
+        rejected = [r for r in results if isinstance(r, Rejected)]
+        assert len(served) == 1 and len(rejected) == 3, results
+        assert {r.reason for r in rejected} == {"concurrency_limit"}
+        assert all("concurrency limit" in str(r) for r in rejected)
+        assert target.calls.shed == 3
 
 
 async def _traffic(
@@ -291,3 +318,40 @@ async def test_a_call_for_a_named_agent_that_is_missing_or_ambiguous_is_a_typed_
         assert one.ok and one.data["agent"] == "echo-b"
         # Nothing was admitted for the two that named no single agent.
         assert node.calls.limiter.in_flight == 0 and node.calls.failed == 0
+
+
+@pytest.mark.virtual_time
+async def test_a_cancelled_call_leaves_nothing_in_flight_nor_holds_a_probe() -> None:
+    # A caller cancelled mid-call records no outcome, but its attempt must not stay "in
+    # flight" (latency-aware routing would avoid the node for good) nor keep the half-open
+    # breaker's probe slot (the breaker would never probe again).
+    async with SimCluster(2, seed=44) as c:
+        await _workers(c, ["n2"])
+        caller = c.nodes["n1"]
+        cluster = Cluster.of(caller)
+        balancer = caller.calls.balancer
+        await cluster.call("echo", "app.echo", {"warm": 1})
+        strategy = balancer._routes["echo"].strategy
+        # A success is recorded on the next loop turn: wait for it, so "1" below is the call's.
+        await c.wait_until(lambda: strategy.inflight("n2") == 0, timeout=5)
+        slow = asyncio.ensure_future(cluster.call("echo", "app.echo", {"sleep": 0.5}, timeout=9))
+        await c.wait_until(lambda: strategy.inflight("n2") == 1, timeout=5)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert strategy.inflight("n2") == 0
+        # The same for a probe of a half-open breaker: its slot is free again.
+        breaker = balancer.breakers.get("n2")
+        breaker._enter_half_open()
+        probes = breaker.config.half_open_probes
+        probe = asyncio.ensure_future(cluster.call("echo", "app.echo", {"sleep": 0.5}, timeout=9))
+        await c.wait_until(lambda: strategy.inflight("n2") == 1, timeout=5)
+        assert breaker.snapshot(c.clock.now())["probes_left"] == probes - 1
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        assert breaker.snapshot(c.clock.now())["probes_left"] == probes
+        assert strategy.inflight("n2") == 0
+        for i in range(probes):  # the probes that do complete close it
+            assert (await cluster.call("echo", "app.echo", {"i": i}))["echo"] == {"i": i}
+        await c.wait_until(lambda: str(breaker.state(c.clock.now())) == "closed", timeout=5)

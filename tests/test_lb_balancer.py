@@ -32,6 +32,16 @@ def _picks(b: Balancer, n: int, now: float = 0.0, cap: str = "echo") -> Counter[
     return out
 
 
+def _assert_ramps_up(b: Balancer, node: str, *, early: float, late: float) -> None:
+    """Of three equal nodes, ``node`` gets a small share at ``early`` (slow start) and its
+    full third at ``late`` (the ramp over)."""
+    b.tick(early)
+    first = _picks(b, 2100, now=early)
+    assert first[node] < first["a"] / 5
+    b.tick(late)
+    assert abs(_picks(b, 3000, now=late)[node] - 1000) <= 2
+
+
 def test_unknown_capability_and_unknown_strategy() -> None:
     b = _balancer()
     with pytest.raises(NoEndpoint):
@@ -100,16 +110,74 @@ def test_panic_routes_to_everyone_when_too_few_are_eligible() -> None:
     assert set(_picks(b, 60, now=0.1)) >= {"c"}
 
 
+@pytest.mark.parametrize(("nodes", "opened"), [(3, 3), (10, 6), (10, 10)])
+def test_panic_routes_through_open_breakers(nodes: int, opened: int) -> None:
+    # Rule: in panic health is ignored, breakers included: every pick succeeds and spreads
+    # over all known nodes (a pick refusing open breakers would route nowhere, or run out of
+    # re-picks, when most are open).
+    b = _balancer(outliers=OutlierConfig(consecutive_errors=1000))
+    names = [f"n{i}" for i in range(nodes)]
+    b.set_endpoints("echo", _eps(*names), 0.0)
+    for node in names[:opened]:
+        for _ in range(5):
+            b.finished("echo", node, 0.001, False, 0.0)
+    assert b.breakers.open_nodes(0.1) == sorted(names[:opened])
+    assert b.snapshot(0.1)["capabilities"]["echo"]["panic"] is True
+    assert set(_picks(b, 20 * nodes, now=0.1)) == set(names)
+
+
+def test_nodes_coming_back_ramp_up_through_slow_start() -> None:
+    # Rule: a node whose ejection ends, or whose breaker closes after its probes, ramps up
+    # like a node that joins.
+    b = _balancer(
+        "weighted_round_robin",
+        slow_start=30.0,
+        outliers=OutlierConfig(jitter=0.0, base_ejection=10.0),
+    )
+    b.set_endpoints("echo", _eps("a", "b", "c"), 0.0)
+    _picks(b, 30)
+    for _ in range(5):
+        b.finished("echo", "c", 0.001, False, 0.0)  # ejects c (until 10 s), opens its breaker
+    assert b.outliers.is_ejected("c")
+    b.tick(2.0)  # open -> half-open; still ejected
+    events = b.tick(10.0)
+    assert [e["node"] for e in events if e["kind"] == "return"] == ["c"]
+    assert b.slow_start.factor("c", 10.0) == pytest.approx(0.1)  # min_weight at first
+    for _ in range(3):  # its probes succeed: the breaker closes, the ramp starts again
+        assert b.breakers.allow("c", 15.0)
+        b.finished("echo", "c", 0.001, True, 15.0)
+    assert str(b.breakers.state("c", 15.0)) == "closed"
+    assert b.slow_start.factor("c", 15.0) == pytest.approx(0.1)
+    _assert_ramps_up(b, "c", early=18.0, late=50.0)
+
+
+def test_an_abandoned_attempt_frees_its_probe_and_leaves_no_outcome() -> None:
+    b = _balancer("least_connections", outliers=OutlierConfig(consecutive_errors=1000))
+    b.set_endpoints("echo", _eps("a"), 0.0)
+    for _ in range(5):
+        b.finished("echo", "a", 0.001, False, 0.0)
+    b.tick(2.0)
+    breaker = b.breakers.get("a")
+    probes = breaker.config.half_open_probes
+    for _ in range(probes):
+        assert b.pick("echo", EMPTY_REQUEST, 2.0) == "a"
+        b.started("echo", "a", 2.0)
+    with pytest.raises(NoEndpoint):  # every probe is out
+        b.pick("echo", EMPTY_REQUEST, 2.0)
+    decisions = len(b.decisions)
+    b.abandoned("echo", "a", 0.5, 2.5)
+    assert b._routes["echo"].strategy.inflight("a") == probes - 1  # type: ignore[attr-defined]
+    assert breaker.snapshot(2.5)["probes_left"] == 1
+    assert str(breaker.state(2.5)) == "half_open" and len(b.decisions) == decisions
+    assert b.pick("echo", EMPTY_REQUEST, 2.5) == "a"
+
+
 def test_slow_start_ramps_a_node_that_joins_later() -> None:
     b = _balancer("weighted_round_robin", slow_start=30.0)
     b.set_endpoints("echo", _eps("a", "b"), 0.0)
     _picks(b, 10)  # traffic flows: later joiners ramp
     b.set_endpoints("echo", _eps("a", "b", "c"), 0.0)
-    early = _picks(b, 2100, now=3.0)
-    assert early["c"] < early["a"] / 5
-    b.tick(40.0)
-    late = _picks(b, 3000, now=40.0)
-    assert abs(late["c"] - 1000) <= 2
+    _assert_ramps_up(b, "c", early=3.0, late=40.0)
 
 
 def test_strategy_switch_and_decision_log() -> None:

@@ -146,6 +146,24 @@ def test_half_open_admits_exactly_the_probes_then_closes() -> None:
     assert changes[-1].until - changes[-1].at == pytest.approx(1.0)  # backoff was reset
 
 
+def test_an_abandoned_probe_frees_its_slot_and_decides_nothing() -> None:
+    # Rule: a probe abandoned without an outcome (its caller was cancelled) is handed back:
+    # the next request may probe instead; released twice, or outside half-open, it is a no-op.
+    b = _breaker()
+    b.release()  # closed: nothing to hand back
+    assert b.state(0.0) is CLOSED
+    _feed(b, "xxxxx", 0.0)
+    assert [b.allow(1.1) for _ in range(4)] == [True, True, True, False]
+    b.release()
+    assert b.snapshot(1.1)["probes_left"] == 1 and b.state(1.1) is HALF
+    assert b.allow(1.1) and not b.allow(1.1)
+    for _ in range(3):
+        b.record(True, 1.2)
+    assert b.state(1.2) is CLOSED
+    b.release()
+    assert b.state(1.2) is CLOSED and b.allow(1.2)
+
+
 def test_half_open_failure_reopens_for_longer() -> None:
     # Rule: any failed probe re-opens the breaker with the next (doubled) open time.
     b = _breaker()

@@ -43,10 +43,11 @@ def _traffic(
         (0, 10.0, 0, "nothing to eject"),
         (1, 10.0, 0, "never the last node"),
         (1, 100.0, 0, "never the last node, whatever the percentage"),
-        (2, 10.0, 1, "at least one once there are two"),
+        (2, 10.0, 0, "one of two would be 50 %, over the 10 % share"),
         (2, 50.0, 1, "50 % of 2"),
         (2, 100.0, 1, "never the last node"),
-        (3, 10.0, 1, "at least one"),
+        (3, 10.0, 0, "one of three would be 33 %"),
+        (3, 34.0, 1, "one of three is within 34 %"),
         (3, 50.0, 1, "floor(1.5)"),
         (3, 100.0, 2, "never the last node"),
         (10, 10.0, 1, "10 % of 10"),
@@ -54,11 +55,55 @@ def _traffic(
         (10, 100.0, 9, "never the last node"),
         (25, 10.0, 2, "floor(2.5)"),
         (30, 10.0, 3, "10 % of 30 despite float rounding"),
-        (10, 0.0, 1, "even 0 % allows one: the small-cluster rule"),
+        (10, 0.0, 0, "0 % turns ejection off"),
     ],
 )
 def test_max_ejected_table(n: int, percent: float, expected: int, why: str) -> None:
     assert max_ejected(n, percent) == expected, why
+    assert expected <= n * percent / 100.0, "the share is never exceeded"
+
+
+def test_the_default_share_ejects_one_node_of_two_or_three() -> None:
+    # Rule: the default (50 %) keeps ejection useful in the smallest clusters.
+    assert [max_ejected(n, OutlierConfig().max_ejection_percent) for n in (1, 2, 3, 10)] == [
+        0,
+        1,
+        1,
+        5,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("n", "percent", "eject", "leave", "after", "returned"),
+    [
+        # 2 of 20 ejected, 10 leave: the cap of 10 nodes at 10 % is 1; n0 is due back first.
+        (20, 10.0, 2, 10, ["n1"], ["n0"]),
+        # The peer of an ejected node leaves: never the last node.
+        (2, 50.0, 1, 1, [], ["n0"]),
+        # 3 -> 2 nodes: the cap stays 1, n0 stays out.
+        (3, 50.0, 1, 1, ["n0"], []),
+    ],
+)
+def test_the_cap_holds_when_nodes_leave(
+    n: int, percent: float, eject: int, leave: int, after: list[str], returned: list[str]
+) -> None:
+    # Rule: the cap is a bound at all times; when it shrinks, the nodes due back soonest
+    # return at once (reported by the next tick).
+    d = _detector(n, OutlierConfig(jitter=0.0, max_ejection_percent=percent))
+    for i in range(eject):
+        for _ in range(5):
+            d.record(f"n{i}", False, 0.01, 1.0 + i)  # later ejections end later
+    assert len(d.ejected()) == eject
+    for i in range(n - leave, n):
+        d.remove(f"n{i}", 5.0)
+        assert len(d.ejected()) <= d.max_ejected()
+    assert d.ejected() == after
+    events = d.tick(5.0)
+    assert [(e.node, e.kind, e.reason, e.at) for e in events] == [
+        (node, "return", "cap_shrank", 5.0) for node in returned
+    ]
+    for node in returned:  # back in rotation, its streak forgotten
+        assert d.record(node, False, 0.01, 5.0) is None and not d.is_ejected(node)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10])
@@ -207,7 +252,7 @@ def test_remove_clears_ejection() -> None:
     d = _detector(3)
     for _ in range(5):
         d.record("n0", False, 0.01, 0.0)
-    d.remove("n0")
+    d.remove("n0", 0.0)
     assert d.ejected() == [] and "n0" not in d and len(d) == 2
 
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from agentcluster.agents import AgentError, CallTimeout, MailboxFull
 from agentcluster.agents.runtime import UnknownAgent
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest
-from agentcluster.balancing.limits import AdaptiveConcurrency
+from agentcluster.balancing.limits import AdaptiveConcurrency, RejectReason
 from agentcluster.control import CallReply, CallRequest
 from agentcluster.errors import CallRemoteError, NoCapacity, Rejected, Timeout
 from agentcluster.signals import Signal
@@ -201,7 +201,14 @@ class CallService:
             # An idempotent call keeps half its time for a retry elsewhere (a per-try timeout,
             # as Envoy's): one stalled node must not eat the whole deadline.
             budget = left / 2 if idempotent and left > 2 * _MIN_TRY else left
-            reply = await self._attempt(target, capability, signal, budget)
+            try:
+                reply = await self._attempt(target, capability, signal, budget)
+            except BaseException:
+                # Cancelled, or the request could not even be built: no outcome to record,
+                # but the attempt must not stay in flight (nor keep a half-open probe slot).
+                done = clock.now()
+                self.balancer.abandoned(capability, target, done - now, done)
+                raise
             done = clock.now()
             if reply.ok:
                 # The caller has its answer now; the balancer records it on the next loop turn
@@ -276,6 +283,16 @@ class CallService:
             except AgentError as exc:  # a name several agents share
                 return CallReply(False, error_type=type(exc).__name__, error=str(exc))
         timeout = min(max(req.timeout, 0.001), 300.0)
+        if server.mailbox_depth >= server.mailbox_size:
+            # Shed at once rather than wait for room: the caller can go elsewhere now.
+            self.shed += 1
+            return CallReply(
+                False,
+                error_type="Rejected",
+                error=f"agent {server.id!r} on {node.name} has a full mailbox "
+                f"({server.mailbox_size})",
+                reason=RejectReason.OVERLOAD,
+            )
         clock = node.clock
         started = clock.now()
         ticket = self.limiter.acquire(started)
@@ -285,6 +302,7 @@ class CallService:
                 False,
                 error_type="Rejected",
                 error=f"{node.name} is at its concurrency limit ({self.limiter.limit})",
+                reason=RejectReason.CONCURRENCY_LIMIT,
             )
         self.in_flight += 1
         ok = False
@@ -295,7 +313,12 @@ class CallService:
                 data = await server.call(req.signal, timeout=timeout)
             ok = True
         except MailboxFull as exc:
-            return CallReply(False, error_type="Rejected", error=f"overloaded: {exc}")
+            return CallReply(
+                False,
+                error_type="Rejected",
+                error=f"overloaded: {exc}",
+                reason=RejectReason.OVERLOAD,
+            )
         except CallTimeout:
             self.failed += 1
             return _late(server.id, node.name, timeout)
@@ -366,7 +389,9 @@ def _error(capability: str, target: str, reply: CallReply, tried: tuple[str, ...
     kind = reply.error_type
     if kind == "Rejected":
         return Rejected(
-            f"{target} refused the call: {reply.error}", reason="overloaded", attempts=tried
+            f"{target} refused the call: {reply.error}",
+            reason=reply.reason or RejectReason.OVERLOAD,
+            attempts=tried,
         )
     if kind == "Timeout":
         return Timeout(f"call to {capability!r} on {target}: {reply.error}", attempts=tried)

@@ -82,12 +82,14 @@ class CallRequest(msgspec.Struct, frozen=True, array_like=True, tag="call", tag_
 
 class CallReply(msgspec.Struct, frozen=True, array_like=True, tag="callr", tag_field="t"):
     """``error_type``: "" on success; ``NoAgent`` / ``Rejected`` (not run: safe to retry
-    anywhere), ``Timeout``, or the type name of what the agent raised."""
+    anywhere; ``reason`` a :class:`~agentcluster.balancing.limits.RejectReason`), ``Timeout``,
+    or the type name of what the agent raised."""
 
     ok: bool
     data: Any = None
     error_type: str = ""
     error: str = ""
+    reason: str = ""
 
 
 NodeStream = StreamMessage | ControlRequest | ControlReply | AgentEnvelope | CallRequest | CallReply

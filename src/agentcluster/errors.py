@@ -52,7 +52,8 @@ class Timeout(CallError, TimeoutError):
 
 class Rejected(CallError):
     """Load was shed: the target (or this node's own limiter) refused the call before running
-    it. ``reason`` says why (e.g. ``overloaded``)."""
+    it. ``reason`` says why: ``concurrency_limit`` (the node's adaptive concurrency limit) or
+    ``overload`` (the agent's mailbox is full)."""
 
     def __init__(self, message: str, *, reason: str = "", attempts: tuple[str, ...] = ()) -> None:
         super().__init__(message, attempts=attempts)

@@ -12,8 +12,10 @@ the *eligible* ones. Eligibility is decided here, per node, for all capabilities
 * weights scaled by slow start for nodes that joined or came back.
 
 When fewer than ``panic_threshold`` of the known nodes are eligible the balancer panics:
-it routes to every known, non-quarantined node -- better to spread load over a cluster whose
-health checks may be wrong than to crush the few "healthy" survivors (Envoy's panic mode).
+it routes to every known, non-quarantined node, open breakers included -- better to spread load
+over a cluster whose health checks may be wrong than to crush the few "healthy" survivors
+(Envoy's panic mode). A node coming back -- its breaker closes after its probes, its ejection
+ends -- ramps up through slow start like a new one.
 
 Eligibility changes rarely (a breaker trips, a node is ejected, a ramp step), so strategies
 are rebuilt then, and a pick stays a function call on prebuilt tables: the strategy's pick
@@ -130,7 +132,7 @@ class Balancer:
         route = self._route(capability)
         new = {ep.node: ep for ep in endpoints}
         for node in route.known.keys() - new.keys():
-            self._release(node)
+            self._release(node, now)
         for node in new.keys() - route.known.keys():
             self._users[node] = self._users.get(node, 0) + 1
             self.outliers.add(node)
@@ -143,13 +145,13 @@ class Balancer:
         route.known = new
         self._rebuild(route, now)
 
-    def _release(self, node: str) -> None:
+    def _release(self, node: str, now: float) -> None:
         left = self._users.get(node, 0) - 1
         if left > 0:
             self._users[node] = left
             return
         self._users.pop(node, None)
-        self.outliers.remove(node)
+        self.outliers.remove(node, now)
         self.breakers.remove(node)
         # A node that leaves and comes back ramps up again.
         self._seen.discard(node)
@@ -216,7 +218,8 @@ class Balancer:
         breakers = self.breakers
         for _ in range(_PICK_TRIES):
             node = route.strategy.pick(request, self.rng, now, exclude)
-            if breakers.allow(node, now):
+            # In panic, health is ignored: breakers included, or panic would route nowhere.
+            if breakers.allow(node, now) or route.panic.active:
                 self.picks += 1
                 self.surge.record(now)
                 return node
@@ -228,6 +231,17 @@ class Balancer:
         route = self._routes.get(capability)
         if route is not None:
             route.strategy.on_start(node, now)
+
+    def abandoned(self, capability: str, node: str, elapsed: float, now: float) -> None:
+        """An attempt ended without an outcome (its caller was cancelled, or it failed before
+        leaving): it is no longer in flight, and a half-open probe slot it held is free again.
+        Breakers and outlier detection learn nothing; the strategy sees a success after
+        ``elapsed`` -- a lower bound of the latency, so a node slow enough to make callers give
+        up still looks slow."""
+        route = self._routes.get(capability)
+        if route is not None:
+            route.strategy.on_finish(node, elapsed, True, now)
+        self.breakers.release(node)
 
     def finished(
         self,
@@ -250,6 +264,8 @@ class Balancer:
         change = self.breakers.record(node, ok, now)
         if change is not None:
             events.append({"kind": "breaker", **msgspec.to_builtins(change)})
+            if change.new is BreakerState.CLOSED:
+                self._ramp(node, now)
         ejection = self.outliers.record(node, ok, latency, now)
         if ejection is not None:
             events.append({"kind": ejection.kind, **msgspec.to_builtins(ejection)})
@@ -268,6 +284,8 @@ class Balancer:
         for ev in self.outliers.tick(now):
             touched.add(ev.node)
             events.append({"kind": ev.kind, **msgspec.to_builtins(ev)})
+            if ev.kind == "return":
+                self._ramp(ev.node, now)
         # Nodes still ramping get their next weight; those whose ramp just ended, their full one.
         ramping = set(self.slow_start.ramping(now))
         touched |= ramping | self._ramping
@@ -277,6 +295,11 @@ class Balancer:
         for surge in self.surge.tick(now):
             events.append({**msgspec.to_builtins(surge), "kind": f"surge_{surge.kind}"})
         return events
+
+    def _ramp(self, node: str, now: float) -> None:
+        """``node`` comes back into rotation: slow start, as for a new node."""
+        self.slow_start.mark_new(node, now)
+        self._ramping.add(node)
 
     # ----------------------------------------------------------------- visibility
     def snapshot(self, now: float, *, decisions: int = 50) -> dict[str, Any]:

@@ -25,7 +25,9 @@ because a success can never open the breaker.
 Outcomes that arrive while the breaker is open, or in half-open without a probe outstanding,
 are late replies of requests sent before the breaker opened: they say nothing about the node's
 state *now*, so they are ignored. A probe that never completes must be recorded as a failure by
-the caller when its deadline passes, otherwise the half-open breaker waits for it forever.
+the caller when its deadline passes, otherwise the half-open breaker waits for it forever; one
+abandoned without an outcome (the caller was cancelled) is handed back with
+:meth:`CircuitBreaker.release`, so its slot goes to the next request.
 
 The open -> half_open transition is a timer: :meth:`CircuitBreaker.state` and
 :meth:`CircuitBreaker.allow` apply it lazily, and :meth:`Breakers.tick` reports it (with
@@ -236,6 +238,13 @@ class CircuitBreaker:
             )
         return None
 
+    def release(self) -> None:
+        """A request :meth:`allow` let through was abandoned without an outcome (its caller was
+        cancelled): in half-open its probe slot is free again. It says nothing about the node."""
+        if self._state is BreakerState.HALF_OPEN and self._probes_in_flight > 0:
+            self._probes_in_flight -= 1
+            self._probes_issued -= 1
+
     def reset(self) -> None:
         """Forget everything (a node that left and rejoined under the same name)."""
         self._reset_closed()
@@ -321,6 +330,11 @@ class Breakers:
 
     def record(self, node: str, ok: bool, now: float) -> StateChange | None:
         return self.get(node).record(ok, now)
+
+    def release(self, node: str) -> None:
+        breaker = self._breakers.get(node)
+        if breaker is not None:
+            breaker.release()
 
     def state(self, node: str, now: float) -> BreakerState:
         breaker = self._breakers.get(node)

@@ -151,6 +151,11 @@ class PeakEwma(Strategy):
         i = self._index.get(node)
         return None if i is None else self._ewma[i]
 
+    def inflight(self, node: str) -> int:
+        """Requests in flight to ``node`` as counted here (0 for an unknown node)."""
+        i = self._index.get(node)
+        return 0 if i is None else self._inflight[i]
+
     def pick(
         self,
         request: PickRequest,

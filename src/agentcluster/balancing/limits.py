@@ -75,9 +75,10 @@ __all__ = [
 
 
 class RejectReason(StrEnum):
-    CONCURRENCY_LIMIT = "concurrency_limit"  # the adaptive limit is reached
-    OVERLOAD = "overload"  # the target's load thresholds are breached
-    SURGE = "surge"  # shed during a surge by policy
+    """Why a node shed a call (:attr:`agentcluster.errors.Rejected.reason`)."""
+
+    CONCURRENCY_LIMIT = "concurrency_limit"  # the node's adaptive concurrency limit is reached
+    OVERLOAD = "overload"  # the agent's mailbox is full: it cannot queue another call
 
 
 # -- adaptive concurrency ----------------------------------------------------------------------

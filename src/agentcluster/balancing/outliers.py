@@ -22,16 +22,19 @@ detectors feed one ejection mechanism:
 
 **Ejection cap.** With ``n`` known nodes at most ``max_ejected(n)`` may be ejected at a time::
 
-    max_ejected(n) = 0                                         if n < 2
-                   = min(n - 1, max(1, floor(n * pct / 100)))  otherwise
+    max_ejected(n) = min(n - 1, floor(n * pct / 100))   (0 when n < 2)
 
-that is: the percentage, rounded down, but at least one node once there are two (a 10 % cap
-would otherwise disable ejection in every cluster under ten nodes -- exactly where one bad node
-hurts most, taking 1/n of the traffic), and never the last node (ejecting every node routes
-nowhere; panic mode is the tool for "everything looks bad"). So with the 10 % default:
-n = 1 -> 0, n = 2 -> 1, n = 3 -> 1, n = 10 -> 1, n = 25 -> 2. This bound is never exceeded: an
-ejection that would exceed it is skipped and counted (``skipped_cap``), and when several nodes
-qualify in one pass the worst go first (lowest success rate, highest latency; ties by name).
+that is: the share ``pct`` is never exceeded, in small clusters too, and the last node is never
+ejected (ejecting every node routes nowhere; panic mode is the tool for "everything looks
+bad"). The default share is 50 % -- one node of two or three, where one bad node hurts most
+(Envoy's 10 % would forbid any ejection under ten nodes, or, with Envoy's "at least one" rule,
+take 50 % of a two-node cluster while claiming 10 %), five of ten; beyond half the cluster the
+balancer's panic mode (also at 50 %) takes over anyway. ``pct = 0`` turns ejection off. With
+the default: n = 1 -> 0, n = 2 -> 1, n = 3 -> 1, n = 10 -> 5, n = 25 -> 12. The bound holds at
+all times: an ejection that would exceed it is skipped and counted (``skipped_cap``); when
+several nodes qualify in one pass the worst go first (lowest success rate, highest latency; ties
+by name); and when nodes leave so that the cap falls below the number ejected, the nodes due
+back soonest return at once (:meth:`OutlierDetector.remove`).
 
 **Ejection time** is ``base_ejection * k`` for the node's k-th ejection, capped at
 ``max_ejection``, with +/- ``jitter`` from the caller's rng so returns are spread out; like the
@@ -77,8 +80,8 @@ class OutlierConfig:
     max_ejection: float = 300.0
     # Spread returns of nodes ejected together (a shared dependency failed) by +/- 20 %.
     jitter: float = 0.2
-    # Envoy's default; see the module docstring for the small-cluster rule.
-    max_ejection_percent: float = 10.0
+    # Half the cluster at most (one node of two or three): see the module docstring.
+    max_ejection_percent: float = 50.0
     # Envoy's default (1900 / 1000).
     stdev_factor: float = 1.9
     # 50 outcomes per interval: a node at 5 rps qualifies (Envoy's 100 needs 10 rps), and the
@@ -133,7 +136,7 @@ def max_ejected(n: int, percent: float) -> int:
         return 0
     # A tiny epsilon so 10 % of 30 nodes is 3, not 2.9999999999999996 -> 2.
     by_percent = math.floor(n * percent / 100.0 + 1e-9)
-    return min(n - 1, max(1, by_percent))
+    return min(n - 1, by_percent)
 
 
 class _Host:
@@ -197,10 +200,16 @@ class OutlierDetector:
         if node not in self._hosts:
             self._hosts[node] = _Host()
 
-    def remove(self, node: str) -> None:
+    def remove(self, node: str, now: float) -> None:
+        """Forget ``node``. With fewer nodes the cap may fall below the number ejected: the
+        nodes due back soonest then return at ``now`` (reported by the next :meth:`tick`)."""
         self._hosts.pop(node, None)
         if self._ejected.pop(node, None) is not None:
             self._recompute_earliest()
+        excess = len(self._ejected) - self.max_ejected()
+        if excess > 0:
+            soonest = sorted(self._ejected, key=lambda n: (self._ejected[n], n))[:excess]
+            self._pending_returns.extend(self._return(soonest, now, "cap_shrank"))
 
     def __contains__(self, node: object) -> bool:
         return node in self._hosts
@@ -299,15 +308,18 @@ class OutlierDetector:
 
     def _release(self, now: float) -> list[OutlierEvent]:
         due = sorted(node for node, until in self._ejected.items() if until <= now)
+        return self._return(due, now, "ejection_elapsed")
+
+    def _return(self, nodes: list[str], now: float, reason: str) -> list[OutlierEvent]:
         events: list[OutlierEvent] = []
-        for node in due:
+        for node in nodes:
             del self._ejected[node]
             host = self._hosts[node]
             host.ejected_until = 0.0
             host.returned_at = now
             host.consecutive = 0
             host.clear_interval()
-            events.append(OutlierEvent(node, "return", "ejection_elapsed", now, 0.0, host.times))
+            events.append(OutlierEvent(node, "return", reason, now, 0.0, host.times))
         self._recompute_earliest()
         return events
 
