@@ -233,6 +233,31 @@ def test_maglev_without_eligible_endpoints(endpoints: list[Endpoint]) -> None:
         m.pick(PickRequest(key="x"), RNG, 0.0)
 
 
+@pytest.mark.parametrize("strategy", [Maglev, BoundedLoad])
+@pytest.mark.parametrize("weight", [math.inf, -math.inf, math.nan])
+def test_hashing_refuses_a_garbled_weight_by_name(
+    strategy: type[Maglev] | type[BoundedLoad], weight: float
+) -> None:
+    s = strategy()
+    with pytest.raises(ValueError, match="'b' has weight"):
+        s.update([Endpoint("a"), Endpoint("b", weight=weight)])
+
+
+@pytest.mark.parametrize("strategy", [Maglev, BoundedLoad])
+def test_hashing_counts_a_name_given_twice_once(strategy: type[Maglev] | type[BoundedLoad]) -> None:
+    # Rule: a duplicated name is one node (its last weight), like the balancer's own map: two
+    # entries would give it two load counters (bounded load stops bounding) or double slots.
+    twice, once = strategy(), strategy()
+    twice.update([Endpoint("a", weight=5.0), Endpoint("a"), Endpoint("b")])
+    once.update([Endpoint("a"), Endpoint("b")])
+    keys = [PickRequest(key=f"k{i}") for i in range(200)]
+    assert [twice.pick(k, RNG, 0.0) for k in keys] == [once.pick(k, RNG, 0.0) for k in keys]
+    if isinstance(twice, BoundedLoad):
+        for _ in range(40):
+            twice.on_start(twice.pick(PickRequest(key="z"), RNG, 0.0), 0.0)
+        assert max(twice.load("a"), twice.load("b")) <= 25  # ceil(1.25 * 40 / 2)
+
+
 def test_maglev_table_size_ladder_is_stable_under_churn() -> None:
     m = Maglev()
     m.update(eps(names_of(10)))

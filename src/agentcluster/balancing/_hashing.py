@@ -10,11 +10,29 @@ functions; it costs well under a microsecond for short keys.
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Sequence
 
-__all__ = ["hash64", "hash64_pair", "next_prime"]
+from agentcluster.balancing.base import Endpoint
+
+__all__ = ["hash64", "hash64_pair", "hash_signature", "next_prime"]
 
 _blake2b = hashlib.blake2b
 _from_bytes = int.from_bytes
+
+
+def hash_signature(endpoints: Sequence[Endpoint]) -> tuple[tuple[str, float], ...]:
+    """The ``(node, weight)`` pairs a hashing table is built from, sorted by name (the table
+    must not depend on the order nodes arrive in). A name given twice counts once, with its
+    last weight (as the balancer's own map keeps it); a weight <= 0 takes the node out (drained);
+    NaN or an infinite weight is a bug upstream: ValueError naming the node."""
+    weights: dict[str, float] = {}
+    for e in endpoints:
+        w = e.weight
+        if math.isnan(w) or math.isinf(w):
+            raise ValueError(f"endpoint {e.node!r} has weight {w!r}; weights must be finite")
+        weights[e.node] = w
+    return tuple(sorted((node, w) for node, w in weights.items() if w > 0))
 
 
 def hash64(text: str, person: bytes = b"") -> int:

@@ -4,7 +4,7 @@ Theory of operation: every endpoint carries three things learned from :meth:`on_
 :meth:`on_finish`: requests in flight, a peak-EWMA of observed latency (queueing included),
 and an EWMA of its error rate. They blend into one expected cost
 
-    ``cost = latency_estimate * (in_flight + 1) / weight * (1 + error_weight * error_rate)``
+    ``cost = latency_estimate * (in_flight + phantoms + 1) / weight * (1 + error_weight * error_rate)``
 
 -- the latency a new request should expect behind the ones already queued there, scaled down
 for bigger nodes and up for nodes that have been failing. A pick takes the cheapest endpoint:
@@ -26,7 +26,11 @@ Learning rules (continuous time, so they do not depend on the request rate):
   (``decay`` = 10 s by default), so one lucky fast answer does not clear a slow node.
 * Errors: ``error_rate`` moves towards 1 (failure) or 0 (success) the same way with
   ``error_decay`` (10 s), and a failure is also a latency sample of at least
-  ``error_penalty`` (1 s): a node that fails fast must not look like the fastest node.
+  ``error_penalty`` (1 s): a node that fails fast must not look like the fastest node. Under
+  load that is not enough (healthy nodes with queues cost more than 1 s, and a black hole never
+  has anything in flight), so a failure also counts as a *phantom* request in flight that
+  fades with ``error_decay``, as in :mod:`~agentcluster.balancing.latency_aware`: a node
+  failing f requests a second carries ~f * ``error_decay`` of them and stops being picked.
 * Idle decay: an endpoint with nothing in flight has its estimate read as
   ``estimate * exp(-idle / decay)``, so a node shunned for being slow is probed again after a
   few seconds instead of never; a node with requests in flight does not decay (silence from a
@@ -66,7 +70,16 @@ DEFAULT_SCAN_LIMIT = 16
 class _Stats:
     """What the balancer has learned about one node (kept across updates)."""
 
-    __slots__ = ("errors", "estimate", "inflight", "inv_weight", "measured", "stamp")
+    __slots__ = (
+        "errors",
+        "estimate",
+        "inflight",
+        "inv_weight",
+        "measured",
+        "phantom",
+        "phantom_at",
+        "stamp",
+    )
 
     def __init__(self, estimate: float, stamp: float) -> None:
         self.estimate = estimate
@@ -75,6 +88,8 @@ class _Stats:
         self.errors = 0.0
         self.inflight = 0
         self.inv_weight = 1.0
+        self.phantom = 0.0  # failures still counted in flight, as of ``phantom_at``
+        self.phantom_at = 0.0
 
 
 class Adaptive(Strategy):
@@ -155,13 +170,23 @@ class Adaptive(Strategy):
         entry = self._known.get(node)
         return None if entry is None else entry.errors
 
+    def _phantoms(self, s: _Stats, now: float) -> float:
+        dt = now - s.phantom_at
+        left = s.phantom * math.exp(-dt * self._inv_err_decay) if dt > 0.0 else s.phantom
+        if left < 0.01:  # faded: back to the plain cost
+            s.phantom = 0.0
+            return 0.0
+        return left
+
     def _cost(self, s: _Stats, now: float) -> float:
         pending = s.inflight
+        queue = pending + 1 + (self._phantoms(s, now) if s.phantom else 0.0)
         if pending:
-            base = s.estimate * (pending + 1)
+            base = s.estimate * queue
         else:
             idle = now - s.stamp
             base = s.estimate * math.exp(-idle * self._inv_decay) if idle > 0.0 else s.estimate
+            base *= queue
         if s.errors:
             base *= 1.0 + self._err_weight * s.errors
         return base * s.inv_weight
@@ -242,6 +267,8 @@ class Adaptive(Strategy):
                 latency = self._penalty
             w = math.exp(-dt * self._inv_err_decay) if dt > 0.0 else 1.0
             s.errors = s.errors * w + (1.0 - w)
+            s.phantom = (self._phantoms(s, now) if s.phantom else 0.0) + 1.0
+            s.phantom_at = now
         elif s.errors:
             w = math.exp(-dt * self._inv_err_decay) if dt > 0.0 else 1.0
             s.errors *= w

@@ -30,7 +30,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from fractions import Fraction
 
-from agentcluster.balancing._hashing import hash64
+from agentcluster.balancing._hashing import hash64, hash_signature
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
 
 __all__ = ["DEFAULT_BALANCE_FACTOR", "DEFAULT_VNODES", "BoundedLoad"]
@@ -116,7 +116,7 @@ class BoundedLoad(Strategy):
         return 0 if k is None else math.ceil(self._shares[k] * t)
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
-        signature = tuple(sorted((e.node, e.weight) for e in endpoints if e.weight > 0))
+        signature = hash_signature(endpoints)
         if signature == self._signature:
             return
         self._signature = signature

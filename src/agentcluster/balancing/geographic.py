@@ -71,9 +71,16 @@ class Geographic(Strategy):
         # node -> (its zone tier, its region tier); None where it has no zone / region
         self._where: dict[str, tuple[_Tier | None, _Tier | None]] = {}
         self._inflight: dict[str, int] = {}
+        # Nodes that left with requests in flight: (count, zone, region) until those finish or
+        # the node returns with its count (see least_connections.carry_inflight).
+        self._ghost: dict[str, tuple[int, str, str]] = {}
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
         unique = {ep.node: ep for ep in endpoints}
+        for node, count in self._inflight.items():
+            if count and node not in unique:
+                zone, region = self._where[node]
+                self._ghost[node] = (count, self._tier_name(zone), self._tier_name(region))
         by_zone: dict[str, list[Endpoint]] = {}
         by_region: dict[str, list[Endpoint]] = {}
         for node in sorted(unique):
@@ -87,7 +94,10 @@ class Geographic(Strategy):
         self._regions = self._retier(self._regions, by_region)
         self._all.inner.update(list(unique.values()))
         self._all.size = len(unique)
-        inflight = {node: self._inflight.get(node, 0) for node in unique}
+        inflight = {
+            node: self._inflight.get(node, 0) or self._ghost.pop(node, (0, "", ""))[0]
+            for node in unique
+        }
         self._inflight = inflight
         self._where = {}
         self._all.load = 0
@@ -145,6 +155,20 @@ class Geographic(Strategy):
                 pass
         return everything.inner.pick(request, rng, now, exclude)
 
+    def _finish_ghost(self, node: str, latency: float, ok: bool, now: float) -> None:
+        ghost = self._ghost.get(node)
+        if ghost is None:
+            return
+        count, zone, region = ghost
+        self._all.inner.on_finish(node, latency, ok, now)  # their own ghosts count down too
+        for tier in (self._zones.get(zone), self._regions.get(region)):
+            if tier is not None:
+                tier.inner.on_finish(node, latency, ok, now)
+        if count > 1:
+            self._ghost[node] = (count - 1, zone, region)
+        else:
+            del self._ghost[node]
+
     def tier_load(self, zone: str = "", region: str = "") -> tuple[int, int] | None:
         """``(in_flight, endpoints)`` of the zone tier (if ``zone``), else the region tier (if
         ``region``), else of all endpoints; None for an unknown zone or region."""
@@ -171,9 +195,17 @@ class Geographic(Strategy):
             region.load += 1
             region.inner.on_start(node, now)
 
+    def _tier_name(self, tier: _Tier | None) -> str:
+        for tiers in (self._zones, self._regions):
+            for name, candidate in tiers.items():
+                if candidate is tier:
+                    return name
+        return ""
+
     def on_finish(self, node: str, latency: float, ok: bool, now: float) -> None:
         where = self._where.get(node)
         if where is None:
+            self._finish_ghost(node, latency, ok, now)
             return
         zone, region = where
         self._all.inner.on_finish(node, latency, ok, now)

@@ -18,7 +18,13 @@ after the previous one:
 
 Errors are samples too: a failed request counts as ``max(latency, error_penalty)`` (default
 1 s), so a node that fails fast -- the classic black hole, answering every call with an
-instant error -- looks slow instead of looking like the fastest node in the cluster.
+instant error -- looks slow instead of looking like the fastest node in the cluster. That
+alone is not enough under load: a healthy node with ten requests queued at 0.2 s costs 2.2 s,
+more than a black hole's 1 s, and the black hole never has anything in flight. So a failure
+also stays *in flight* after it returned, as a phantom request that fades with the same time
+constant (``phantoms``): a node failing f requests a second carries ~f * ``decay`` phantoms,
+its cost climbs until it stops being picked, and it is probed again as they fade. A node
+that fails now and then carries a phantom or two, like a slightly busier node.
 
 An *idle* endpoint's estimate decays towards zero between samples with the same time constant
 (as Finagle and tower read it): a node that stopped getting traffic because it was slow is
@@ -40,7 +46,12 @@ import random
 from collections.abc import Sequence
 
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
-from agentcluster.balancing.least_connections import DEFAULT_FULL_SCAN_BELOW, draw_two
+from agentcluster.balancing.least_connections import (
+    DEFAULT_FULL_SCAN_BELOW,
+    carry_inflight,
+    draw_two,
+    ghost_finished,
+)
 from agentcluster.balancing.weighted import endpoint_weight
 
 __all__ = [
@@ -92,6 +103,10 @@ class PeakEwma(Strategy):
         self._stamp: list[float] = []  # time of the last sample; NaN: not seen yet
         self._measured: list[bool] = []  # False while ``_ewma`` is still the prior
         self._inflight: list[int] = []
+        # Failures still counted in flight (module doc), as of ``_phantom_at``; 0.0: none.
+        self._phantom: list[float] = []
+        self._phantom_at: list[float] = []
+        self._ghost: dict[str, int] = {}  # in flight to nodes not in the set (carry_inflight)
         self._prior = DEFAULT_INITIAL_LATENCY if initial_latency is None else initial_latency
         self._samples = 0
 
@@ -106,19 +121,24 @@ class PeakEwma(Strategy):
         ewma: list[float] = []
         stamp: list[float] = []
         flags: list[bool] = []
-        inflight: list[int] = []
+        phantom: list[float] = []
+        phantom_at: list[float] = []
         for node in nodes:
             k = old.get(node)
             if k is None:
                 ewma.append(prior)
                 stamp.append(math.nan)
                 flags.append(False)
-                inflight.append(0)
+                phantom.append(0.0)
+                phantom_at.append(0.0)
             else:
                 ewma.append(self._ewma[k])
                 stamp.append(self._stamp[k])
                 flags.append(self._measured[k])
-                inflight.append(self._inflight[k])
+                phantom.append(self._phantom[k])
+                phantom_at.append(self._phantom_at[k])
+        self._phantom, self._phantom_at = phantom, phantom_at
+        inflight, self._ghost = carry_inflight(old, self._inflight, self._ghost, nodes)
         self._nodes = nodes
         self._index = {node: i for i, node in enumerate(nodes)}
         self._inv_weight = [1.0 / by_node[node] for node in nodes]
@@ -126,20 +146,31 @@ class PeakEwma(Strategy):
 
     def _cost(self, i: int, now: float) -> float:
         pending = self._inflight[i]
+        # Queue factor: the requests in flight, the phantoms of recent failures, this one.
+        queue = pending + 1 + (self._phantoms(i, now) if self._phantom[i] else 0.0)
         if not self._measured[i] and self._initial is None:
             # Not measured yet: it costs what the cluster's answers cost right now (a prior
             # fixed at update time goes stale: a new node would be shunned, or flooded), a
             # little less, so it is tried before equal measured nodes; one request in flight
             # already doubles its cost, so it is probed, not flooded.
-            return _OPTIMISM * self._prior * (pending + 1) * self._inv_weight[i]
+            return _OPTIMISM * self._prior * queue * self._inv_weight[i]
         if pending:
-            return self._ewma[i] * (pending + 1) * self._inv_weight[i]
+            return self._ewma[i] * queue * self._inv_weight[i]
         dt = now - self._stamp[i]
         if dt > 0.0:
-            return self._ewma[i] * math.exp(-dt * self._inv_decay) * self._inv_weight[i]
+            return self._ewma[i] * math.exp(-dt * self._inv_decay) * queue * self._inv_weight[i]
         if dt != dt:  # never seen: the idle decay starts now
             self._stamp[i] = now
-        return self._ewma[i] * self._inv_weight[i]
+        return self._ewma[i] * queue * self._inv_weight[i]
+
+    def _phantoms(self, i: int, now: float) -> float:
+        """Recent failures of endpoint ``i`` still counted in flight at ``now``."""
+        dt = now - self._phantom_at[i]
+        left = self._phantom[i] * math.exp(-dt * self._inv_decay) if dt > 0.0 else self._phantom[i]
+        if left < 0.01:  # faded: back to the plain cost (and its fast path)
+            self._phantom[i] = 0.0
+            return 0.0
+        return left
 
     def cost(self, node: str, now: float) -> float:
         """The cost a pick at ``now`` compares for ``node`` (inf for an unknown node)."""
@@ -206,14 +237,19 @@ class PeakEwma(Strategy):
     def on_finish(self, node: str, latency: float, ok: bool, now: float) -> None:
         i = self._index.get(node)
         if i is None:
+            ghost_finished(self._ghost, node)
             return
         if self._inflight[i] > 0:
             self._inflight[i] -= 1
         # A garbled latency (NaN, negative, infinite) would poison the estimate for good: count
         # it as an error instead.
-        sample = latency if 0.0 <= latency < math.inf else self._penalty
-        if not ok and sample < self._penalty:
-            sample = self._penalty
+        garbled = not 0.0 <= latency < math.inf
+        sample = self._penalty if garbled else latency
+        if garbled or not ok:
+            if sample < self._penalty:
+                sample = self._penalty
+            self._phantom[i] = (self._phantoms(i, now) if self._phantom[i] else 0.0) + 1.0
+            self._phantom_at[i] = now
         self._observe(i, sample, now)
 
     def _observe(self, i: int, sample: float, now: float) -> None:

@@ -70,6 +70,29 @@ def draw_two(nodes: Sequence[str], rng: random.Random, exclude: frozenset[str]) 
     return eligible[a], eligible[b + 1 if b >= a else b]
 
 
+def carry_inflight(
+    old_index: dict[str, int], old: list[int], ghost: dict[str, int], nodes: list[str]
+) -> tuple[list[int], dict[str, int]]:
+    """The in-flight counts of ``nodes`` after an update, and the new ``ghost`` map: a node that
+    stays keeps its count; one that leaves with requests in flight (its breaker opened, it was
+    ejected) keeps them aside until they finish or it comes back -- else it would return
+    looking idle while its old requests are still running, and win every pick."""
+    carried = dict(ghost)
+    for node, k in old_index.items():
+        if old[k]:
+            carried[node] = old[k]
+    return [carried.pop(node, 0) for node in nodes], carried
+
+
+def ghost_finished(ghost: dict[str, int], node: str) -> None:
+    """A request to ``node``, which is not in the set now, finished."""
+    left = ghost.get(node, 0) - 1
+    if left > 0:
+        ghost[node] = left
+    else:
+        ghost.pop(node, None)  # never negative; the map stays the size of what is in flight
+
+
 class LeastConnections(Strategy):
     """Fewest requests in flight: P2C above ``full_scan_below`` endpoints, a scan below."""
 
@@ -83,14 +106,14 @@ class LeastConnections(Strategy):
         self._weights: list[float] = []
         self._inflight: list[int] = []
         self._index: dict[str, int] = {}
+        self._ghost: dict[str, int] = {}  # in flight to nodes not in the set (carry_inflight)
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
         by_node = {ep.node: endpoint_weight(ep) for ep in endpoints}
         nodes = sorted(by_node)
-        old_index, old_inflight = self._index, self._inflight
-        self._inflight = [
-            old_inflight[k] if (k := old_index.get(node)) is not None else 0 for node in nodes
-        ]
+        self._inflight, self._ghost = carry_inflight(
+            self._index, self._inflight, self._ghost, nodes
+        )
         self._nodes = nodes
         self._weights = [by_node[node] for node in nodes]
         self._index = {node: i for i, node in enumerate(nodes)}
@@ -148,6 +171,7 @@ class LeastConnections(Strategy):
 
     def on_finish(self, node: str, latency: float, ok: bool, now: float) -> None:
         i = self._index.get(node)
-        # A node that left (or left and came back, losing its count) is never driven negative.
-        if i is not None and self._inflight[i] > 0:
+        if i is None:
+            ghost_finished(self._ghost, node)
+        elif self._inflight[i] > 0:  # a finish we never saw start (a restart): never negative
             self._inflight[i] -= 1

@@ -37,7 +37,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 
-from agentcluster.balancing._hashing import hash64, hash64_pair, next_prime
+from agentcluster.balancing._hashing import hash64, hash64_pair, hash_signature, next_prime
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
 
 __all__ = ["DEFAULT_TABLE_SIZE", "Maglev", "build_table", "maglev_keys_moved_on_remove"]
@@ -167,8 +167,7 @@ class Maglev(Strategy):
         return self._table
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
-        # Sorted by name: the table must not depend on the order membership delivered nodes in.
-        signature = tuple(sorted((e.node, e.weight) for e in endpoints if e.weight > 0))
+        signature = hash_signature(endpoints)
         if signature == self._signature and self._table:
             return
         self._signature = signature
