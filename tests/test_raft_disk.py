@@ -460,6 +460,30 @@ def test_a_write_torn_in_preallocated_space_is_cut_off(
         assert d.repaired_tail_bytes == 0
 
 
+def test_a_write_whose_first_sector_never_landed_is_cut_off(tmp_path: Path) -> None:
+    # Its header reads as zeros, later sectors hold its data, and no record follows it.
+    seg, at, frame = _prealloc_log(tmp_path)
+    first, last = at // SECTOR, (at + len(frame) - 1) // SECTOR
+    _land(seg, at, frame, list(range(first + 1, last + 1)))
+    with DiskStorage.open(tmp_path) as d:
+        assert view(d)[0] == HardState(3) and [e.index for e in d.entries] == [1, 2, 3]
+        assert d.repaired_tail_bytes > 0
+
+
+def test_a_zeroed_sector_followed_by_records_is_reported(tmp_path: Path) -> None:
+    # The same zeros in front of records that are still valid: damage, not a torn write.
+    seg, at, _ = _prealloc_log(tmp_path)
+    with DiskStorage.open(tmp_path) as d:
+        d.persist(HardState(4), [E(4, data=b"x" * 3 * SECTOR)])
+        d.persist(HardState(5), [E(5, data=b"y" * 40)])
+    data = bytearray(seg.read_bytes())
+    first_sector_end = (at // SECTOR + 1) * SECTOR
+    data[at:first_sector_end] = bytes(first_sector_end - at)
+    seg.write_bytes(bytes(data))
+    with pytest.raises(StorageCorruption, match="header checksum"):
+        DiskStorage.open(tmp_path)
+
+
 def test_a_header_torn_at_a_sector_boundary_is_cut_off(tmp_path: Path) -> None:
     seg, end, _ = _prealloc_log(tmp_path)
     # Pad with one record so that the next header starts 5 bytes before a sector boundary.

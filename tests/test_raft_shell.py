@@ -17,15 +17,24 @@ import pytest
 
 from agentcluster.clock import MonotonicClock
 from agentcluster.consensus.raft import (
+    AppendEntries,
     ConfChange,
+    ConfState,
     DiskStorage,
     Entry,
     HardState,
     MemoryStorage,
     Message,
     RaftConfig,
+    Snapshot,
 )
-from agentcluster.consensus.raft.shell import NotLeader, ProposalDropped, RaftShell, ShellConfig
+from agentcluster.consensus.raft.shell import (
+    NotLeader,
+    OutcomeUnknown,
+    ProposalDropped,
+    RaftShell,
+    ShellConfig,
+)
 from agentcluster.testing import wait_until
 
 CFG = RaftConfig(election_timeout=0.3, heartbeat_interval=0.05)
@@ -385,3 +394,121 @@ async def test_the_loop_sleeps_until_the_next_deadline_on_one_timer() -> None:
         assert leader._timer is timer
     finally:
         await done(net)
+
+
+@pytest.mark.virtual_time
+async def test_a_sole_voter_persists_its_new_term_before_its_first_appends_leave() -> None:
+    # Rule (Raft §5.1 + the leader's early send, thesis §10.2.1): appends may leave before
+    # the leader's own write only in a term already on its disk. A sole voter wins its
+    # election within one step, so the batch with the new term, its no-op and the proposals
+    # of that turn must be durable first: a crash right after sending would otherwise
+    # restart it in the old term, win the same term again and write different entries that
+    # a learner holding the first ones would take for identical.
+    clock = MonotonicClock()
+    shells: dict[str, RaftShell] = {}
+    seen: list[tuple[int, int, bool]] = []
+
+    def send(msg: Message) -> None:
+        leader = shells.get(msg.src)
+        first = isinstance(msg, AppendEntries) and any(e.data == b"X" for e in msg.entries)
+        if leader is not None and first and not seen:
+            stored = leader.storage
+            durable = any(e.data == b"X" for e in stored.entries)  # type: ignore[attr-defined]
+            seen.append((msg.term, stored.hard_state.term, durable))
+        target = shells.get(msg.dst)
+        if target is not None:
+            asyncio.get_running_loop().call_later(0.0005, target.step, msg)
+
+    base = Snapshot(1, 1, ConfState(("a",), ("b",)), msgspec.msgpack.encode([]))
+    for name in ("a", "b"):
+        shells[name] = RaftShell(
+            name,
+            [],
+            storage=MemoryStorage(HardState(1), [], base),
+            state_machine=ListMachine(),
+            send=send,
+            clock=clock,
+            rng=random.Random(name),
+            config=CFG,
+        )
+    a, b = shells["a"], shells["b"]
+    async with asyncio.TaskGroup() as tg:
+        await b.start(tg)
+        await a.start(tg)
+        a.stall(2.0)  # the proposal waits, so it is admitted in the turn of the election
+        proposal = a.submit(b"X")
+        try:
+            await wait_until(lambda: a.is_leader, timeout=5)
+            await proposal
+            await wait_until(lambda: b.state_machine.items == [b"X"], timeout=5)  # type: ignore[attr-defined]
+            ((sent_term, disk_term, durable),) = seen
+            assert sent_term == disk_term == 2 and durable
+        finally:
+            await a.close()
+            await b.close()
+
+
+@pytest.mark.virtual_time
+async def test_a_proposal_whose_index_is_reused_is_dropped_not_orphaned() -> None:
+    # Rule: a leader cut off with uncommitted proposals, caught up by a snapshot and leading
+    # again proposes at those indexes anew; the old proposals' callers get ProposalDropped
+    # (or OutcomeUnknown where a snapshot covered them), never silence.
+    clock = MonotonicClock()
+    shells: dict[str, RaftShell] = {}
+    cut: set[str] = set()
+    names = ["n1", "n2", "n3"]
+
+    def send(msg: Message) -> None:
+        if msg.src in cut or msg.dst in cut:
+            return
+        target = shells.get(msg.dst)
+        if target is not None:
+            asyncio.get_running_loop().call_later(0.0005, target.step, msg)
+
+    def leader(among: set[str]) -> RaftShell | None:
+        found = [shells[n] for n in among if shells[n].is_leader]
+        return found[0] if len(found) == 1 else None
+
+    async with asyncio.TaskGroup() as tg:
+        for n in names:
+            shells[n] = RaftShell(
+                n,
+                [v for v in names if v != n],
+                storage=MemoryStorage(),
+                state_machine=ListMachine(),
+                send=send,
+                clock=clock,
+                rng=random.Random(n),
+                config=CFG,
+                shell_config=ShellConfig(snapshot_every=1, snapshot_keep=0),
+            )
+            await shells[n].start(tg)
+        try:
+            await wait_until(lambda: leader(set(names)) is not None, timeout=5)
+            first = leader(set(names))
+            assert first is not None
+            await first.propose(b"ok")
+            cut.add(first.id)
+            old = [first.submit(b"P%d" % i) for i in range(5)]  # never committed
+            rest = set(names) - {first.id}
+            await wait_until(lambda: leader(rest) is not None and not first.is_leader, timeout=5)
+            second = leader(rest)
+            assert second is not None
+            await second.propose(b"m")  # committed, applied, snapshotted, compacted
+            cut.clear()  # the first is caught up by a snapshot
+            await wait_until(lambda: first.applied_index >= second.applied_index, timeout=5)
+            cut.add(second.id)  # the second goes away; the first leads again
+            pair = set(names) - {second.id}
+            await wait_until(lambda: leader(pair) is not None, timeout=5)
+            third = leader(pair)
+            assert third is not None
+            if third is not first:
+                assert third.transfer_leadership(first.id)
+                await wait_until(lambda: first.is_leader, timeout=5)
+            for i in range(8):
+                await first.propose(b"Q%d" % i)
+            await wait_until(lambda: all(f.done() for f in old), timeout=5)
+            assert all(isinstance(f.exception(), ProposalDropped | OutcomeUnknown) for f in old)
+        finally:
+            for shell in shells.values():
+                await shell.close()

@@ -58,8 +58,10 @@ Crash recovery: only the last write can be incomplete, so a *torn tail* of the l
 a partial header, a valid header whose record runs past the end of the file, or a last record
 that a crash left part-written in preallocated space (its CRC fails, a disk sector of it still
 holds only zeros, and only zeros follow it: a disk writes whole sectors, so that is a write
-that did not finish, as etcd's WAL reads it) -- was never acknowledged: it is cut off, counted
-in ``repaired_tail_bytes`` and logged. Zeros after the last record of any segment are
+that did not finish, as etcd's WAL reads it; or its first sector never landed, so its header
+reads as zeros to that sector's end and no record header follows anywhere after it, as one
+would after a sector zeroed in the middle of the log) -- was never acknowledged: it is cut
+off, counted in ``repaired_tail_bytes`` and logged. Zeros after the last record of any segment are
 preallocated space (or a file that grew before its data landed) and end it quietly. Anything
 else -- a CRC mismatch in a complete record, an undecodable record, an entry that leaves a gap
 or goes backwards, a missing segment or snapshot -- raises :class:`StorageCorruption` naming
@@ -211,6 +213,26 @@ def _torn_in_zeros(data: bytes, off: int, end: int) -> bool:
     return False
 
 
+def _torn_header(data: bytes, off: int) -> bool:
+    """Is ``data[off:]`` -- a record header that reads as zeros followed by other data -- a
+    last write whose first sector never landed? Then its header is zeros up to that sector's
+    end, and no valid record header starts anywhere after it: after a sector zeroed in the
+    middle of the log, the records that follow would still be there. (A scan of what follows,
+    once, on the recovery path; a header's own CRC makes a false match a 1-in-4-billion event
+    per position.)"""
+    size = len(data)
+    boundary = (off // _SECTOR + 1) * _SECTOR
+    if boundary >= size or not _zeros(data, off, boundary):
+        return False
+    rest = len(data[boundary:].rstrip(b"\0"))
+    view = memoryview(data)
+    for p in range(boundary, boundary + rest - _HEADER.size + 1):
+        length, _, hcrc = _HEADER.unpack_from(data, p)
+        if p + _HEADER.size + length <= size and zlib.crc32(view[p : p + _PREFIX.size]) == hcrc:
+            return False
+    return True
+
+
 class _State:
     """The log as MemoryStorage keeps it, plus where each entry's record lives (its segment
     ``seq``, -1 for a hole) and how many leading entries are holes (see the module docstring)."""
@@ -345,6 +367,9 @@ def _scan(path: Path, data: bytes, *, last: bool) -> tuple[list[tuple[int, _Reco
             # A header cut by a sector boundary whose second part never landed.
             boundary = (off // _SECTOR + 1) * _SECTOR
             if last and boundary < off + _HEADER.size and _zeros(data, boundary, size):
+                return out, off, True
+            # A last write whose first sector never landed (its later ones did).
+            if last and _torn_header(data, off):
                 return out, off, True
             raise StorageCorruption(path, off, "record header checksum mismatch")
         end = off + _HEADER.size + length
