@@ -165,6 +165,66 @@ def test_failures_do_not_feed_the_rtt() -> None:
     assert lim.probing and lim.long_rtt == 0.0
 
 
+def _after_probe(cfg: ConcurrencyConfig) -> AdaptiveConcurrency:
+    """A limiter whose start-up probe measured a 10 ms baseline, one request at a time."""
+    lim = AdaptiveConcurrency(cfg)
+    for _ in range(cfg.probe_samples):
+        ticket = lim.acquire(0.0)
+        assert ticket is not None
+        lim.release(ticket, 0.01, True, 0.01)
+    assert not lim.probing and lim.long_rtt == pytest.approx(0.01)
+    return lim
+
+
+def _offer(
+    lim: AdaptiveConcurrency,
+    outcomes: list[tuple[float, bool]],
+    seconds: float,
+    demand: int = 200,
+    start: float = 0.01,
+) -> None:
+    """Callers keep ``demand`` calls open; the n-th admitted call finishes after
+    ``outcomes[n % len(outcomes)]`` = (latency, ok). A tick every 5 ms."""
+    pending: list[tuple[float, int, float, bool, Ticket]] = []
+    admitted = 0
+    for step in range(int(seconds / 0.005)):
+        now = start + step * 0.005
+        while pending and pending[0][0] <= now:
+            finish, _, latency, ok, done = heapq.heappop(pending)
+            lim.release(done, latency, ok, finish)
+        while len(pending) < demand:
+            ticket = lim.acquire(now)
+            if ticket is None:
+                break
+            latency, ok = outcomes[admitted % len(outcomes)]
+            heapq.heappush(pending, (now + latency, admitted, latency, ok, ticket))
+            admitted += 1
+
+
+@pytest.mark.parametrize(
+    ("rule", "outcomes", "shrinks"),
+    [
+        ("every call timing out is congestion: the limit shrinks", [(5.0, False)], True),
+        ("fast failures are the agent's answer", [(0.01, True)] * 3 + [(0.0005, False)], False),
+        ("a minority of timeouts among fast replies", [(0.01, True)] * 9 + [(5.0, False)], False),
+    ],
+)
+def test_failures_that_took_far_longer_than_the_baseline_are_drops(
+    rule: str, outcomes: list[tuple[float, bool]], shrinks: bool
+) -> None:
+    lim = _after_probe(ConcurrencyConfig())
+    before = lim.estimate
+    _offer(lim, outcomes, 20.0)
+    assert (lim.estimate < before) == shrinks, (rule, before, lim.estimate)
+
+
+def test_sustained_timeouts_shrink_the_limit_down_to_min_limit_but_not_below() -> None:
+    cfg = ConcurrencyConfig(probe_interval=3600.0)  # no probe pins the limit meanwhile
+    lim = _after_probe(cfg)
+    _offer(lim, [(5.0, False)], 300.0)
+    assert lim.estimate == cfg.min_limit and lim.limit == int(cfg.min_limit)
+
+
 # -- surge detection ---------------------------------------------------------------------------
 
 
@@ -227,6 +287,39 @@ def test_silence_ends_a_surge_and_decays_the_baseline_in_closed_form() -> None:
     assert det.short_rate == 0.0
 
 
+def test_a_lasting_step_in_traffic_ends_its_surge_and_becomes_the_baseline() -> None:
+    # Rule: a surge lasts at most max_duration; then its level is the new normal, and a later
+    # surge above that level is detected again.
+    cfg = SurgeConfig()
+    det = SurgeDetector(cfg)
+    events = _drive(det, [20.0] * 120 + [60.0] * 3600)
+    assert [k for k, _ in events] == ["start", "end"]
+    assert events[1][1] - events[0][1] == pytest.approx(cfg.max_duration, abs=cfg.bucket)
+    assert not det.active and det.baseline == pytest.approx(60.0, rel=0.01)
+    later = _drive(det, [60.0] * 60 + [150.0] * 20 + [60.0] * 30, start=3720.0)
+    assert [k for k, _ in later] == ["start", "end"]
+
+
+@pytest.mark.parametrize(
+    ("rule", "rates"),
+    [
+        ("from a silent baseline, silence ends a surge", [0.0] * 40 + [5.0] * 10 + [0.0] * 20),
+        ("from a busy baseline, silence ends a surge", [10.0] * 40 + [50.0] * 10 + [0.0] * 20),
+    ],
+)
+def test_with_min_rate_zero_silence_ends_a_surge(rule: str, rates: list[float]) -> None:
+    det = SurgeDetector(SurgeConfig(min_rate=0.0))
+    events = _drive(det, rates)
+    assert [k for k, _ in events] == ["start", "end"] and not det.active, rule
+
+
+def test_with_min_rate_zero_a_long_silence_ends_a_surge_in_one_tick() -> None:
+    det = SurgeDetector(SurgeConfig(min_rate=0.0))
+    _drive(det, [0.0] * 40 + [5.0] * 10)
+    assert det.active
+    assert [e.kind for e in det.tick(50.0 + 3600.0)] == ["end"] and not det.active
+
+
 # -- adaptive thresholds -----------------------------------------------------------------------
 
 
@@ -263,19 +356,72 @@ def test_thresholds_adapt_up_to_a_noisy_baseline_but_not_past_the_ceiling() -> N
         t.observe({"cpu": rng.gauss(0.7, 0.03), "response_time_ms": rng.gauss(1200.0, 100.0)})
     # cpu: 0.7 + 3 x 0.03 = 0.79 < 0.8: stays at the default.
     assert t.threshold("cpu") == 0.8
-    # response time: learned from the samples under the threshold; rises above the default.
-    assert 1000.0 < t.threshold("response_time_ms") <= 10000.0
+    # response time: learned from every sample, 1200 + 3 x 100: rises above the default.
+    assert t.threshold("response_time_ms") == pytest.approx(1500.0, rel=0.03)
     for _ in range(5000):
         t.observe({"response_time_ms": rng.uniform(0.0, 9999.0)})
     assert t.threshold("response_time_ms") <= DEFAULT_THRESHOLDS["response_time_ms"].ceiling
 
 
-def test_breaching_samples_are_not_learned() -> None:
+def _learned_cpu(normal: float, spread: float, samples: int = 2000) -> AdaptiveThresholds:
+    rng = random.Random(11)
+    t = AdaptiveThresholds()
+    for _ in range(samples):
+        t.observe({"cpu": normal + rng.uniform(-spread, spread)})
+    return t
+
+
+@pytest.mark.parametrize(
+    ("rule", "cpu", "breached"),
+    [
+        ("its normal is no breach", 0.85, []),
+        ("nor is its usual jitter", 0.87, []),
+        ("a spike above its normal breaches", 0.92, ["cpu"]),
+        ("and so does saturation", 0.99, ["cpu"]),
+    ],
+)
+def test_a_normal_above_the_default_is_learned_and_spikes_above_it_breach(
+    rule: str, cpu: float, breached: list[str]
+) -> None:
+    # The module's example: a node whose normal CPU is 0.85 against the default 0.8.
+    t = _learned_cpu(0.85, 0.02)
+    assert t.breached({"cpu": cpu}) == breached, (rule, t.threshold("cpu"))
+
+
+def test_a_steady_metric_is_not_in_breach_at_its_own_level() -> None:
+    # Rule: a metric without jitter still gets min_margin (2 %) above its level.
+    t = AdaptiveThresholds()
+    for _ in range(100):
+        t.observe({"error_rate": 0.1})
+    assert t.breached({"error_rate": 0.1}) == []
+    assert t.breached({"error_rate": 0.11}) == ["error_rate"]
+
+
+def test_a_step_to_a_new_normal_breaches_for_a_while_then_is_learned() -> None:
+    # Rule: a sustained change is learned at the halflife's pace -- not at once, not never.
+    t = _learned_cpu(0.5, 0.02)
+    breaches = [bool(t.observe({"cpu": 0.9})) for _ in range(2000)]
+    assert all(breaches[:100]) and not any(breaches[500:])
+
+
+@pytest.mark.parametrize(("rule", "cpu"), [("at the ceiling", 0.95), ("above it", 0.99)])
+def test_saturation_breaches_however_long_it_lasts(rule: str, cpu: float) -> None:
+    # Rule: a report is learned as at most its ceiling, so saturation never becomes normal.
     t = AdaptiveThresholds(min_samples=2)
     for _ in range(1000):
-        assert t.observe({"cpu": 0.99}) == ["cpu"]
-    assert t.threshold("cpu") == 0.8
-    assert t.snapshot()["cpu"]["samples"] == 0.0
+        assert t.observe({"cpu": cpu}) == ["cpu"], rule
+    assert t.threshold("cpu") == DEFAULT_THRESHOLDS["cpu"].ceiling
+    assert t.snapshot()["cpu"]["samples"] == 1000.0
+
+
+def test_one_absurd_report_does_not_drag_the_threshold() -> None:
+    # Rule: it is learned as the ceiling, and the spread is linear in a deviation.
+    rng = random.Random(3)
+    t = AdaptiveThresholds()
+    for _ in range(1000):
+        t.observe({"response_time_ms": rng.gauss(200.0, 20.0)})
+    assert t.observe({"response_time_ms": 1e12}) == ["response_time_ms"]
+    assert t.threshold("response_time_ms") == DEFAULT_THRESHOLDS["response_time_ms"].default
 
 
 def test_bad_values_are_ignored() -> None:

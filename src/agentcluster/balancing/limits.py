@@ -5,8 +5,8 @@ concurrency limit is either too low (idle capacity) or too high (queues, then ti
 Netflix's concurrency-limits, the limit is learned from latency: when more requests are in
 flight than the server can work on at once, the surplus waits in a queue and the round-trip
 time grows in proportion. Per window of samples (``window`` seconds and at least
-``window_samples`` successful replies) we take the mean RTT as the *short* RTT and update the
-limit with Gradient2's rule::
+``window_samples`` successful replies or drops, below) we take the mean RTT of the successful
+replies as the *short* RTT and update the limit with Gradient2's rule::
 
     gradient = clamp(tolerance * long_rtt / short_rtt, 0.5, 1.0)
     target   = limit * gradient + queue_size
@@ -27,26 +27,55 @@ replies arrive within ~12 service times, once a minute. With a server that works
 requests at once, saturated, short/long = limit / C, so the fixed point is
 ``limit = tolerance * C + queue_size`` -- a little above ``C``: the tolerated queue. Beyond it,
 :meth:`AdaptiveConcurrency.acquire` returns None and the caller sheds the request with
-:class:`agentcluster.errors.Rejected`. Failed requests do not feed the RTT (a fast failure would look like a fast
-server; breakers and outlier ejection deal with errors), and the limit does not grow while
-fewer than half of it were in use (no demand, no evidence).
+:class:`agentcluster.errors.Rejected`. The limit does not grow while fewer than half of it were
+in use (no demand, no evidence).
+
+Failures are told apart by latency. A failure that took longer than ``2 * tolerance`` times the
+baseline -- the latency at which the gradient already cuts hardest -- is a *drop*: a timeout,
+or a server too slow to answer. Any faster failure is the agent's answer and is ignored (it
+would make the server look fast; breakers and outlier ejection deal with errors). Drops count
+towards closing a window, so a node where every call times out still closes windows (it has no
+successful reply to time); a window in which drops are at least half of the calls cuts the limit
+by Gradient2's hardest step (gradient 0.5, ``limit *= 1 - smoothing / 2``) without the
+``queue_size`` headroom, down to ``min_limit``: with every call timing out there is no queue to
+fill. A minority of drops among successful replies is ignored -- those replies' RTT says whether
+work queues, and a few calls that hang are the breakers' business, not a reason to shed the
+rest. A probe still measures successful replies only.
 
 **Surges** (:class:`SurgeDetector`): arrivals are counted in ``bucket``-second buckets; the
 short rate is the mean over the last ``short_buckets`` buckets and the baseline an EWMA of the
 bucket rates (``baseline_halflife``). A surge starts when the short rate exceeds ``factor``
-times the baseline (and ``min_rate``, so 3 requests after 1 is no surge) and ends only after the
-short rate stayed below ``end_factor`` times the baseline for ``end_hold`` buckets -- two
-thresholds and a hold time, so a rate hovering at the edge does not flap. The baseline is frozen
-during a surge (it would otherwise absorb the surge and end it) and is only trusted after
-``warmup`` seconds of history.
+times the baseline (and ``min_rate``, so 3 requests after 1 is no surge) and ends after the
+short rate stayed at or below ``end_factor`` times the baseline (or below ``min_rate``) for
+``end_hold`` buckets -- two thresholds and a hold time, so a rate hovering at the edge does not
+flap; "at or below", so that silence ends a surge even over a zero baseline. The baseline is
+frozen during a surge (it would otherwise absorb the surge and end it) and is only trusted after
+``warmup`` seconds of history. A frozen baseline would make a lasting step in traffic (20 rps,
+then 60 rps for hours) a surge that never ends, hiding every later one; so a surge that is still
+on after ``max_duration`` seconds is the traffic's new level: it ends, and its short rate
+becomes the baseline.
 
 **Adaptive thresholds** (:class:`AdaptiveThresholds`): the design's defaults (cpu 0.8, memory
-0.85, connections 0.9, response time 1000 ms, error rate 0.05) are floors. Each metric keeps an
-exponentially weighted mean and variance (Welford's update in its weighted form, so old history
-fades with ``halflife`` samples); once ``min_samples`` have been seen the threshold is
-``min(ceiling, max(default, mean + k * stdev))``: a node whose *normal* CPU is 0.85 does not sit
-in permanent breach, but no threshold rises past its ceiling. Samples that breach are not
-learned -- a breach is evidence of trouble, not of a new normal.
+0.85, connections 0.9, response time 1000 ms, error rate 0.05) are the starting thresholds and
+the floors. Each metric learns the node's normal from *every* report: a level (an exponentially
+weighted mean, old history fading with ``halflife`` reports; a plain mean over the first
+``min_samples``) and a spread (the same average of the absolute deviation from the level, times
+sqrt(pi / 2) to read as a standard deviation for Gaussian jitter -- linear in a deviation, so one
+wild report moves it little, where a variance grows with its square). Once ``min_samples`` were
+seen the threshold is ``min(ceiling, max(default, level + max(k * spread, min_margin * level)))``.
+A node whose *normal* CPU is 0.85 +/- 0.02 thus breaches for its first ``min_samples`` reports,
+then its threshold settles near 0.89, and a spike above that still breaches; ``min_margin`` keeps
+a metric without jitter out of breach at its own level.
+
+Breaching reports are learned too -- otherwise a normal above the default could never be learned
+-- so a sustained change becomes the new normal: a step from 0.5 to a steady 0.9 breaches for
+~170 reports (a third of ``halflife``). The step is a deviation from the lagging level, so it
+also widens the spread, which then narrows with ``halflife``: for a few thousand reports after a
+large step the threshold sits high, up to its ceiling. (Capping each learned deviation at the
+current margin was tried: the margin still compounds up to the ceiling, and the step breaches
+three times as long.) What keeps a sustained overload from ever becoming normal is the
+ceiling: a report is learned as at most its ceiling -- no normal lies beyond it, and one absurd
+report must not drag the level -- so a value at or above the ceiling always breaches.
 """
 
 from __future__ import annotations
@@ -141,6 +170,8 @@ class AdaptiveConcurrency:
     """A Gradient2-style concurrency limiter with a probed baseline (module docstring)."""
 
     __slots__ = (
+        "_drop_sum",
+        "_drops",
         "_epoch",
         "_estimate",
         "_max_in_flight",
@@ -180,6 +211,8 @@ class AdaptiveConcurrency:
         self._window_start = now
         self._samples = 0
         self._rtt_sum = 0.0
+        self._drops = 0
+        self._drop_sum = 0.0
         self._max_in_flight = 0
         self.short_rtt = 0.0
         self.long_rtt = 0.0  # 0.0 until the first probe completes
@@ -234,11 +267,18 @@ class AdaptiveConcurrency:
                 if self._probe_n >= self.config.probe_samples:
                     self._end_probe(now)
             return
-        if ok and latency > 0.0:
-            self._samples += 1
-            self._rtt_sum += latency
-        if self._samples >= self.config.window_samples and (
-            now - self._window_start >= self.config.window
+        cfg = self.config
+        if ok:
+            if latency > 0.0:
+                self._samples += 1
+                self._rtt_sum += latency
+        elif latency > 2.0 * cfg.tolerance * self.long_rtt:
+            # Far slower than the baseline: a timeout or a server too slow to answer, not the
+            # agent's answer (module docstring). long_rtt > 0: a probe has completed.
+            self._drops += 1
+            self._drop_sum += latency
+        if self._samples + self._drops >= cfg.window_samples and (
+            now - self._window_start >= cfg.window
         ):
             self._close_window(now)
             if now >= self._next_probe:
@@ -265,16 +305,27 @@ class AdaptiveConcurrency:
         self._window_start = now
         self._samples = 0
         self._rtt_sum = 0.0
+        self._drops = 0
+        self._drop_sum = 0.0
         self._max_in_flight = self.in_flight
 
     def _close_window(self, now: float) -> None:
         cfg = self.config
-        short = self._rtt_sum / self._samples
+        samples, rtt_sum = self._samples, self._rtt_sum
+        drops, drop_sum = self._drops, self._drop_sum
         busy = self._max_in_flight
         self._window_start = now
         self._samples = 0
         self._rtt_sum = 0.0
+        self._drops = 0
+        self._drop_sum = 0.0
         self._max_in_flight = self.in_flight
+        if drops >= samples:  # drops > 0 here: a window holds at least one call
+            # Mostly timeouts: no queue to fill, so no queue_size headroom either.
+            self.short_rtt = (rtt_sum + drop_sum) / (samples + drops)
+            self._estimate = max(cfg.min_limit, self._estimate * (1.0 - cfg.smoothing / 2.0))
+            return
+        short = rtt_sum / samples
         self.short_rtt = short
         if short < self.long_rtt:
             self.long_rtt = short  # a faster window than the probe: the probe was unlucky
@@ -318,6 +369,8 @@ class SurgeConfig:
     min_rate: float = 10.0
     # Half a minute of history before the baseline is trusted.
     warmup: float = 30.0
+    # A surge still on after five minutes (the baseline's half-life) is the new normal.
+    max_duration: float = 300.0
 
     def __post_init__(self) -> None:
         if not (self.bucket > 0.0 and self.short_buckets >= 1 and self.end_hold >= 1):
@@ -326,6 +379,8 @@ class SurgeConfig:
             raise ValueError("need 1 <= end_factor <= factor")
         if self.baseline_halflife <= 0.0 or self.min_rate < 0.0 or self.warmup < 0.0:
             raise ValueError("need baseline_halflife > 0, min_rate >= 0 and warmup >= 0")
+        if self.max_duration <= 0.0:
+            raise ValueError("need max_duration > 0")
 
 
 class SurgeEvent(msgspec.Struct, frozen=True):
@@ -347,6 +402,7 @@ class SurgeDetector:
         "_events",
         "_ring",
         "_ring_sum",
+        "_since",
         "_slot",
         "active",
         "baseline",
@@ -364,6 +420,7 @@ class SurgeDetector:
         self._slot = 0
         self._buckets_seen = 0
         self._calm = 0
+        self._since = now  # when the current surge started
         self._events: list[SurgeEvent] = []
         self.active = False
         self.baseline = 0.0
@@ -420,6 +477,7 @@ class SurgeDetector:
             ):
                 self.active = True
                 self._calm = 0
+                self._since = at
                 self._events.append(SurgeEvent("start", at, self.short_rate, self.baseline))
                 return
             if self._buckets_seen == 1:
@@ -430,13 +488,19 @@ class SurgeDetector:
             else:
                 self.baseline += self._alpha * (rate - self.baseline)
             return
-        if self.short_rate < cfg.end_factor * self.baseline or self.short_rate < cfg.min_rate:
+        if self.short_rate <= cfg.end_factor * self.baseline or self.short_rate < cfg.min_rate:
             self._calm += 1
             if self._calm >= cfg.end_hold:
                 self.active = False
                 self._events.append(SurgeEvent("end", at, self.short_rate, self.baseline))
-        else:
-            self._calm = 0
+            return
+        self._calm = 0
+        if at - self._since >= cfg.max_duration:
+            # Settled at a new level rather than surging: adopt it, so later surges are
+            # measured against it.
+            self.baseline = self.short_rate
+            self.active = False
+            self._events.append(SurgeEvent("end", at, self.short_rate, self.baseline))
 
 
 # -- adaptive thresholds -----------------------------------------------------------------------
@@ -460,19 +524,24 @@ DEFAULT_THRESHOLDS: dict[str, ThresholdSpec] = {
 }
 
 
+# A Gaussian's standard deviation over its mean absolute deviation.
+_SIGMA_PER_MAD = math.sqrt(math.pi / 2.0)
+
+
 class _Stat:
-    __slots__ = ("mean", "n", "var")
+    __slots__ = ("dev", "mean", "n")
 
     def __init__(self) -> None:
         self.n = 0
-        self.mean = 0.0
-        self.var = 0.0
+        self.mean = 0.0  # the level
+        self.dev = 0.0  # mean absolute deviation from the level
 
 
 class AdaptiveThresholds:
-    """Per-metric thresholds that start at the design's defaults and adapt upwards slowly."""
+    """Per-metric thresholds that start at the design's defaults and follow a node's sustained
+    normal, between the defaults and the ceilings (module docstring)."""
 
-    __slots__ = ("_alpha", "_stats", "_thresholds", "k", "min_samples", "specs")
+    __slots__ = ("_alpha", "_stats", "_thresholds", "k", "min_margin", "min_samples", "specs")
 
     def __init__(
         self,
@@ -480,17 +549,21 @@ class AdaptiveThresholds:
         k: float = 3.0,
         halflife: float = 500.0,
         min_samples: int = 30,
+        min_margin: float = 0.02,
     ) -> None:
         # k = 3: a normal node exceeds mean + 3 sigma in ~0.1 % of samples.
         # halflife = 500 samples: at one load report every 2 s, about a quarter of an hour.
-        # min_samples = 30: a variance from fewer samples is too unstable to raise a threshold.
-        if k <= 0.0 or halflife <= 0.0 or min_samples < 2:
-            raise ValueError("need k > 0, halflife > 0 and min_samples >= 2")
+        # min_samples = 30: a spread from fewer samples is too unstable to raise a threshold.
+        # min_margin = 2 %: a metric without jitter (a steady error rate) has no spread, and its
+        # own level must not be a breach.
+        if k <= 0.0 or halflife <= 0.0 or min_samples < 2 or min_margin < 0.0:
+            raise ValueError("need k > 0, halflife > 0, min_samples >= 2 and min_margin >= 0")
         self.specs = dict(DEFAULT_THRESHOLDS if specs is None else specs)
         for name, spec in self.specs.items():
             if spec.ceiling < spec.default:
                 raise ValueError(f"{name}: ceiling below default")
         self.k = k
+        self.min_margin = min_margin
         self.min_samples = min_samples
         self._alpha = 1.0 - 0.5 ** (1.0 / halflife)
         self._stats = {name: _Stat() for name in self.specs}
@@ -512,7 +585,7 @@ class AdaptiveThresholds:
         return out
 
     def observe(self, metrics: Mapping[str, float]) -> list[str]:
-        """Check ``metrics`` and learn from the ones that do not breach; the breached names.
+        """Check ``metrics`` against the thresholds, then learn from them; the breached names.
 
         Unknown names and non-finite values are ignored (bad reports must not poison the
         baseline)."""
@@ -522,27 +595,25 @@ class AdaptiveThresholds:
             value = metrics.get(name)
             if value is None or not math.isfinite(value):
                 continue
-            limit = self._thresholds[name]
-            if value >= limit:
+            if value >= self._thresholds[name]:
                 breached.append(name)
-                continue
+            spec = self.specs[name]
+            # No normal lies beyond the ceiling, and one absurd report must not drag the level.
+            value = min(value, spec.ceiling)
             stat.n += 1
             if stat.n == 1:
                 stat.mean = value
-                stat.var = 0.0
-            elif stat.n <= self.min_samples:
-                # Plain Welford while warming up, so the first samples are weighted equally.
-                delta = value - stat.mean
-                stat.mean += delta / stat.n
-                stat.var += (delta * (value - stat.mean) - stat.var) / stat.n
-            else:
-                delta = value - stat.mean
-                stat.mean += alpha * delta
-                stat.var = (1.0 - alpha) * (stat.var + alpha * delta * delta)
+                stat.dev = 0.0
+                continue
+            # Plain means while warming up, so the first samples are weighted equally.
+            warming = stat.n <= self.min_samples
+            deviation = abs(value - stat.mean)
+            stat.mean += (value - stat.mean) * (1.0 / stat.n if warming else alpha)
+            stat.dev += (deviation - stat.dev) * (1.0 / (stat.n - 1) if warming else alpha)
             if stat.n >= self.min_samples:
-                spec = self.specs[name]
-                adapted = stat.mean + self.k * math.sqrt(max(stat.var, 0.0))
-                self._thresholds[name] = min(spec.ceiling, max(spec.default, adapted))
+                spread = _SIGMA_PER_MAD * stat.dev
+                margin = max(self.k * spread, self.min_margin * abs(stat.mean))
+                self._thresholds[name] = min(spec.ceiling, max(spec.default, stat.mean + margin))
         return breached
 
     def snapshot(self) -> dict[str, dict[str, float]]:
@@ -550,7 +621,7 @@ class AdaptiveThresholds:
             name: {
                 "threshold": self._thresholds[name],
                 "mean": stat.mean,
-                "stdev": math.sqrt(max(stat.var, 0.0)),
+                "stdev": _SIGMA_PER_MAD * stat.dev,
                 "samples": float(stat.n),
             }
             for name, stat in self._stats.items()

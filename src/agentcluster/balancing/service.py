@@ -69,7 +69,8 @@ class BalancerService:
         self._closed = False
         self._last_report: dict[str, float] = {}
         # The design's thresholds (cpu 0.8, memory 0.85, connections 0.9, response time
-        # 1000 ms, error rate 0.05), raised slowly where this node's normal is higher.
+        # 1000 ms, error rate 0.05), following this node's normal where it is higher (up to
+        # each metric's ceiling).
         self.thresholds = AdaptiveThresholds()
         self._breached: set[str] = set()
         self.surge_proposals = 0
