@@ -39,7 +39,7 @@ from agentcluster.store.base import (
     WatchEvent,
 )
 from agentcluster.store.memory import MemoryStore
-from agentcluster.store.raft import RaftStore
+from agentcluster.store.raft import RaftStore, ReplyTooLarge
 
 __all__ = [
     "Command",
@@ -61,6 +61,7 @@ __all__ = [
     "RaftStore",
     "RangeResult",
     "RemoteStore",
+    "ReplyTooLarge",
     "Store",
     "StoreError",
     "StoreUnavailable",

@@ -94,7 +94,17 @@ from agentcluster.store.base import (
     WatchEvent,
 )
 
-__all__ = ["MAX_WRITE_BYTES", "KvClient", "KvReply", "KvRequest", "NotSent", "RaftKV", "RaftStore"]
+__all__ = [
+    "MAX_REPLY_BYTES",
+    "MAX_WRITE_BYTES",
+    "KvClient",
+    "KvReply",
+    "KvRequest",
+    "NotSent",
+    "RaftKV",
+    "RaftStore",
+    "ReplyTooLarge",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +115,14 @@ class NotSent(StoreUnavailable):
 
 
 KvOp = Literal["cmd", "get", "range", "rev", "keepalive", "events"]
-KvError = Literal["", "not_leader", "unavailable", "dropped", "lease", "invalid", "compacted"]
+KvError = Literal[
+    "", "not_leader", "unavailable", "dropped", "lease", "invalid", "compacted", "too_large"
+]
+
+
+class ReplyTooLarge(StoreError):
+    """The answer would not fit in one reply frame (4 MiB): a range over that much data (ask
+    with a ``limit``), or one revision whose events are that large, for a remote watch."""
 
 
 class KvRequest(msgspec.Struct, frozen=True, array_like=True, tag="kvq"):
@@ -135,6 +152,12 @@ _events_dec = msgspec.msgpack.Decoder(list[WatchEvent])
 # Routing back-off while no leader is known (an election takes about one election timeout).
 _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
 _EVENTS_BATCH = 1_000
+# An events reply is cut (at a revision boundary) once it holds this many bytes of keys and
+# values: far inside a frame, so a watch replaying big values makes steady progress.
+_EVENTS_BYTES = 1 << 20
+# What one reply may carry: a stream frame (4 MiB) less room for the reply's own framing and
+# for other replies batched with it.
+MAX_REPLY_BYTES = (4 << 20) - (256 << 10)
 _DECODED_MAX = 1 << 16
 # A write is one log entry, and a follower receives an entry in one stream frame (4 MiB):
 # anything larger could never replicate, and every write behind it would wait forever.
@@ -424,7 +447,13 @@ class RaftKV:
         if req.op == "range":
             if req.n < 0:
                 raise ValueError("limit must not be negative")
-            return KvReply(True, _enc.encode(kv.range(req.key, req.n)))
+            data = _enc.encode(kv.range(req.key, req.n))
+            if len(data) > MAX_REPLY_BYTES:
+                raise ReplyTooLarge(
+                    f"a range over {req.key!r} holds {len(data):,} bytes, more than one reply "
+                    f"carries ({MAX_REPLY_BYTES:,}): narrow the prefix, or use a limit"
+                )
+            return KvReply(True, data)
         if req.op == "rev":
             return KvReply(True, _enc.encode(kv.revision))
         if not shell.is_leader or not self.leading:
@@ -441,26 +470,60 @@ class RaftKV:
         return KvReply(True, _enc.encode(lease.ttl))
 
     async def _events(self, req: KvRequest) -> KvReply:
+        """Events for ``req.key`` from revision ``req.n`` on, waiting up to ``req.wait`` for a
+        first one. ``n`` of the reply is the revision they are complete up to: with no events,
+        the client may resume after it (a quiet prefix must not fall behind the history)."""
         kv = self.kv
         start = max(1, req.n)
         events = kv.events_since(start, req.key)
         if not events and req.wait > 0:
+            first: WatchEvent | None = None
+            closed = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(req.wait, 30.0)):
                     async with self.hub.watch(req.key, start) as stream:
-                        await anext(stream, None)  # None: the hub closed (the member stops)
-            events = kv.events_since(start, req.key)
-        if len(events) > _EVENTS_BATCH:
-            # Cut at a revision boundary: the client resumes from the last revision + 1.
-            cut = _EVENTS_BATCH
-            last = events[cut - 1].revision
-            if events[cut].revision == last:
-                while cut > 0 and events[cut - 1].revision == last:
-                    cut -= 1
-                if cut == 0:  # one huge revision: send it whole
-                    cut = next((i for i, e in enumerate(events) if e.revision != last), len(events))
-            events = events[:cut]
-        return KvReply(True, _enc.encode(events), n=kv.revision)
+                        first = await anext(stream, None)
+                        closed = first is None  # the hub closed: the member stops
+            if first is None:
+                # The watch saw nothing for the prefix up to now: no need to read a history
+                # that other keys' writes may have trimmed meanwhile. (Closing: no promise.)
+                return KvReply(True, _enc.encode([]), n=0 if closed else kv.revision)
+            try:
+                events = kv.events_since(start, req.key)
+            except Compacted:
+                # Trimmed while we waited: resume at the revision that woke us, still kept.
+                return KvReply(True, _enc.encode([]), n=first.revision - 1)
+        events = _cut_events(events)
+        return KvReply(True, _enc.encode(events), n=events[-1].revision if events else kv.revision)
+
+
+def _event_bytes(ev: WatchEvent) -> int:
+    size = 48 + len(ev.kv.key) + len(ev.kv.value)
+    if ev.prev is not None:
+        size += len(ev.prev.key) + len(ev.prev.value)
+    return size
+
+
+def _cut_events(events: list[WatchEvent]) -> list[WatchEvent]:
+    """A prefix of ``events`` ending at a revision boundary (the client resumes from the last
+    revision + 1) within ``_EVENTS_BATCH`` events and ``_EVENTS_BYTES`` -- but at least the first
+    revision whole; ReplyTooLarge when that alone does not fit in a reply."""
+    size = 0
+    boundary = 0  # events[:boundary] ends on a revision boundary
+    for i, ev in enumerate(events):
+        if i and ev.revision != events[i - 1].revision:
+            boundary = i
+            if i >= _EVENTS_BATCH or size >= _EVENTS_BYTES:
+                return events[:boundary]
+        size += _event_bytes(ev)
+        if size > MAX_REPLY_BYTES:
+            if boundary:
+                return events[:boundary]  # this revision goes in the next reply
+            raise ReplyTooLarge(
+                f"revision {ev.revision} holds more than {MAX_REPLY_BYTES:,} bytes of events "
+                "for this prefix: too large for a remote watch (watch it on a store member)"
+            )
+    return events
 
 
 def _answer(req: KvRequest, reply: KvReply) -> KvReply:
@@ -473,6 +536,8 @@ def _answer(req: KvRequest, reply: KvReply) -> KvReply:
         raise Compacted(req.n, reply.n)
     if reply.error == "invalid":
         raise InvalidCommand(reply.message)
+    if reply.error == "too_large":
+        raise ReplyTooLarge(reply.message)
     raise StoreUnavailable(reply.message or reply.error)
 
 
@@ -506,6 +571,8 @@ class KvClient(Store):
     def _check_events(req: KvRequest, reply: KvReply) -> KvReply:
         if reply.error == "compacted":
             raise Compacted(req.n, reply.n)
+        if reply.error == "too_large":
+            raise ReplyTooLarge(reply.message)
         if not reply.ok:
             raise StoreUnavailable(reply.message or reply.error)
         return reply
@@ -587,8 +654,10 @@ class KvClient(Store):
             for ev in events:
                 if ev.revision >= nxt:
                     yield ev
-            if events:
-                nxt = max(nxt, events[-1].revision + 1)
+            # Complete up to reply.n: a quiet prefix moves on too, or it would ask for ever
+            # older history until other keys' writes trimmed it (Compacted).
+            last = events[-1].revision if events else reply.n
+            nxt = max(nxt, last + 1)
 
 
 Forward = Callable[[str, KvRequest, float], Awaitable[KvReply]]
@@ -784,6 +853,8 @@ def _error_reply(exc: BaseException) -> KvReply | None:
         return KvReply(False, error="compacted", message=str(exc), n=exc.oldest)
     if isinstance(exc, LeaseNotFound):
         return KvReply(False, error="lease", message=str(exc))
+    if isinstance(exc, ReplyTooLarge):
+        return KvReply(False, error="too_large", message=str(exc))
     if isinstance(exc, InvalidCommand | ValueError):
         return KvReply(False, error="invalid", message=str(exc))
     return None

@@ -1,0 +1,136 @@
+"""Replies of the store's ``kv`` requests stay within a frame: event batches are cut by size at
+revision boundaries, a range too large for one reply is a clear error, and a remote watch on a
+quiet prefix keeps up with the history (real in-process node on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agentcluster.config import NodeConfig
+from agentcluster.node import Node
+from agentcluster.store.base import KeyValue, WatchEvent
+from agentcluster.store.raft import MAX_REPLY_BYTES, ReplyTooLarge, _cut_events
+from agentcluster.store.remote import RemoteStore
+from agentcluster.testing import wait_until
+
+KiB = 1 << 10
+
+
+def _ev(revision: int, size: int, key: str = "k") -> WatchEvent:
+    return WatchEvent("put", KeyValue(key, b"x" * size, revision, revision, 1))
+
+
+@pytest.mark.parametrize(
+    ("rule", "events", "kept"),
+    [
+        ("small batches go whole", [_ev(r, 10) for r in range(1, 6)], 5),
+        (
+            "cut once 1 MiB is reached, at a revision boundary",
+            [_ev(r, 300 * KiB) for r in range(1, 9)],
+            4,
+        ),
+        (
+            "a revision is never split",
+            [_ev(1, 600 * KiB), _ev(2, 300 * KiB, "a"), _ev(2, 300 * KiB, "b"), _ev(3, 10)],
+            3,
+        ),
+        ("one big revision goes alone", [_ev(1, 3000 * KiB), _ev(2, 10)], 1),
+        ("never past a frame: the big one waits", [_ev(1, 900 * KiB), _ev(2, 3500 * KiB)], 1),
+        ("at most 1,000 events", [_ev(r, 1) for r in range(1, 1500)], 1000),
+    ],
+)
+def test_event_batches_are_cut_by_count_and_size(
+    rule: str, events: list[WatchEvent], kept: int
+) -> None:
+    assert _cut_events(events) == events[:kept], rule
+
+
+def test_a_revision_too_large_for_a_reply_is_refused_by_name() -> None:
+    events = [_ev(7, 2 * MAX_REPLY_BYTES // 3, "a"), _ev(7, 2 * MAX_REPLY_BYTES // 3, "b")]
+    with pytest.raises(ReplyTooLarge, match="revision 7"):
+        _cut_events(events)
+
+
+@contextlib.asynccontextmanager
+async def one_node() -> AsyncIterator[Node]:
+    node = Node(
+        NodeConfig(name="n1", bind="127.0.0.1:0", store_voters=["n1"], preset="local"),
+        vitals=False,
+    )
+    await node.start()
+    try:
+        host = node.store_host
+        assert host is not None and host.member is not None
+        member = host.member
+        await wait_until(lambda: member.shell.is_leader and member.leading, timeout=10)
+        yield node
+    finally:
+        await node.stop(leave=False)
+
+
+async def test_a_remote_watch_on_a_quiet_prefix_keeps_up_with_the_history() -> None:
+    # Its empty long-polls say up to which revision they are complete; resuming after it,
+    # the watch never asks for history that writes elsewhere have trimmed (Compacted).
+    async with one_node() as node:
+        member = node.store_host.member  # type: ignore[union-attr]
+        member.kv.max_events = 8
+        store = RemoteStore([node.addr], keyring=None, timeout=2.0, poll=0.05)
+        try:
+            seen: list[str] = []
+
+            async def watch() -> None:
+                async with store.watch("q/") as events:
+                    async for ev in events:
+                        seen.append(ev.kv.key)
+                        return
+
+            task = asyncio.create_task(watch())
+            for i in range(40):  # far more than the 8 revisions of history kept
+                await store.put(f"other/{i}", b"x")
+            await store.put("q/x", b"1")
+            await asyncio.wait_for(task, 10)
+            assert seen == ["q/x"]
+        finally:
+            await store.close()
+
+
+async def test_a_remote_watch_replays_megabytes_of_history() -> None:
+    async with one_node() as node:
+        store = RemoteStore([node.addr], keyring=None, timeout=5.0, poll=0.05)
+        try:
+            start = await store.revision() + 1
+            for i in range(0, 160, 40):  # 160 x 32 KiB: 5 MiB, over a frame
+                await asyncio.gather(
+                    *(store.put(f"w/{j}", b"x" * (32 * KiB)) for j in range(i, i + 40))
+                )
+            seen: list[int] = []
+
+            async def watch() -> None:
+                async with store.watch("w/", start_revision=start) as events:
+                    async for ev in events:
+                        seen.append(ev.revision)
+                        if len(seen) == 160:
+                            return
+
+            await asyncio.wait_for(watch(), 20)
+            assert seen == sorted(set(seen))
+        finally:
+            await store.close()
+
+
+async def test_a_range_too_large_for_a_reply_is_a_clear_error() -> None:
+    async with one_node() as node:
+        store = RemoteStore([node.addr], keyring=None, timeout=5.0)
+        try:
+            for key in ("r/a", "r/b"):
+                await store.put(key, b"x" * (2500 * KiB))
+            with pytest.raises(ReplyTooLarge, match="narrow the prefix"):
+                await store.range("r/")
+            assert [kv.key for kv in (await store.range("r/", limit=1)).kvs] == ["r/a"]
+            assert (await store.get("r/b")) is not None  # the node is fine
+        finally:
+            await store.close()
