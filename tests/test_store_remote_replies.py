@@ -11,9 +11,16 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agentcluster.config import NodeConfig
+from agentcluster.control import _fit_replies
 from agentcluster.node import Node
 from agentcluster.store.base import KeyValue, WatchEvent
-from agentcluster.store.raft import MAX_REPLY_BYTES, ReplyTooLarge, _cut_events
+from agentcluster.store.raft import (
+    MAX_REPLY_BYTES,
+    KvReply,
+    KvRequest,
+    ReplyTooLarge,
+    _cut_events,
+)
 from agentcluster.store.remote import RemoteStore
 from agentcluster.testing import wait_until
 
@@ -132,5 +139,33 @@ async def test_a_range_too_large_for_a_reply_is_a_clear_error() -> None:
                 await store.range("r/")
             assert [kv.key for kv in (await store.range("r/", limit=1)).kvs] == ["r/a"]
             assert (await store.get("r/b")) is not None  # the node is fine
+        finally:
+            await store.close()
+
+
+def test_replies_too_large_together_turn_the_largest_reads_into_errors() -> None:
+    reqs = [KvRequest("get", key="a"), KvRequest("cmd", b"w"), KvRequest("get", key="b")]
+    big = KvReply(True, b"x" * (2500 * KiB))
+    fitted = _fit_replies(reqs, [big, KvReply(True, b"rev"), big])
+    assert fitted[1] == KvReply(True, b"rev")  # the write keeps its answer
+    assert [r.ok for r in fitted].count(False) == 1
+    refused = next(r for r in fitted if not r.ok)
+    assert (refused.error, refused.n) == ("too_large", 1) and "with the others" in refused.message
+    assert _fit_replies(reqs[:1], [big]) == [big]  # one that fits alone is left alone
+
+
+async def test_a_write_batched_with_big_reads_keeps_its_answer_and_the_reads_theirs() -> None:
+    # Two 2.5 MiB reads and a put, sent together: their replies do not fit in one frame. The
+    # put is answered (not "outcome unknown"), and the reads are resent alone and answered.
+    async with one_node() as node:
+        store = RemoteStore([node.addr], keyring=None, timeout=5.0)
+        try:
+            for key in ("b/1", "b/2"):
+                await store.put(key, b"x" * (2500 * KiB))
+            one, two, rev = await asyncio.gather(
+                store.get("b/1"), store.get("b/2"), store.put("small", b"v")
+            )
+            assert one is not None and two is not None and len(one.value) == 2500 * KiB
+            assert rev > 0 and (await store.get("small")) is not None
         finally:
             await store.close()

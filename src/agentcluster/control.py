@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -26,7 +27,7 @@ from agentcluster.clock import Deadline
 from agentcluster.membership.messages import StreamMessage
 from agentcluster.signals import Signal
 from agentcluster.store._batch import MAX_BATCH_COMMANDS
-from agentcluster.store.raft import KvRequest
+from agentcluster.store.raft import KvReply, KvRequest
 from agentcluster.transport.base import parse_addr
 from agentcluster.wire import Keyring, WireCodec
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from agentcluster.node import Node
 
 __all__ = [
+    "MAX_CONTROL_FRAME",
     "AgentEnvelope",
     "CallReply",
     "CallRequest",
@@ -49,6 +51,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OPS = ("members", "agents", "health", "stats", "leave", "kv", "mabeam", "call", "routes")
+
+MAX_CONTROL_FRAME = 4 << 20
+"""The largest control frame, request or reply (as the node's stream codec allows)."""
+# Arguments that are payload, not parameters: any value a client means is fine there.
+_PAYLOAD_ARGS = frozenset({"proposal"})
 
 
 class ControlRequest(msgspec.Struct, frozen=True, array_like=True, tag="ctl", tag_field="t"):
@@ -170,8 +177,12 @@ async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
     raw = args.get("req")
     many = args.get("reqs")
     timeout = args.get("timeout", 5.0)
-    if not isinstance(timeout, int | float):
-        return ControlReply(ok=False, error="kv: 'timeout' must be a number")
+    # NaN would pass the clamp below (min and max keep it) and the request would then never
+    # reach its deadline: the node would retry it for ever.
+    if not isinstance(timeout, int | float) or not math.isfinite(timeout):
+        return ControlReply(
+            ok=False, error=f"kv: 'timeout' must be a finite number, not {timeout!r}"
+        )
     timeout = min(max(float(timeout), 0.001), 60.0)
     if (
         isinstance(many, list)
@@ -184,7 +195,7 @@ async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
             reqs = [_kv_req_dec.decode(r) for r in many]
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             return ControlReply(ok=False, error=f"kv: malformed request: {exc}")
-        replies = await host.store.route_many(reqs, timeout=timeout)
+        replies = _fit_replies(reqs, await host.store.route_many(reqs, timeout=timeout))
         return ControlReply(ok=True, data=_kv_enc.encode(replies))
     if not isinstance(raw, bytes):
         return ControlReply(ok=False, error="kv: args need 'req' (bytes) or 'reqs' (a list)")
@@ -194,6 +205,37 @@ async def _kv(node: Node, args: dict[str, Any]) -> ControlReply:
         return ControlReply(ok=False, error=f"kv: malformed request: {exc}")
     reply = await host.store.route(req, timeout=timeout)
     return ControlReply(ok=True, data=_kv_enc.encode(reply))
+
+
+# A batch's replies go back in one frame; this leaves room for the frame's own envelope.
+_REPLIES_BUDGET = MAX_CONTROL_FRAME - (64 << 10)
+
+
+def _fit_replies(reqs: list[KvRequest], replies: list[KvReply]) -> list[KvReply]:
+    """``replies`` as one frame can carry them: when they do not fit together, the largest
+    answers to reads become ``too_large`` errors, ``n=1`` when they came with others -- sent
+    alone they may fit, and the client resends them so
+    (:class:`~agentcluster.store.remote.RemoteStore`). Writes keep their answers (a few bytes):
+    a write must not be reported unknown for its neighbours' sake."""
+    sizes = [len(r.data) + len(r.message) + 64 for r in replies]
+    total = sum(sizes)
+    if total <= _REPLIES_BUDGET:
+        return replies
+    out = list(replies)
+    for i in sorted(range(len(out)), key=sizes.__getitem__, reverse=True):
+        if total <= _REPLIES_BUDGET:
+            break
+        if reqs[i].op == "cmd":
+            continue
+        out[i] = KvReply(
+            False,
+            error="too_large",
+            message=f"an answer of {len(out[i].data):,} bytes does not fit in one reply "
+            + ("with the others of its batch" if len(out) > 1 else f"({_REPLIES_BUDGET:,})"),
+            n=1 if len(out) > 1 else 0,
+        )
+        total -= sizes[i]
+    return out
 
 
 async def _health_op(node: Node, args: dict[str, Any]) -> ControlReply:
@@ -222,6 +264,12 @@ async def _call(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     key = args.get("key")
     if not isinstance(capability, str) or not isinstance(timeout, int | float):
         return {"ok": False, "error_type": "ValueError", "error": "call: bad arguments"}
+    if not math.isfinite(timeout):  # NaN passes the clamp below: a call without a deadline
+        return {
+            "ok": False,
+            "error_type": "ValueError",
+            "error": f"call: 'timeout' must be a finite number, not {timeout!r}",
+        }
     if key is not None and not isinstance(key, str):
         return {"ok": False, "error_type": "ValueError", "error": "call: 'key' must be a string"}
     try:
@@ -254,7 +302,21 @@ async def _call(node: Node, args: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "data": data}
 
 
+def _non_finite(op: str, args: dict[str, Any]) -> str | None:
+    """An error for the first parameter that is NaN or infinite, else None. The ops' float
+    parameters are timeouts, waits, durations and prices: NaN slips through their clamps
+    and range checks (every comparison with it is false), and a deadline at NaN never
+    comes -- a client could pin the node on its request."""
+    for key, value in args.items():
+        if isinstance(value, float) and not math.isfinite(value) and key not in _PAYLOAD_ARGS:
+            return f"{op}: {key!r} must be a finite number, not {value!r}"
+    return None
+
+
 async def handle_control(node: Node, req: ControlRequest) -> ControlReply:
+    bad = _non_finite(req.op, req.args)
+    if bad is not None:
+        return ControlReply(ok=False, error=bad)
     try:
         if req.op == "members":
             return ControlReply(ok=True, data=_members(node))
@@ -310,7 +372,7 @@ class _ReplyProtocol(asyncio.Protocol):
         if len(buf) < 4:
             return
         length = int.from_bytes(buf[:4], "big")
-        if length > _MAX_REPLY:
+        if length > MAX_CONTROL_FRAME:
             self._fail(ControlError(f"sent an oversized reply ({length} bytes)"))
             return
         if len(buf) < 4 + length:
@@ -337,9 +399,6 @@ class _ReplyProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-_MAX_REPLY = 4 << 20
-
-
 class ControlClient:
     """A connection to one node's control API, kept open for further requests (one at a
     time; concurrent callers queue on a lock). Any failure closes it; the next call
@@ -349,7 +408,7 @@ class ControlClient:
         self.addr = addr
         self.timeout = timeout
         self._host, self._port = parse_addr(addr)
-        self._codec = WireCodec(NodeStream, keyring, max_size=_MAX_REPLY)
+        self._codec = WireCodec(NodeStream, keyring, max_size=MAX_CONTROL_FRAME)
         self._proto: _ReplyProtocol | None = None
         self._lock = asyncio.Lock()
         self._timer: Deadline | None = None  # fails the waiting call's reply when it is late

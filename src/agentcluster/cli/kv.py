@@ -26,6 +26,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import signal as os_signal
 import sys
@@ -57,8 +58,20 @@ KeyFileOpt = Annotated[
     str | None,
     typer.Option(metavar="PATH", help="Cluster keyring file (default: $AGENTCLUSTER_KEY_FILE)."),
 ]
+# Lease ids and revisions are below 2**63 in the store; a larger number cannot even be sent.
+_MAX_ID = 2**63 - 1
+
+
+def _finite(value: float) -> float:
+    # The range checks of float options let NaN through (every comparison with it is false).
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 TimeoutOpt = Annotated[
-    float, typer.Option(min=0.05, help="Seconds to wait for an answer per request.")
+    float,
+    typer.Option(min=0.05, callback=_finite, help="Seconds to wait for an answer per request."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
@@ -155,6 +168,8 @@ def _lease_id(text: str | None, what: str = "--lease") -> int:
         raise _UsageError(f"{what}: {text!r} is not a lease id (hexadecimal)") from None
     if lease <= 0:
         raise _UsageError(f"{what}: a lease id is positive, not {text!r}")
+    if lease > _MAX_ID:
+        raise _UsageError(f"{what}: {text!r} is too large for a lease id (at most {_MAX_ID:x})")
     return lease
 
 
@@ -271,7 +286,9 @@ def range_(
     prefix: Annotated[str, typer.Argument(help="Key prefix ('' for every key).")],
     *,
     node: NodeOpt,
-    limit: Annotated[int, typer.Option(min=0, help="At most this many keys (0: all).")] = 0,
+    limit: Annotated[
+        int, typer.Option(min=0, max=_MAX_ID, help="At most this many keys (0: all).")
+    ] = 0,
     key_file: KeyFileOpt = None,
     timeout: TimeoutOpt = 5.0,
     as_json: JsonOpt = False,
@@ -315,7 +332,8 @@ def watch(
     *,
     node: NodeOpt,
     from_revision: Annotated[
-        int, typer.Option(min=0, help="First revision to report (0: changes from now on).")
+        int,
+        typer.Option(min=0, max=_MAX_ID, help="First revision to report (0: changes from now on)."),
     ] = 0,
     count: Annotated[
         int, typer.Option(min=0, help="Stop after this many events (0: run until Ctrl-C).")
@@ -377,7 +395,9 @@ def _silence_stdout() -> None:
 
 @lease_app.command("grant")
 def lease_grant(
-    ttl: Annotated[float, typer.Argument(min=0.001, help="Time to live, seconds.")],
+    ttl: Annotated[
+        float, typer.Argument(min=0.001, callback=_finite, help="Time to live, seconds.")
+    ],
     *,
     node: NodeOpt,
     key_file: KeyFileOpt = None,

@@ -15,29 +15,82 @@ concurrently -- so the leader proposes them in one Raft batch (one fsync, one ap
 follower) and one round trip carries them all; up to four calls are in flight, so batches
 pipeline. A single sequential caller pays one loop turn for it (see :class:`_Batcher`).
 Watches' long-polls use a connection of their own, so they never hold a batch back.
+
+A call is one control frame (:data:`~agentcluster.control.MAX_CONTROL_FRAME`): a batch is cut
+where the next request would overflow it, and a request too large to travel even alone is
+refused before anything is sent (:class:`~agentcluster.store._kv.InvalidCommand`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Awaitable, Sequence
 
 import msgspec
 
 from agentcluster.clock import Clock, MonotonicClock
-from agentcluster.control import ControlClient, ControlError
+from agentcluster.control import MAX_CONTROL_FRAME, ControlClient, ControlError
+from agentcluster.store._kv import InvalidCommand
 from agentcluster.store.base import StoreUnavailable
-from agentcluster.store.raft import KvClient, KvReply, KvRequest
+from agentcluster.store.raft import MAX_WRITE_BYTES, KvClient, KvReply, KvRequest
 from agentcluster.wire import Keyring
 
-__all__ = ["RemoteStore"]
+__all__ = ["MAX_REQUEST_BYTES", "RemoteStore"]
 
 _req_enc = msgspec.msgpack.Encoder()
 _reply_dec = msgspec.msgpack.Decoder(KvReply)
 _replies_dec = msgspec.msgpack.Decoder(list[KvReply])
 _MAX_BATCH = 256
 _PIPELINE = 4  # calls in flight per entry node (connections are opened only when needed)
+# What a ``kv`` call's frame adds to its requests' bytes: the frame header and tag, the
+# envelope, the list header (73 bytes in all today, with room to spare), and per request the
+# header of its msgpack bin.
+_FRAME_OVERHEAD = 256
+_PER_REQUEST = 5
+_MAX_CALL_BYTES = MAX_CONTROL_FRAME - _FRAME_OVERHEAD
+MAX_REQUEST_BYTES = _MAX_CALL_BYTES - _PER_REQUEST
+"""The largest encoded request a :class:`RemoteStore` can send (a write is further limited
+to :data:`~agentcluster.store.raft.MAX_WRITE_BYTES` by the store itself)."""
+
+
+def _encode(req: KvRequest) -> bytes:
+    """``req`` as a ``kv`` call carries it, or InvalidCommand: it cannot travel (a number
+    beyond 64 bits, or too large for a control frame even alone)."""
+    try:
+        raw = _req_enc.encode(req)
+    except OverflowError as exc:
+        raise InvalidCommand(f"the store request does not encode: {exc}") from None
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise InvalidCommand(
+            f"a store request of {len(raw):,} bytes exceeds the limit of "
+            f"{MAX_REQUEST_BYTES:,} bytes per request to an entry node (a write may be at "
+            f"most {MAX_WRITE_BYTES:,} bytes)"
+        )
+    return raw
+
+
+def _take_batch(
+    queue: list[tuple[bytes, float, asyncio.Future[KvReply]]],
+) -> tuple[list[tuple[bytes, float, asyncio.Future[KvReply]]], int]:
+    """The live requests at the head of ``queue`` that fit one call, and how many queue
+    entries they used up (cancelled ones included). Never empty while a live request is
+    queued: every request fits a call alone (see :func:`_encode`)."""
+    batch: list[tuple[bytes, float, asyncio.Future[KvReply]]] = []
+    size = 0
+    taken = 0
+    for entry in queue:
+        if entry[2].done():  # its caller was cancelled: not sent
+            taken += 1
+            continue
+        cost = len(entry[0]) + _PER_REQUEST
+        if batch and (len(batch) == _MAX_BATCH or size + cost > _MAX_CALL_BYTES):
+            break
+        batch.append(entry)
+        size += cost
+        taken += 1
+    return batch, taken
 
 
 async def _call(client: ControlClient, reqs: list[bytes], timeout: float) -> list[KvReply]:
@@ -51,6 +104,12 @@ async def _call(client: ControlClient, reqs: list[bytes], timeout: float) -> lis
     if replies is None or len(replies) != len(reqs):
         raise StoreUnavailable(f"{client.addr} sent a malformed store reply")
     return replies
+
+
+def _fail(batch: list[tuple[bytes, float, asyncio.Future[KvReply]]], exc: BaseException) -> None:
+    for _, _, f in batch:
+        if not f.done():
+            f.set_exception(exc)
 
 
 class _Batcher:
@@ -78,8 +137,9 @@ class _Batcher:
         """The reply to ``req``, to await: a future a worker resolves or, for a caller that
         may be alone, a coroutine (a plain function, so that a queued request -- every one
         under load -- costs no coroutine frame of its own)."""
+        raw = _encode(req)  # before queueing: a request that cannot travel fails alone
         fut: asyncio.Future[KvReply] = asyncio.get_running_loop().create_future()
-        entry = (_req_enc.encode(req), timeout, fut)
+        entry = (raw, timeout, fut)
         queue = self._queue
         queue.append(entry)
         if len(queue) == 1 and not self._inline and not self._running:
@@ -126,8 +186,8 @@ class _Batcher:
         self._starting = False
         try:
             while self._queue:
-                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
-                live = [(r, t, f) for r, t, f in batch if not f.done()]
+                live, taken = _take_batch(self._queue)
+                self._queue = self._queue[taken:]
                 if not live:
                     continue
                 if self._queue:
@@ -136,9 +196,17 @@ class _Batcher:
                 try:
                     replies = await _call(client, [r for r, _, _ in live], timeout)
                 except (ControlError, StoreUnavailable) as exc:
-                    for _, _, f in live:
-                        if not f.done():
-                            f.set_exception(exc)
+                    _fail(live, exc)
+                    continue
+                except asyncio.CancelledError:
+                    _fail(live, StoreUnavailable("the store is closed"))
+                    raise
+                except Exception as exc:
+                    # Whatever went wrong, its callers must hear of it: a future left pending
+                    # hangs its caller for good. The requests may have left: outcome unknown.
+                    error = StoreUnavailable(f"{self.addr}: {type(exc).__name__}: {exc}")
+                    error.__cause__ = exc
+                    _fail(live, error)
                     continue
                 for (_, _, f), reply in zip(live, replies, strict=True):
                     if not f.done():
@@ -162,6 +230,13 @@ class _Batcher:
             await client.close()
 
 
+def _check_seconds(what: str, value: float) -> None:
+    # The node refuses a timeout that is no deadline (NaN, infinite) and stretches one of
+    # zero: either would be a surprise found late, far from the caller's mistake.
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"{what} must be a finite number of seconds > 0, not {value!r}")
+
+
 class RemoteStore(KvClient):
     def __init__(
         self,
@@ -174,6 +249,9 @@ class RemoteStore(KvClient):
     ) -> None:
         if not nodes:
             raise ValueError("RemoteStore needs at least one node address")
+        _check_seconds("timeout", timeout)
+        if not 0.0 <= poll < math.inf:
+            raise ValueError(f"poll must be a finite number of seconds >= 0, not {poll!r}")
         self.nodes = list(nodes)
         self.keyring = keyring
         self.timeout = timeout
@@ -197,6 +275,8 @@ class RemoteStore(KvClient):
             raise StoreUnavailable("the store is closed")
         if timeout is None:
             timeout = self.timeout
+        else:
+            _check_seconds("timeout", timeout)
         write = req.op == "cmd"
         last: Exception | None = None
         for k in range(len(self.nodes)):
@@ -204,13 +284,18 @@ class RemoteStore(KvClient):
             try:
                 if req.op == "events":
                     raw = await self._pollers[addr].call(
-                        "kv", {"req": _req_enc.encode(req), "timeout": timeout}, timeout=timeout + 1
+                        "kv", {"req": _encode(req), "timeout": timeout}, timeout=timeout + 1
                     )
                     if not isinstance(raw, bytes):
                         raise StoreUnavailable(f"{addr} sent a malformed store reply")
                     reply = _reply_dec.decode(raw)
                 else:
-                    reply = await self._batchers[addr].submit(req, timeout)
+                    batcher = self._batchers[addr]
+                    reply = await batcher.submit(req, timeout)
+                    if reply.error == "too_large" and reply.n == 1 and not write:
+                        # Too large only with the rest of its batch: a read, so ask again
+                        # alone (a write is never resent: it may have been applied).
+                        (reply,) = await _call(batcher.clients[0], [_encode(req)], timeout)
             except ControlError as exc:
                 last = exc
                 if write and not exc.not_sent:
