@@ -248,6 +248,7 @@ async def test_a_client_batch_that_cannot_commit_in_time_is_reported_unknown(
     unknown) -- never ok, never refused as certainly not applied -- while an invalid one is
     still refused at once. The leader decoded each command once, to validate it, and
     proposed the batch as one log entry, which each follower decoded once."""
+    import agentcluster.store._kv_wire as wire_mod
     import agentcluster.store.raft as raft_mod
 
     c = await started(3, 3, seed=5)
@@ -255,7 +256,7 @@ async def test_a_client_batch_that_cannot_commit_in_time_is_reported_unknown(
         leader = leader_of(c)
         decoded: list[bytes] = []
         entries: list[object] = []
-        real, real_entry = raft_mod.decode_command, raft_mod.decode_entry
+        real, real_entry = wire_mod.decode_command, raft_mod.decode_entry
 
         def counting(data: bytes) -> object:
             decoded.append(data)
@@ -266,7 +267,7 @@ async def test_a_client_batch_that_cannot_commit_in_time_is_reported_unknown(
             entries.append(entry)
             return entry
 
-        monkeypatch.setattr(raft_mod, "decode_command", counting)
+        monkeypatch.setattr(wire_mod, "decode_command", counting)  # the leader's validation
         monkeypatch.setattr(raft_mod, "decode_entry", counting_entries)
         ok = [KvRequest("cmd", encode_command(PutCmd(f"ok{i}", b"v"))) for i in range(3)]
         replies = await c.nodes[leader].store.route_many(ok, timeout=5.0)

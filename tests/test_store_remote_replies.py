@@ -13,14 +13,14 @@ import pytest
 from agentcluster.config import NodeConfig
 from agentcluster.control import _fit_replies
 from agentcluster.node import Node
-from agentcluster.store.base import KeyValue, WatchEvent
-from agentcluster.store.raft import (
+from agentcluster.store._kv_wire import (
     MAX_REPLY_BYTES,
     KvReply,
     KvRequest,
     ReplyTooLarge,
     _cut_events,
 )
+from agentcluster.store.base import KeyValue, WatchEvent
 from agentcluster.store.remote import RemoteStore
 from agentcluster.testing import wait_until
 

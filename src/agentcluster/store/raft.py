@@ -33,7 +33,6 @@ import random
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Literal
 
 import msgspec
 
@@ -52,7 +51,6 @@ from agentcluster.store._batch import (
     MAX_BATCH_COMMANDS,
     BatchCmd,
     BatchWait,
-    Failed,
     Group,
     Slot,
     decode_entry,
@@ -71,11 +69,24 @@ from agentcluster.store._kv import (
     Result,
     RevokeResult,
     TxnCmd,
-    decode_command,
-    decode_result,
     encode_command,
     encode_result,
     unwrap,
+)
+from agentcluster.store._kv_wire import (
+    MAX_REPLY_BYTES,
+    MAX_WRITE_BYTES,
+    KvReply,
+    KvRequest,
+    NotSent,
+    ReplyTooLarge,
+    _answer,
+    _checked_command,
+    _command_request,
+    _cut_events,
+    _error_reply,
+    _result,
+    outcome_reply,
 )
 from agentcluster.store._leases import LeaseTimers
 from agentcluster.store._watch import WatchHub
@@ -109,39 +120,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class NotSent(StoreUnavailable):
-    """The request certainly did not reach a member (no address, connection refused): safe
-    to send again elsewhere, even a write."""
-
-
-KvOp = Literal["cmd", "get", "range", "rev", "keepalive", "events"]
-KvError = Literal[
-    "", "not_leader", "unavailable", "dropped", "lease", "invalid", "compacted", "too_large"
-]
-
-
-class ReplyTooLarge(StoreError):
-    """The answer would not fit in one reply frame (4 MiB): a range over that much data (ask
-    with a ``limit``), or one revision whose events are that large, for a remote watch."""
-
-
-class KvRequest(msgspec.Struct, frozen=True, array_like=True, tag="kvq"):
-    op: KvOp
-    cmd: bytes = b""  # an encoded Command for "cmd"
-    key: str = ""  # key / prefix
-    n: int = 0  # range limit, lease id, or the first revision wanted by "events"
-    wait: float = 0.0  # "events": how long to wait for a first event
-
-
-class KvReply(msgspec.Struct, frozen=True, array_like=True, tag="kvr"):
-    ok: bool
-    data: bytes = b""
-    error: KvError = ""
-    message: str = ""
-    leader: str | None = None
-    n: int = 0  # "compacted": the oldest revision kept
-
-
 _enc = msgspec.msgpack.Encoder()
 _kv_dec: msgspec.msgpack.Decoder[KeyValue | None] = msgspec.msgpack.Decoder(KeyValue | None)
 _range_dec = msgspec.msgpack.Decoder(RangeResult)
@@ -151,28 +129,7 @@ _events_dec = msgspec.msgpack.Decoder(list[WatchEvent])
 
 # Routing back-off while no leader is known (an election takes about one election timeout).
 _BACKOFF_MIN, _BACKOFF_MAX = 0.005, 0.1
-_EVENTS_BATCH = 1_000
-# An events reply is cut (at a revision boundary) once it holds this many bytes of keys and
-# values: far inside a frame, so a watch replaying big values makes steady progress.
-_EVENTS_BYTES = 1 << 20
-# What one reply may carry: a stream frame (4 MiB) less room for the reply's own framing and
-# for other replies batched with it.
-MAX_REPLY_BYTES = (4 << 20) - (256 << 10)
 _DECODED_MAX = 1 << 16
-# A write is one log entry, and a follower receives an entry in one stream frame (4 MiB):
-# anything larger could never replicate, and every write behind it would wait forever.
-MAX_WRITE_BYTES = 3 << 20
-
-
-def _checked_command(data: bytes) -> Command:
-    """Decode a write for the log, or raise InvalidCommand (garbage, or too large to
-    replicate)."""
-    if len(data) > MAX_WRITE_BYTES:
-        raise InvalidCommand(
-            f"a write of {len(data):,} bytes exceeds the store's limit of "
-            f"{MAX_WRITE_BYTES:,} bytes per write"
-        )
-    return decode_command(data)
 
 
 class _Machine:
@@ -497,59 +454,6 @@ class RaftKV:
         return KvReply(True, _enc.encode(events), n=events[-1].revision if events else kv.revision)
 
 
-def _event_bytes(ev: WatchEvent) -> int:
-    size = 48 + len(ev.kv.key) + len(ev.kv.value)
-    if ev.prev is not None:
-        size += len(ev.prev.key) + len(ev.prev.value)
-    return size
-
-
-def _cut_events(events: list[WatchEvent]) -> list[WatchEvent]:
-    """A prefix of ``events`` ending at a revision boundary (the client resumes from the last
-    revision + 1) within ``_EVENTS_BATCH`` events and ``_EVENTS_BYTES`` -- but at least the first
-    revision whole; ReplyTooLarge when that alone does not fit in a reply."""
-    size = 0
-    boundary = 0  # events[:boundary] ends on a revision boundary
-    for i, ev in enumerate(events):
-        if i and ev.revision != events[i - 1].revision:
-            boundary = i
-            if i >= _EVENTS_BATCH or size >= _EVENTS_BYTES:
-                return events[:boundary]
-        size += _event_bytes(ev)
-        if size > MAX_REPLY_BYTES:
-            if boundary:
-                return events[:boundary]  # this revision goes in the next reply
-            raise ReplyTooLarge(
-                f"revision {ev.revision} holds more than {MAX_REPLY_BYTES:,} bytes of events "
-                "for this prefix: too large for a remote watch (watch it on a store member)"
-            )
-    return events
-
-
-def _answer(req: KvRequest, reply: KvReply) -> KvReply:
-    """``reply`` when it succeeded, else the store error it stands for."""
-    if reply.ok:
-        return reply
-    if reply.error == "lease":
-        raise LeaseNotFound(reply.message)
-    if reply.error == "compacted":
-        raise Compacted(req.n, reply.n)
-    if reply.error == "invalid":
-        raise InvalidCommand(reply.message)
-    if reply.error == "too_large":
-        raise ReplyTooLarge(reply.message)
-    raise StoreUnavailable(reply.message or reply.error)
-
-
-def _command_request(cmd: Command) -> KvRequest:
-    return KvRequest("cmd", encode_command(cmd))
-
-
-def _result(req: KvRequest, reply: KvReply) -> Result:
-    """The result of the command ``req`` carried, from its ``reply``."""
-    return decode_result(_answer(req, reply).data)
-
-
 class KvClient(Store):
     """A :class:`Store` over :class:`KvRequest` / :class:`KvReply`: subclasses decide where a
     request goes (:meth:`request`) and who answers ``events`` long-polls (:meth:`_call_events`).
@@ -838,38 +742,3 @@ class RaftStore(KvClient):
 
     def __repr__(self) -> str:
         return f"RaftStore(voters={self.voters!r}, leader={self._leader!r})"
-
-
-def _error_reply(exc: BaseException) -> KvReply | None:
-    """The reply for a request that failed on a member with ``exc``; None for an exception
-    that is no store error (a bug: let it propagate)."""
-    if isinstance(exc, NotLeader):
-        return KvReply(False, error="not_leader", message=str(exc), leader=exc.leader)
-    if isinstance(exc, ProposalDropped):
-        return KvReply(False, error="dropped", message=str(exc))
-    if isinstance(exc, OutcomeUnknown):
-        return KvReply(False, error="unavailable", message=str(exc))
-    if isinstance(exc, Compacted):
-        return KvReply(False, error="compacted", message=str(exc), n=exc.oldest)
-    if isinstance(exc, LeaseNotFound):
-        return KvReply(False, error="lease", message=str(exc))
-    if isinstance(exc, ReplyTooLarge):
-        return KvReply(False, error="too_large", message=str(exc))
-    if isinstance(exc, InvalidCommand | ValueError):
-        return KvReply(False, error="invalid", message=str(exc))
-    return None
-
-
-def outcome_reply(outcome: Result | Failed) -> KvReply:
-    """The reply for a write whose proposal settled with ``outcome``."""
-    if not isinstance(outcome, Failed):
-        return KvReply(True, encode_result(outcome))
-    reply = _error_reply(outcome.exc)
-    if reply is None:
-        raise outcome.exc
-    return reply
-
-
-def reply_error(exc: BaseException) -> KvReply:
-    """A reply for a request that failed before reaching a member."""
-    return KvReply(False, error="unavailable", message=f"{type(exc).__name__}: {exc}")
