@@ -9,17 +9,22 @@ answers with a :class:`~agentcluster.control.CallReply`: the agent's reply, or a
 failure.
 
 Deadlines propagate: every attempt carries the time the caller still waits (an idempotent
-call's attempt half of it, keeping time for a retry), and the target gives its agent no more
-than that. Retries go to *another* node (earlier attempts are
+call's attempt half of it when another node could take a retry), and the target gives its
+agent no more than that. Retries go to *another* node (earlier attempts are
 excluded from the pick) and only when that is safe -- the target certainly did not run the
 call (it could not be reached, had no capable agent, or shed the load), or the caller said
 the call is ``idempotent`` -- and only while the :class:`RetryBudget` allows, so a failing
 cluster is not hammered by retry storms. Every outcome (latency, success) goes back to the
 balancer, which feeds its strategies, breakers and outlier detection.
 
+What the target says about itself (no agent, shed, too late) and what its agent raised are
+told apart on the wire (``CallReply.raised``), never by an exception's type name: an agent
+may raise anything, :class:`Rejected` from a nested call included, after doing its work.
+
 Errors (:mod:`agentcluster.errors`): :class:`NoCapacity` (nobody can take it),
-:class:`Timeout` (the deadline passed; it may have run), :class:`Rejected` (load shed),
-:class:`CallRemoteError` (the agent raised: its type name and message).
+:class:`Timeout` (no reply: the deadline passed or the connection broke; it may have run),
+:class:`Rejected` (load shed), :class:`CallRemoteError` (the agent raised, or its reply could
+not travel: its type name and message). A signal too large to send is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
-from agentcluster.agents import AgentError, CallTimeout, MailboxFull
+from agentcluster.agents import AgentError, CallTimeout
 from agentcluster.agents.runtime import UnknownAgent
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest
 from agentcluster.balancing.limits import AdaptiveConcurrency, RejectReason
@@ -38,6 +43,7 @@ from agentcluster.control import CallReply, CallRequest
 from agentcluster.errors import CallRemoteError, NoCapacity, Rejected, Timeout
 from agentcluster.signals import Signal
 from agentcluster.transport.base import ConnectFailed, TransportError
+from agentcluster.wire import Oversized
 
 if TYPE_CHECKING:
     from agentcluster.agents.server import AgentServer
@@ -50,10 +56,16 @@ log = logging.getLogger(__name__)
 
 _DEGRADED_WEIGHT = 0.25  # weight factor of a node whose HealthMonitor reports it degraded
 _MIN_TRY = 0.05  # below twice this, an idempotent call's last try gets all the time left
-# Failures that count against the target node (breakers, outlier ejection, latency).
+# The node's own statuses (``CallReply.raised`` false) that count against it (breakers,
+# outlier ejection, latency). What an agent raised never does, whatever its type name.
 _NODE_FAILURES = frozenset({"NotSent", "Timeout", "Rejected", "NoAgent", "Lost"})
-# Failures after which the target certainly did not run the call.
-_NOT_RUN = ("NoAgent", "Rejected", "NotSent")
+# The node's own statuses after which it certainly did not run the call.
+_NOT_RUN = frozenset({"NoAgent", "Rejected", "NotSent"})
+# Statuses after which the call may have run: retried only when the caller says it may be.
+_UNKNOWN = frozenset({"Timeout", "Lost"})
+# An agent's error message travels cut to this many characters: a frame is 4 MiB at most,
+# and a message is for a human (64 Ki characters are 256 KiB at most in UTF-8).
+_MAX_ERROR = 64 << 10
 
 
 _NOBODY: frozenset[str] = frozenset()
@@ -199,8 +211,11 @@ class CallService:
             tried.append(target)
             self.balancer.started(capability, target, now)
             # An idempotent call keeps half its time for a retry elsewhere (a per-try timeout,
-            # as Envoy's): one stalled node must not eat the whole deadline.
-            budget = left / 2 if idempotent and left > 2 * _MIN_TRY else left
+            # as Envoy's): one stalled node must not eat the whole deadline. With no other
+            # node to retry on, the half kept back would only make it fail early.
+            budget = left
+            if idempotent and left > 2 * _MIN_TRY and self._another(capability, tried):
+                budget = left / 2
             try:
                 reply = await self._attempt(target, capability, signal, budget)
             except BaseException:
@@ -219,19 +234,24 @@ class CallService:
                     self._succeeded, capability, target, done - now, done
                 )
                 return reply.data
-            # An error the agent raised is the agent's answer, not the node's failure.
-            ok = reply.ok or reply.error_type not in _NODE_FAILURES
+            # An error the agent raised is the agent's answer, not the node's failure, and
+            # it ran: never retried. Only the node's own statuses say "not run".
+            kind = reply.error_type
+            raised = reply.raised
+            ok = raised or kind not in _NODE_FAILURES
             events = self.balancer.finished(capability, target, done - now, ok, done)
             if events:  # a breaker tripped, a node was ejected: the rest of the node hears it
                 await self.node.lb.publish(events)
             err = _error(capability, target, reply, tuple(tried))
-            safe = reply.error_type in _NOT_RUN or (
-                idempotent and reply.error_type in ("Timeout", "Lost")
-            )
+            safe = not raised and (kind in _NOT_RUN or (idempotent and kind in _UNKNOWN))
             if not safe or not self.budget.try_retry(done):
                 raise err
             last = err
             now = clock.now()
+
+    def _another(self, capability: str, tried: list[str]) -> bool:
+        """Whether a node not tried yet is eligible for ``capability`` (could take a retry)."""
+        return any(n not in tried for n in self.balancer.eligible(capability))
 
     def _succeeded(self, capability: str, target: str, latency: float, now: float) -> None:
         events = self.balancer.finished(capability, target, latency, True, now)
@@ -249,7 +269,14 @@ class CallService:
         addr = node.core.addr_of(target)
         if addr is None:
             return CallReply(False, error_type="NotSent", error=f"{target} is not a member")
-        frame = node.stream_codec.encode(CallRequest(capability, signal, left))
+        try:
+            frame = node.stream_codec.encode(CallRequest(capability, signal, left))
+        except Oversized as exc:
+            # The caller's input, the same on any node: no retry (the caller's handler of
+            # exceptions from here hands the attempt back to the balancer).
+            raise ValueError(
+                f"call to {capability!r}: the signal is too large to send ({exc})"
+            ) from None
         try:
             raw = await node.transport.request(addr, frame, timeout=left)
         except ConnectFailed as exc:
@@ -280,7 +307,7 @@ class CallService:
                 server = node.runtime.lookup(req.agent)
             except UnknownAgent as exc:
                 return CallReply(False, error_type="NoAgent", error=str(exc))
-            except AgentError as exc:  # a name several agents share
+            except AgentError as exc:  # a name several agents share (the node's answer)
                 return CallReply(False, error_type=type(exc).__name__, error=str(exc))
         timeout = min(max(req.timeout, 0.001), 300.0)
         if server.mailbox_depth >= server.mailbox_size:
@@ -312,21 +339,21 @@ class CallService:
             else:
                 data = await server.call(req.signal, timeout=timeout)
             ok = True
-        except MailboxFull as exc:
-            return CallReply(
-                False,
-                error_type="Rejected",
-                error=f"overloaded: {exc}",
-                reason=RejectReason.OVERLOAD,
-            )
-        except CallTimeout:
+        # (No MailboxFull here: server.call waits for room, and a full mailbox was shed
+        # above; one arriving here is the agent's own -- a cast to a busy downstream agent
+        # after it did its work -- and goes back as what the agent raised.)
+        except CallTimeout as exc:
             self.failed += 1
+            if clock.now() - started < timeout * 0.999:
+                # Not this call's deadline (its timer fires only once ``timeout`` passed):
+                # a nested call of the agent's own timed out, and the agent raised that.
+                return _raised(exc)
             return _late(server.id, node.name, timeout)
         except Exception as exc:
             self.failed += 1
             # Action failures may arrive wrapped; the user wants the agent's own error.
             cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-            return CallReply(False, error_type=type(cause).__name__, error=str(cause))
+            return _raised(cause)
         finally:
             self.in_flight -= 1
             now = clock.now()
@@ -339,14 +366,20 @@ class CallService:
         return CallReply(True, data=data)
 
     def encode_reply(self, reply: CallReply) -> bytes:
-        """The sealed frame for ``reply``; a reply the agent made unserialisable becomes a
-        typed error instead of a dropped connection."""
+        """The sealed frame for ``reply``; a reply the agent made unsendable -- a type msgpack
+        cannot carry (TypeError), an int beyond 64 bits (OverflowError), a frame over the
+        codec's limit (Oversized) -- becomes the agent's typed error instead of a dropped
+        connection, which the caller could only read as "lost" (it may not have run)."""
         codec = self.node.stream_codec
         try:
             return codec.encode(reply)
-        except TypeError as exc:
+        except Exception as exc:  # whatever the encoder raises: the connection must answer
+            if reply.ok:  # counted as served; its caller gets an error instead
+                self.served -= 1
+                self.failed += 1
+            error = _cut(f"reply not serialisable: {exc}")
             return codec.encode(
-                CallReply(False, error_type="TypeError", error=f"reply not serialisable: {exc}")
+                CallReply(False, error_type=type(exc).__name__, error=error, raised=True)
             )
 
     def stats(self) -> dict[str, Any]:
@@ -381,12 +414,26 @@ class CallService:
         return None
 
 
+def _cut(message: str) -> str:
+    """``message``, cut to what an error reply carries (a frame has a size limit)."""
+    if len(message) <= _MAX_ERROR:
+        return message
+    return f"{message[:_MAX_ERROR]}... (cut: {len(message):,} characters)"
+
+
+def _raised(exc: BaseException) -> CallReply:
+    """The reply telling the caller what the agent raised (marked as the agent's own)."""
+    return CallReply(False, error_type=type(exc).__name__, error=_cut(str(exc)), raised=True)
+
+
 def _late(agent: str, node: str, timeout: float) -> CallReply:
     return CallReply(False, error_type="Timeout", error=f"{agent} on {node} took over {timeout}s")
 
 
 def _error(capability: str, target: str, reply: CallReply, tried: tuple[str, ...]) -> Exception:
     kind = reply.error_type
+    if reply.raised:  # the agent's own error, whatever it is called
+        return CallRemoteError(f"{target}: {kind}: {reply.error}", kind, attempts=tried)
     if kind == "Rejected":
         return Rejected(
             f"{target} refused the call: {reply.error}",
@@ -395,7 +442,17 @@ def _error(capability: str, target: str, reply: CallReply, tried: tuple[str, ...
         )
     if kind == "Timeout":
         return Timeout(f"call to {capability!r} on {target}: {reply.error}", attempts=tried)
-    if kind in ("NoAgent", "NotSent", "Lost"):
+    if kind == "Lost":
+        # Timeout, not a type of its own: what a caller decides on is whether the call may
+        # have run, and Timeout is the outcome documented as "it may have run" -- code that
+        # handles it (a retry of an idempotent call, a check of the effect) is right here too.
+        # Not NoCapacity, which says no node could take it: this one did.
+        return Timeout(
+            f"call to {capability!r} on {target}: the connection broke after the call was "
+            f"sent, it may have run ({reply.error})",
+            attempts=tried,
+        )
+    if kind in ("NoAgent", "NotSent"):
         return NoCapacity(
             f"call to {capability!r} on {target} failed: {reply.error}", attempts=tried
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ from agentcluster.store._recipes import Election, Leadership, Lock
 from agentcluster.store.base import Store
 
 if TYPE_CHECKING:
+    from agentcluster.control import ControlError
     from agentcluster.node import Node
 
 __all__ = [
@@ -261,7 +263,8 @@ class Cluster(ABC):
         ``key`` makes calls with one key stick to one node (with a hashing strategy);
         ``idempotent`` allows a retry on another node after a timeout or a lost connection.
         Raises :class:`~agentcluster.errors.NoCapacity`, :class:`~agentcluster.errors.Timeout`,
-        :class:`~agentcluster.errors.Rejected` or :class:`~agentcluster.errors.CallRemoteError`."""
+        :class:`~agentcluster.errors.Rejected` or :class:`~agentcluster.errors.CallRemoteError`;
+        ``ValueError`` for a timeout that is no deadline or a signal too large to send."""
         return await self._call_agent(
             capability, _signal(signal, data), timeout=timeout, key=key, idempotent=idempotent
         )
@@ -567,21 +570,33 @@ class RemoteCluster(Cluster):
         self, capability: str, signal: Signal, *, timeout: float, key: str | None, idempotent: bool
     ) -> Any:
         from agentcluster.control import ControlError
+        from agentcluster.wire import Oversized
+
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout}")
+        data = msgspec.to_builtins(signal)
+
+        def args(left: float) -> dict[str, Any]:
+            # The node gets what is left of the caller's deadline once the request leaves
+            # (the connection is shared: it may have waited for its turn).
+            return {
+                "capability": capability,
+                "signal": data,
+                "timeout": left,
+                "key": key,
+                "idempotent": idempotent,
+            }
 
         try:
-            out = await self._client.call(
-                "call",
-                {
-                    "capability": capability,
-                    "signal": msgspec.to_builtins(signal),
-                    "timeout": timeout,
-                    "key": key,
-                    "idempotent": idempotent,
-                },
-                timeout=timeout + self.timeout,
-            )
+            # The deadline covers the wait for the connection; the reply gets the client's
+            # own timeout on top to come back.
+            out = await self._client.call("call", args, timeout=timeout, slack=self.timeout)
+        except Oversized as exc:  # nothing was sent: the caller's input
+            raise ValueError(
+                f"call to {capability!r}: the signal is too large to send ({exc})"
+            ) from None
         except ControlError as exc:
-            raise _remote_error(str(exc)) from None
+            raise _call_failure(capability, exc) from None
         if out.get("ok"):
             return out.get("data")
         raise call_error(out)
@@ -654,14 +669,35 @@ def call_error(out: Mapping[str, Any]) -> CallError:
     return CallRemoteError(message, str(out.get("remote_type", kind)), attempts=attempts)
 
 
-def _remote_error(message: str) -> ClusterError:
-    # Control errors read "<addr>: <Type>: <message>" when the node raised.
+def _remote_type(message: str) -> str:
+    """The exception type a control error names ("" if none): control errors read
+    "<addr>: <Type>: <message>" when the node raised."""
     _, _, rest = message.partition(": ")
     type_name, sep, _ = rest.partition(": ")
-    if sep and type_name.isidentifier():
+    return type_name if sep and type_name.isidentifier() else ""
+
+
+def _remote_error(message: str) -> ClusterError:
+    type_name = _remote_type(message)
+    if type_name:
         cls = _REMOTE_TYPES.get(type_name, RemoteError)
         return cls(message, type_name)
     return RemoteError(message)
+
+
+def _call_failure(capability: str, exc: ControlError) -> CallError:
+    """The typed error of a remote ``call`` whose control request failed (``exc``, a
+    ControlError), as the node's own call path types a failed attempt: not sent is
+    NoCapacity (this client's node cannot take it), a deadline passed or a connection lost
+    after sending is Timeout (it may have run), an error the node answered is remote."""
+    message = f"call to {capability!r}: {exc}"
+    if exc.timed_out:
+        return Timeout(message)
+    if exc.not_sent:
+        return NoCapacity(message)
+    if exc.answered:
+        return CallRemoteError(message, _remote_type(str(exc)))
+    return Timeout(f"{message}; the call may have run")
 
 
 def connect(

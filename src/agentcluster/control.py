@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -88,15 +89,19 @@ class CallRequest(msgspec.Struct, frozen=True, array_like=True, tag="call", tag_
 
 
 class CallReply(msgspec.Struct, frozen=True, array_like=True, tag="callr", tag_field="t"):
-    """``error_type``: "" on success; ``NoAgent`` / ``Rejected`` (not run: safe to retry
-    anywhere; ``reason`` a :class:`~agentcluster.balancing.limits.RejectReason`), ``Timeout``,
-    or the type name of what the agent raised."""
+    """``raised``: the agent raised (or its reply could not be sent): ``error_type`` is the
+    type name of its exception, whatever that is called -- the call ran. Otherwise
+    ``error_type`` is "" on success or the node's own status: ``NoAgent`` / ``Rejected`` (not
+    run: safe to retry anywhere; ``reason`` a
+    :class:`~agentcluster.balancing.limits.RejectReason`), ``Timeout``. (``raised`` comes last
+    and defaults to false: frames of nodes that do not send it still decode.)"""
 
     ok: bool
     data: Any = None
     error_type: str = ""
     error: str = ""
     reason: str = ""
+    raised: bool = False
 
 
 NodeStream = StreamMessage | ControlRequest | ControlReply | AgentEnvelope | CallRequest | CallReply
@@ -104,11 +109,23 @@ NodeStream = StreamMessage | ControlRequest | ControlReply | AgentEnvelope | Cal
 
 class ControlError(Exception):
     """The node could not be reached, rejected the request, or answered with an error.
-    ``not_sent``: the connection could not even be opened (the node never saw the request)."""
+    ``not_sent``: the node never saw the request (the connection could not be opened, or the
+    request's time passed before its turn on the connection); ``timed_out``: the deadline
+    passed (sent or not); ``answered``: the node answered, with an error. None of them: the
+    connection broke or the answer was unreadable -- the request may have been carried out."""
 
-    def __init__(self, message: str, *, not_sent: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        not_sent: bool = False,
+        timed_out: bool = False,
+        answered: bool = False,
+    ) -> None:
         super().__init__(message)
         self.not_sent = not_sent
+        self.timed_out = timed_out
+        self.answered = answered
 
 
 def _members(node: Node) -> list[dict[str, Any]]:
@@ -401,8 +418,8 @@ class _ReplyProtocol(asyncio.Protocol):
 
 class ControlClient:
     """A connection to one node's control API, kept open for further requests (one at a
-    time; concurrent callers queue on a lock). Any failure closes it; the next call
-    reconnects."""
+    time; concurrent callers queue, within their deadlines). Any failure closes it; the next
+    call reconnects."""
 
     def __init__(self, addr: str, *, keyring: Keyring | None, timeout: float = 5.0) -> None:
         self.addr = addr
@@ -411,72 +428,137 @@ class ControlClient:
         self._codec = WireCodec(NodeStream, keyring, max_size=MAX_CONTROL_FRAME)
         self._proto: _ReplyProtocol | None = None
         self._lock = asyncio.Lock()
+        self._queued = 0  # callers waiting for the lock (each under its own deadline)
         self._timer: Deadline | None = None  # fails the waiting call's reply when it is late
 
     async def call(
-        self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
+        self,
+        op: str,
+        args: dict[str, Any] | Callable[[float], dict[str, Any]] | None = None,
+        *,
+        timeout: float | None = None,
+        slack: float = 0.0,
     ) -> Any:
-        """Ask for ``op``; the reply's data, or ControlError."""
+        """Ask for ``op``; the reply's data, or ControlError. The request must leave within
+        ``timeout`` seconds of this call -- its wait for the connection (other callers'
+        requests ahead, a reconnect) included -- and the reply come within ``slack`` more.
+        ``args`` may be a function of the seconds left of ``timeout`` when the request
+        leaves: a request that carries its own deadline gets what is left of it, not the
+        time already spent waiting. A frame over the size limit raises the codec's
+        ``Oversized`` (nothing is sent)."""
         timeout = self.timeout if timeout is None else timeout
         addr = self.addr
-        frame = self._codec.encode(ControlRequest(op=op, args=args or {}))
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
+        loop = asyncio.get_running_loop()
+        # The caller's deadline starts now, not when its turn on the connection comes.
+        send_by = loop.time() + timeout
+        frame = None
+        if not callable(args):
+            frame = self._codec.encode(ControlRequest(op=op, args=args or {}))
+        lock = self._lock
+        if lock.locked() or self._queued:
+            self._queued += 1
             try:
-                proto = self._proto
-                if proto is None or proto.lost:
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            _, proto = await loop.create_connection(
-                                _ReplyProtocol, self._host, self._port
-                            )
-                    except OSError as exc:
-                        raise ControlError(
-                            f"cannot reach {addr}: {exc.strerror or exc}", not_sent=True
-                        ) from None
-                    self._proto = proto
-                transport = proto.transport
-                assert transport is not None
-                # The client's one timer fails the reply's future when it is late (no timeout
-                # context, no cancellation of the caller's task to undo, no timer per call).
-                waiter: asyncio.Future[bytes] = loop.create_future()
-                proto.waiter = waiter
-                timer = self._timer
-                if timer is None:
-                    timer = self._timer = Deadline(loop, self._expire)
-                timer.set(deadline)
-                try:
-                    transport.write(len(frame).to_bytes(4, "big") + frame)
-                    raw = await waiter
-                finally:
-                    timer.clear()
+                async with asyncio.timeout_at(send_by):
+                    await lock.acquire()
             except TimeoutError:
-                await self.close()
-                raise ControlError(f"{addr} did not answer within {timeout}s") from None
-            except asyncio.IncompleteReadError:
-                await self.close()
                 raise ControlError(
-                    f"{addr} closed the connection without a reply (wrong cluster key?)"
+                    f"{addr}: no turn on the connection within {timeout}s "
+                    "(busy with earlier requests); not sent",
+                    not_sent=True,
+                    timed_out=True,
                 ) from None
-            except ControlError as exc:
-                await self.close()
-                if exc.not_sent:
-                    raise
-                raise ControlError(f"{addr} {exc}") from None
-            except OSError as exc:
-                await self.close()
-                raise ControlError(f"cannot reach {addr}: {exc.strerror or exc}") from None
-            except BaseException:
-                await self.close()
-                raise
+            finally:
+                self._queued -= 1
+        else:
+            # Free with nobody queued: acquired at once (no timeout context on the usual
+            # path). A released lock with a waiter still to wake counts as queued above.
+            await lock.acquire()
+        try:
+            proto = await self._connected(send_by, timeout)
+            left = send_by - loop.time()
+            if left <= 0:
+                raise ControlError(
+                    f"{addr}: connected after the {timeout}s deadline; not sent",
+                    not_sent=True,
+                    timed_out=True,
+                )
+            if frame is None:
+                assert callable(args)
+                frame = self._codec.encode(ControlRequest(op=op, args=args(left)))
+            raw = await self._exchange(proto, frame, send_by + slack, timeout + slack)
+        finally:
+            lock.release()
         reply = self._codec.try_decode(raw)
         if not isinstance(reply, ControlReply):
             await self.close()
             raise ControlError(f"{addr} sent a reply that does not authenticate or parse")
         if not reply.ok:
-            raise ControlError(f"{addr}: {reply.error}")
+            raise ControlError(f"{addr}: {reply.error}", answered=True)
         return reply.data
+
+    async def _connected(self, deadline: float, timeout: float) -> _ReplyProtocol:
+        """The open connection, opened now if need be (by ``deadline``); the caller holds the
+        lock. Failing, the request was not sent."""
+        proto = self._proto
+        if proto is not None and not proto.lost:
+            return proto
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                _, proto = await loop.create_connection(_ReplyProtocol, self._host, self._port)
+        except TimeoutError:
+            await self.close()
+            raise ControlError(
+                f"cannot reach {self.addr} within {timeout}s", not_sent=True, timed_out=True
+            ) from None
+        except OSError as exc:
+            await self.close()
+            raise ControlError(
+                f"cannot reach {self.addr}: {exc.strerror or exc}", not_sent=True
+            ) from None
+        self._proto = proto
+        return proto
+
+    async def _exchange(
+        self, proto: _ReplyProtocol, frame: bytes, deadline: float, waited: float
+    ) -> bytes:
+        """Send ``frame`` and wait for its reply until ``deadline``; the caller holds the lock.
+        ``waited``: the seconds the caller allowed, for the message."""
+        addr = self.addr
+        loop = asyncio.get_running_loop()
+        try:
+            transport = proto.transport
+            assert transport is not None
+            # The client's one timer fails the reply's future when it is late (no timeout
+            # context, no cancellation of the caller's task to undo, no timer per call).
+            waiter: asyncio.Future[bytes] = loop.create_future()
+            proto.waiter = waiter
+            timer = self._timer
+            if timer is None:
+                timer = self._timer = Deadline(loop, self._expire)
+            timer.set(deadline)
+            try:
+                transport.write(len(frame).to_bytes(4, "big") + frame)
+                return await waiter
+            finally:
+                timer.clear()
+        except TimeoutError:
+            await self.close()
+            raise ControlError(f"{addr} did not answer within {waited}s", timed_out=True) from None
+        except asyncio.IncompleteReadError:
+            await self.close()
+            raise ControlError(
+                f"{addr} closed the connection without a reply (wrong cluster key?)"
+            ) from None
+        except ControlError as exc:
+            await self.close()
+            raise ControlError(f"{addr} {exc}") from None
+        except OSError as exc:
+            await self.close()
+            raise ControlError(f"cannot reach {addr}: {exc.strerror or exc}") from None
+        except BaseException:
+            await self.close()
+            raise
 
     def _expire(self) -> None:
         proto = self._proto

@@ -47,7 +47,8 @@ class NoCapacity(CallError):
 
 
 class Timeout(CallError, TimeoutError):
-    """The call's deadline passed before a reply came (the call may have run)."""
+    """No reply came: the call's deadline passed, or the connection to the target broke
+    after the call was sent. Either way its outcome is unknown -- it may have run."""
 
 
 class Rejected(CallError):

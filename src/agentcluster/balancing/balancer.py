@@ -202,6 +202,11 @@ class Balancer:
                 self._rebuild(route, now)
 
     # ----------------------------------------------------------------- the hot path
+    def eligible(self, capability: str) -> tuple[str, ...]:
+        """The nodes a pick for ``capability`` may return now (sorted; read-only)."""
+        route = self._routes.get(capability)
+        return route.eligible if route is not None else ()
+
     def pick(
         self,
         capability: str,
