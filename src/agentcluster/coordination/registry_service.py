@@ -19,6 +19,12 @@ with token 0 and the claim is retried in the background; after the partition hea
 resolves any conflict deterministically (a store-backed claim beats an optimistic one) and
 the losing agent is told with a ``cluster.registry.name_conflict`` signal.
 
+Hostile input must not take the node down: the loop runs inside the node's task group, so a
+frame that cannot be encoded (too large, a value out of range) is logged and dropped -- the
+core's anti-entropy repairs what it would have carried -- and any other error of one loop
+round is logged and the loop goes on after a short pause. An inbound frame that does not
+decode closes its connection: a host without the cluster key must not keep stream slots.
+
 Local agents that stop for good lose their entries: every second the shell checks that each
 registered agent still runs (twice in a row, so a supervisor restart does not unregister).
 """
@@ -46,7 +52,7 @@ from agentcluster.membership.messages import MemberEvent
 from agentcluster.signals import Signal
 from agentcluster.store.base import Compare, DeleteOp, GetOp, PutOp, StoreError, TxnResult
 from agentcluster.transport.base import TransportError
-from agentcluster.wire import WireCodec
+from agentcluster.wire import WireCodec, WireError
 
 if TYPE_CHECKING:
     from agentcluster.node import Node
@@ -60,6 +66,7 @@ NAMES_PREFIX = "mabeam/names/"
 _SEND_TIMEOUT = 2.0
 _QUEUE_LIMIT = 256  # frames queued for one peer before the oldest are dropped (digests repair)
 _NAME_LEASE_TTL = 10.0  # a dead node's unique names free up this long after it stops
+_ERROR_PAUSE = 1.0  # after a failed loop round: never spin on an error that repeats
 
 
 class RegistryError(Exception):
@@ -141,6 +148,8 @@ class RegistryService:
         self.frames_sent = 0
         self.frames_received = 0
         self.send_failures = 0
+        self.encode_failures = 0
+        self.loop_errors = 0
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self, tg: asyncio.TaskGroup) -> None:
@@ -296,25 +305,37 @@ class RegistryService:
         clock = self.node.clock
         next_check = clock.now() + 1.0
         while True:
-            now = clock.now()
-            self.core.tick(now)
-            self._flush()
-            if self._outbox:
-                outbox, self._outbox = self._outbox, []
-                for signal in outbox:
-                    try:
-                        await self.node.runtime.bus.publish(signal)
-                    except Exception:
-                        log.exception("registry event %s could not be published", signal.type)
-            if now >= next_check:
-                next_check = now + 1.0
-                await self._housekeeping()
-            delay = min(self.core.next_deadline(), next_check) - clock.now()
+            pause = 0.0
+            try:
+                next_check = await self._round(next_check)
+            except Exception:
+                # This task lives in the node's task group: dying would stop the node.
+                self.loop_errors += 1
+                log.exception("registry loop round failed on %s", self.node.name)
+                pause = _ERROR_PAUSE
+            delay = max(min(self.core.next_deadline(), next_check) - clock.now(), pause)
             self._wake.clear()
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._wake.wait()
+
+    async def _round(self, next_check: float) -> float:
+        """One pass of the loop; returns when housekeeping is due next."""
+        now = self.node.clock.now()
+        self.core.tick(now)
+        self._flush()
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            for signal in outbox:
+                try:
+                    await self.node.runtime.bus.publish(signal)
+                except Exception:
+                    log.exception("registry event %s could not be published", signal.type)
+        if now >= next_check:
+            next_check = now + 1.0
+            await self._housekeeping()
+        return next_check
 
     async def _housekeeping(self) -> None:
         runtime = self.node.runtime
@@ -358,11 +379,23 @@ class RegistryService:
 
     def _flush(self) -> None:
         for dst, msg in self.core.ready():
+            try:
+                data = REGISTRY_PREFIX + self.codec.encode(RegFrame(self.node.name, msg))
+            except (WireError, msgspec.EncodeError, OverflowError, ValueError, TypeError) as exc:
+                # One frame we cannot send (too large, a value out of range): drop it, the
+                # core's digests repair what it carried. Never let it stop the loop.
+                self.encode_failures += 1
+                log.error(
+                    "registry %s to %s dropped, it cannot be encoded: %s",
+                    type(msg).__name__,
+                    dst,
+                    exc,
+                )
+                continue
             sender = self._senders.get(dst)
             if sender is None:
                 sender = self._senders[dst] = _PeerSender(self, dst)
-            frame = RegFrame(self.node.name, msg)
-            sender.push(REGISTRY_PREFIX + self.codec.encode(frame))
+            sender.push(data)
 
     def addr_of(self, name: str) -> str | None:
         member = self.node.core.member(name)
@@ -371,10 +404,13 @@ class RegistryService:
         return member.addr
 
     # ----------------------------------------------------------------- inbound
-    async def on_stream(self, src: str, data: bytes) -> bytes:
+    async def on_stream(self, src: str, data: bytes) -> bytes | None:
+        """Handle one registry frame: ``b""`` (keep the connection) once it is applied,
+        ``None`` (close it, no reply) when it does not decode -- a host without the cluster
+        key must not hold a stream slot by trickling garbage."""
         frame = self.codec.try_decode(data)
         if frame is None:
-            return b""
+            return None
         self.frames_received += 1
         events = self.core.step(frame.sender, frame.msg, self.node.clock.now())
         self._publish(events)
@@ -436,6 +472,8 @@ class RegistryService:
             "frames_sent": self.frames_sent,
             "frames_received": self.frames_received,
             "send_failures": self.send_failures,
+            "encode_failures": self.encode_failures,
+            "loop_errors": self.loop_errors,
             "unclaimed_names": sorted(self._claims),
             "core": msgspec.to_builtins(self.core.stats),
         }

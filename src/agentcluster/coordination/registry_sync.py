@@ -34,6 +34,17 @@ reuses an id held by another node. A node never accepts a claim about its own en
 peer holds a *newer* state for us (we restarted with a clock behind our former epoch), we take
 an epoch above it and push our state, so our word wins again.
 
+*Bounds.* Epochs are at most :data:`MAX_EPOCH` (``2**62``: a start time in ns fits until
+2116) and versions at most ``2**63 - 1`` on the wire; anything larger fails decoding, and the
+core drops such a state even when handed one directly. Outranking a newer claim about
+ourselves never steps past the bound: it takes the claim's epoch + 1, or -- at ``MAX_EPOCH`` --
+the claim's version + 1 (only while that version is below ``2**62``, which leaves local changes
+some ``2**62`` versions of headroom); a claim beyond both is ignored. Owners that are not live
+members (learned through a relay before membership reports them, or invented by a peer) are
+kept only up to ``max_unknown_owners``; and a digest lists at most ``max_digest_bytes`` worth of
+owners -- ourselves, then live members, then the rest, from a random offset when they do not
+all fit -- marked ``partial`` so the receiver does not read an omission as "I lack this owner".
+
 *Departures.* :meth:`member_down` drops a node's entries and tombstones ``(node, epoch)``: any
 Delta, Full or Digest line about that owner with an epoch at or below the tombstone is ignored,
 so a peer that has not yet heard of the death cannot gossip the entries back. If we never
@@ -66,6 +77,8 @@ from agentcluster.coordination.registry import (
 )
 
 __all__ = [
+    "MAX_EPOCH",
+    "MAX_VERSION",
     "Delta",
     "Digest",
     "Full",
@@ -82,6 +95,16 @@ __all__ = [
 
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 _Count = Annotated[int, msgspec.Meta(ge=0)]
+# Far below msgpack's uint64 (epochs are start times in ns: 2**62 ns is the year 2116), so
+# outranking a claim with epoch + 1 always stays encodable and decodable.
+MAX_EPOCH = 2**62
+# Fits int64 so every implementation decodes it.
+MAX_VERSION = 2**63 - 1
+# A claim about ourselves at MAX_EPOCH is outranked with version + 1 only below this: local
+# changes then still have ~2**62 versions before MAX_VERSION.
+_STEP_VERSION_LIMIT = 2**62
+_Epoch = Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH)]
+_Version = Annotated[int, msgspec.Meta(ge=0, le=MAX_VERSION)]
 # Far above any sane message (max_entries_per_message is ~2000) but bounds a hostile one.
 _MAX_WIRE_ITEMS = 100_000
 # Tombstone of a node whose epoch we never learned: blocks every epoch until member_up.
@@ -108,6 +131,13 @@ class SyncConfig(msgspec.Struct, frozen=True):
     # A Pull for the same (peer, owner) is not repeated sooner: every further delta of a gapped
     # owner would otherwise trigger another Full while the first is in flight.
     pull_retry: float = 0.1
+    # Owners that are not live members we keep state for: a relay may legitimately run ahead
+    # of membership for a moment, but a peer must not make us keep (and list in every digest)
+    # an unbounded number of invented owners.
+    max_unknown_owners: int = 1024
+    # Owner lines per digest, in encoded bytes: far below the 4 MiB registry frame, and a
+    # digest is never split, so a larger owner set is listed in part (rotating).
+    max_digest_bytes: int = 1 << 20
 
 
 # ----------------------------------------------------------------------------- wire
@@ -117,9 +147,9 @@ class Delta(msgspec.Struct, frozen=True, array_like=True, tag="d", tag_field="t"
     """An owner's changes taking it from ``base_version`` to ``version`` within ``epoch``."""
 
     owner: _Name
-    epoch: _Count
-    base_version: _Count
-    version: _Count
+    epoch: _Epoch
+    base_version: _Version
+    version: _Version
     upserts: Annotated[tuple[AgentEntry, ...], msgspec.Meta(max_length=_MAX_WIRE_ITEMS)] = ()
     removed_ids: Annotated[tuple[str, ...], msgspec.Meta(max_length=_MAX_WIRE_ITEMS)] = ()
 
@@ -128,17 +158,22 @@ class Full(msgspec.Struct, frozen=True, array_like=True, tag="f", tag_field="t")
     """Part ``part`` of ``parts`` of an owner's complete entry set at ``(epoch, version)``."""
 
     owner: _Name
-    epoch: _Count
-    version: _Count
+    epoch: _Epoch
+    version: _Version
     part: _Count
     parts: Annotated[int, msgspec.Meta(ge=1, le=_MAX_WIRE_ITEMS)]
     entries: Annotated[tuple[AgentEntry, ...], msgspec.Meta(max_length=_MAX_WIRE_ITEMS)] = ()
 
 
 class Digest(msgspec.Struct, frozen=True, array_like=True, tag="g", tag_field="t"):
-    """The sender's ``(epoch, version)`` per owner it holds (its own included)."""
+    """The sender's ``(epoch, version)`` per owner it holds (its own included); ``partial``:
+    only some of them (the digest would not fit a frame), so an owner missing from it is not
+    one the sender lacks."""
 
-    owners: Annotated[dict[str, tuple[_Count, _Count]], msgspec.Meta(max_length=_MAX_WIRE_ITEMS)]
+    owners: Annotated[
+        dict[_Name, tuple[_Epoch, _Version]], msgspec.Meta(max_length=_MAX_WIRE_ITEMS)
+    ]
+    partial: bool = False
 
 
 class Pull(msgspec.Struct, frozen=True, array_like=True, tag="p", tag_field="t"):
@@ -171,6 +206,15 @@ def decode_sync(data: bytes) -> SyncMessage:
     return msg
 
 
+def _in_range(epoch: int, version: int) -> bool:
+    return 0 <= epoch <= MAX_EPOCH and 0 <= version <= MAX_VERSION
+
+
+def _digest_line_size(owner: str) -> int:
+    """An upper bound on the msgpack bytes of one digest line ``owner: [epoch, version]``."""
+    return len(owner.encode()) + 5 + 1 + 9 + 9
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -201,6 +245,9 @@ class SyncStats:
     id_conflicts_dropped: int = 0  # entries reusing an id another node holds
     own_claims_dropped: int = 0  # deltas / fulls about our own entries from others
     tombstoned_dropped: int = 0  # messages about owners we hold dead at that epoch
+    unknown_owners_dropped: int = 0  # states of non-members beyond max_unknown_owners
+    out_of_range_dropped: int = 0  # epochs / versions beyond MAX_EPOCH / MAX_VERSION
+    digests_trimmed: int = 0  # digests sent partial (too many owners for one)
     epoch_bumps: int = 0  # times a peer held a newer state of ours than we did
     name_conflicts: int = 0  # name_conflict events emitted
 
@@ -239,6 +286,8 @@ class RegistrySync:
         config: SyncConfig = SyncConfig(),  # noqa: B008 - frozen, shared safely
         now: float = 0.0,
     ) -> None:
+        if not 0 <= epoch <= MAX_EPOCH:
+            raise ValueError(f"epoch {epoch} is outside [0, {MAX_EPOCH}]")
         self.node = node
         self.epoch = epoch
         self.version = 0
@@ -249,6 +298,7 @@ class RegistrySync:
         self._local: dict[str, AgentEntry] = {}
         self._owners: dict[str, _Owner] = {}
         self._live: dict[str, None] = {}
+        self._unknown: dict[str, None] = {}  # owners in _owners that are not live members
         self._tombstones: dict[str, int] = {}
         self._pending_up: dict[str, AgentEntry] = {}
         self._pending_rm: dict[str, None] = {}
@@ -362,6 +412,7 @@ class RegistrySync:
         if node == self.node:
             return
         self._live[node] = None
+        self._unknown.pop(node, None)
         self._tombstones.pop(node, None)
         self._send_own_full(node)
         self._pulls.pop((node, node), None)
@@ -372,6 +423,7 @@ class RegistrySync:
         if node == self.node:
             return []
         self._live.pop(node, None)
+        self._unknown.pop(node, None)
         st = self._owners.pop(node, None)
         self._tombstones[node] = max(
             _ALL_EPOCHS if st is None else st.epoch, self._tombstones.get(node, -1)
@@ -413,16 +465,35 @@ class RegistrySync:
 
     def _digest(self) -> Digest:
         owners = {self.node: (self.epoch, self.version)}
-        for o in sorted(self._owners):
+        budget = self.config.max_digest_bytes - _digest_line_size(self.node)
+        live = [o for o in sorted(self._owners) if o not in self._unknown]
+        order = live + sorted(self._unknown)
+        if sum(_digest_line_size(o) for o in order) > budget:
+            # Too many to list: a rotating window, live members first, so that every owner
+            # is compared now and then.
+            start = self._rng.randrange(len(order))
+            order = order[start:] + order[:start]
+            order.sort(key=lambda o: o in self._unknown)
+            self.stats.digests_trimmed += 1
+        partial = False
+        for o in order:
+            budget -= _digest_line_size(o)
+            if budget < 0:
+                partial = True
+                break
             st = self._owners[o]
             owners[o] = (st.epoch, st.version)
-        return Digest(owners)
+        return Digest(owners, partial)
 
     # ------------------------------------------------------------------ input
 
     def step(self, src: str, msg: SyncMessage, now: float) -> list[RegistryEvent]:
         """Handle one message from ``src``; returns the resulting view changes."""
         self.stats.msgs_in[_KIND[type(msg)]] += 1
+        if isinstance(msg, Delta | Full) and not _in_range(msg.epoch, msg.version):
+            # Decoding refuses these; a message built in-process is checked all the same.
+            self.stats.out_of_range_dropped += 1
+            return []
         if isinstance(msg, Delta):
             return self._on_delta(src, msg, now)
         if isinstance(msg, Full):
@@ -437,8 +508,15 @@ class RegistrySync:
         self.stats.own_claims_dropped += 1
         if (epoch, version) > (self.epoch, self.version):
             # A peer holds a newer state of ours than we do: our epoch went backwards (a
-            # restart with a clock behind). Outrank it so our own word wins again.
-            self.epoch = epoch + 1
+            # restart with a clock behind). Outrank it so our own word wins again -- without
+            # ever stepping past the bounds (see the module docstring).
+            if epoch < MAX_EPOCH:
+                self.epoch = epoch + 1
+            elif version < _STEP_VERSION_LIMIT:
+                self.epoch, self.version = MAX_EPOCH, version + 1
+            else:
+                self.stats.out_of_range_dropped += 1
+                return
             self.stats.epoch_bumps += 1
             self._pending_up = {}
             self._pending_rm = {}
@@ -462,6 +540,8 @@ class RegistrySync:
         if st is not None and (d.epoch, d.version) <= (st.epoch, st.version):
             self.stats.stale_dropped += 1
             return []
+        if st is None and not self._may_hold(owner):
+            return []
         events: list[RegistryEvent] = []
         names: dict[str, None] = {}
         if st is not None and d.epoch == st.epoch and d.base_version == st.version:
@@ -471,7 +551,10 @@ class RegistrySync:
             if st is not None:
                 for id in sorted(st.entries):
                     self._drop_entry(owner, st.entries[id], events, names)
-            st = self._owners[owner] = _Owner(d.epoch, 0)
+            if st is None:
+                st = self._new_owner(owner, d.epoch, 0)
+            else:
+                st = self._owners[owner] = _Owner(d.epoch, 0)
         else:
             self.stats.gaps += 1
             self._pull(src, owner, now)
@@ -502,6 +585,8 @@ class RegistrySync:
         if st is not None and (f.epoch, f.version) <= (st.epoch, st.version):
             self.stats.stale_dropped += 1
             return []
+        if st is None and not self._may_hold(owner):
+            return []
         if f.parts == 1:
             return self._install(owner, f.epoch, f.version, f.entries)
         key = (src, owner)
@@ -524,7 +609,7 @@ class RegistrySync:
         """Replace an owner's whole entry set (a complete Full)."""
         st = self._owners.get(owner)
         if st is None:
-            st = self._owners[owner] = _Owner(epoch, version)
+            st = self._new_owner(owner, epoch, version)
         st.epoch, st.version = epoch, version
         new: dict[str, AgentEntry] = {}
         for e in entries:
@@ -546,6 +631,9 @@ class RegistrySync:
         theirs = g.owners
         for owner in sorted(theirs):
             ep, ver = theirs[owner]
+            if not _in_range(ep, ver):
+                self.stats.out_of_range_dropped += 1
+                continue
             if owner == self.node:
                 if (ep, ver) < (self.epoch, self.version):
                     self._send_own_full(src)
@@ -559,6 +647,8 @@ class RegistrySync:
                 self._pull(src, owner, now)
             elif (st.epoch, st.version) > (ep, ver):
                 self._send_full(src, owner, st)
+        if g.partial:
+            return  # an owner missing from a partial digest is not one the sender lacks
         if self.node not in theirs:
             self._send_own_full(src)
         for owner in sorted(self._owners):
@@ -574,6 +664,20 @@ class RegistrySync:
             self._send_full(src, p.owner, st)
 
     # ------------------------------------------------------------------ helpers
+
+    def _may_hold(self, owner: str) -> bool:
+        """Whether a state for ``owner`` (not held yet) may be kept: always for a live
+        member, for anyone else only within ``max_unknown_owners``."""
+        if owner in self._live or len(self._unknown) < self.config.max_unknown_owners:
+            return True
+        self.stats.unknown_owners_dropped += 1
+        return False
+
+    def _new_owner(self, owner: str, epoch: int, version: int) -> _Owner:
+        st = self._owners[owner] = _Owner(epoch, version)
+        if owner not in self._live:
+            self._unknown[owner] = None
+        return st
 
     def _acceptable(self, owner: str, e: AgentEntry) -> bool:
         if e.node != owner:

@@ -52,7 +52,7 @@ from agentcluster.membership.messages import (
     StreamRequest,
     Suspect,
 )
-from agentcluster.membership.vivaldi import Coordinate, Vivaldi
+from agentcluster.membership.vivaldi import Coordinate, Vivaldi, valid_coordinate
 
 __all__ = ["ProbeLoop"]
 # Indirect pings we relay at once, at most: bounds what a flood of requests can make us do.
@@ -221,14 +221,21 @@ class ProbeLoop(abc.ABC):
         st = self._nodes.get(name)
         if st is None:
             return
-        st.coord = coord
+        # Validated before it is kept: a NaN or mis-sized coordinate would otherwise stay on
+        # the member and turn every RTT estimate for it (events, control API) into NaN.
         if self._vivaldi is None:
+            if valid_coordinate(coord):
+                st.coord = coord
+            else:
+                self.stats.drop("bad_coordinate")
             return
         try:
             self._vivaldi.observe(name, coord, rtt)
-            self.stats.rtt_samples += 1
         except ValueError:
-            self.stats.drop("bad_coordinate")
+            self.stats.drop("bad_coordinate")  # the old coordinate stays
+            return
+        st.coord = coord
+        self.stats.rtt_samples += 1
 
     def _on_nack(self, msg: Nack) -> None:
         probe = self._probe

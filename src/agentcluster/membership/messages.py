@@ -32,6 +32,7 @@ from agentcluster.membership.vivaldi import Coordinate
 
 __all__ = [
     "MAX_GOSSIP_ENTRIES",
+    "MAX_INCARNATION",
     "MAX_MEMBERS_PER_PUSH_PULL",
     "Ack",
     "Alive",
@@ -72,6 +73,13 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Addr = Annotated[str, msgspec.Meta(max_length=262)]
 # Fits msgpack's int64 so every implementation can decode it.
 Counter = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# Incarnations grow by one per refutation or metadata change, so an honest member never gets
+# anywhere near this; it sits far below the int64 limit so that a member accused at any
+# incarnation the core accepts (``< MAX_INCARNATION``) can always refute with one more, and
+# that Alive still encodes and decodes everywhere. Anything larger is garbage and fails
+# decoding; the core also ignores accusations at the bound itself (see ``Swim``).
+MAX_INCARNATION = 2**62
+Incarnation = Annotated[int, msgspec.Meta(ge=0, le=MAX_INCARNATION)]
 ShortText = Annotated[str, msgspec.Meta(max_length=256)]
 
 MemberState = Literal["alive", "suspect", "dead", "left"]
@@ -123,7 +131,7 @@ class Alive(msgspec.Struct, frozen=True, array_like=True, tag="A", tag_field="t"
 
     name: Name
     addr: Addr
-    incarnation: Counter
+    incarnation: Incarnation
     meta: NodeMeta = NodeMeta()
 
 
@@ -131,7 +139,7 @@ class Suspect(msgspec.Struct, frozen=True, array_like=True, tag="S", tag_field="
     """``accuser`` failed to reach ``name`` at ``incarnation``."""
 
     name: Name
-    incarnation: Counter
+    incarnation: Incarnation
     accuser: Name
 
 
@@ -139,7 +147,7 @@ class Dead(msgspec.Struct, frozen=True, array_like=True, tag="D", tag_field="t")
     """``name`` is dead at ``incarnation``; ``accuser == name`` means it left gracefully."""
 
     name: Name
-    incarnation: Counter
+    incarnation: Incarnation
     accuser: Name
 
 
@@ -213,7 +221,7 @@ class MemberSnapshot(msgspec.Struct, frozen=True, array_like=True):
     name: Name
     addr: Addr
     state: MemberState
-    incarnation: Counter
+    incarnation: Incarnation
     meta: NodeMeta = NodeMeta()
 
 

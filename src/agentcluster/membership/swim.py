@@ -39,6 +39,13 @@ only once it is dead or left (``dead_node_reclaim_time``); a conflicting claim s
 applied as soon as the old holder is declared dead. A node whose view is behind ours (a stale
 suspicion or Dead) is told what we know.
 
+*Incarnation bound.* A refutation takes one more than the accusation, so the accusations we
+act on must leave room for it: Suspect and Dead at or above ``MAX_INCARNATION`` (far beyond
+anything an honest member reaches, far below the wire's int64 limit) and Alive above it are
+ignored and counted as ``incarnation_bound``. Otherwise a single forged Suspect at the top of
+the range would make its target unrefutable -- its Alive would no longer decode anywhere.
+(The price: a member pushed to the bound by such garbage can no longer be accused at all.)
+
 *Dissemination*. Every change is queued (``_broadcasts``) and piggybacked on every packet we
 send, up to ``packet_budget`` bytes; while the queue is not empty, :class:`Gossip` packets go
 to ``gossip_nodes`` random members every ``gossip_interval`` -- and nothing when it is empty.
@@ -78,6 +85,7 @@ from agentcluster.membership._state import (
 from agentcluster.membership._suspicion import Suspicion
 from agentcluster.membership.config import SwimConfig
 from agentcluster.membership.messages import (
+    MAX_INCARNATION,
     Ack,
     Alive,
     Dead,
@@ -297,8 +305,11 @@ class Swim(ProbeLoop):
 
     def update_meta(self, meta: NodeMeta, now: float) -> None:
         """Change our metadata: a new incarnation, gossiped as Alive. ``ValueError`` if the
-        encoded metadata exceeds ``config.max_meta_size``."""
+        encoded metadata exceeds ``config.max_meta_size`` (or, only after a peer gossiped
+        garbage about us, our incarnation is at ``MAX_INCARNATION``)."""
         validate_meta(meta, self.config.max_meta_size)
+        if self._incarnation >= MAX_INCARNATION and not self._left:
+            raise ValueError("our incarnation is at its bound: metadata can no longer change")
         self._now = now
         self._meta = meta
         self._me.meta = meta
@@ -342,9 +353,10 @@ class Swim(ProbeLoop):
         if self._vivaldi is None or st is None or st.coord is None:
             return None
         try:
-            return self._vivaldi.estimate_rtt(st.coord)
-        except ValueError:
+            rtt = self._vivaldi.estimate_rtt(st.coord)
+        except (ValueError, ArithmeticError):
             return None
+        return rtt if math.isfinite(rtt) else None
 
     def suspicion_timeouts(self) -> tuple[float, float, int]:
         """(min, max, k) a suspicion started now would get (for tests and dashboards)."""
@@ -363,6 +375,9 @@ class Swim(ProbeLoop):
                 self.stats.drop("unknown_gossip")
 
     def _on_alive(self, a: Alive, now: float, *, gossip: bool = True) -> None:
+        if a.incarnation > MAX_INCARNATION:
+            self.stats.drop("incarnation_bound")
+            return
         st = self._nodes.get(a.name)
         if st is None:
             if len(self._nodes) >= _MAX_MEMBERS:
@@ -420,6 +435,9 @@ class Swim(ProbeLoop):
             self._emit("updated", st, None, 0, now)
 
     def _on_suspect(self, s: Suspect, now: float) -> None:
+        if s.incarnation >= MAX_INCARNATION:
+            self.stats.drop("incarnation_bound")  # no incarnation left to refute it with
+            return
         st = self._nodes.get(s.name)
         if st is None:
             self.stats.drop("unknown_member")
@@ -492,6 +510,9 @@ class Swim(ProbeLoop):
             self._send(st.addr, Gossip(self.name), first=entry)
 
     def _on_dead(self, d: Dead, now: float) -> None:
+        if d.incarnation >= MAX_INCARNATION:
+            self.stats.drop("incarnation_bound")  # no incarnation left to refute it with
+            return
         st = self._nodes.get(d.name)
         if st is None:
             self.stats.drop("unknown_member")
@@ -522,6 +543,11 @@ class Swim(ProbeLoop):
             self._on_alive(claim, now)
 
     def _refute(self, accused: int, accuser: str | None, now: float) -> None:
+        if accused >= MAX_INCARNATION:
+            # Only an Alive about us at the bound gets here (accusations there are ignored):
+            # a refutation above it would not decode anywhere.
+            self.stats.drop("incarnation_bound")
+            return
         self._incarnation = max(self._incarnation, accused)
         self._awareness.apply(1)
         self.stats.refutations += 1
@@ -543,7 +569,7 @@ class Swim(ProbeLoop):
             self._tell(name, alive)
 
     def _bump_incarnation(self, now: float, *, active: bool = True) -> Alive:
-        self._incarnation += 1
+        self._incarnation = min(self._incarnation + 1, MAX_INCARNATION)
         self._me.incarnation = self._incarnation
         alive = Alive(self.name, self.addr, self._incarnation, self._meta)
         self._queue(self.name, alive, now, urgent=True, active=active)
@@ -592,6 +618,9 @@ class Swim(ProbeLoop):
         timers for half the cluster): the member is told, so it refutes, and we probe it."""
         st = self._nodes.get(s.name)
         if st is None or st.state != "alive" or s.incarnation < st.incarnation:
+            return
+        if s.incarnation >= MAX_INCARNATION:
+            self.stats.drop("incarnation_bound")
             return
         if st is self._me:
             self._on_suspect(s, now)

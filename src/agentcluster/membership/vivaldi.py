@@ -37,7 +37,14 @@ from dataclasses import dataclass
 
 import msgspec
 
-__all__ = ["Coordinate", "Vivaldi", "VivaldiConfig", "VivaldiStats", "estimate_rtt"]
+__all__ = [
+    "Coordinate",
+    "Vivaldi",
+    "VivaldiConfig",
+    "VivaldiStats",
+    "estimate_rtt",
+    "valid_coordinate",
+]
 
 # Below this, distances and weights are treated as zero (avoids dividing by ~0).
 _ZERO = 1.0e-6
@@ -129,6 +136,12 @@ def _valid(c: Coordinate, dim: int) -> bool:
         and _finite(c.height)
         and c.height >= 0.0
     )
+
+
+def valid_coordinate(c: Coordinate, dim: int | None = None) -> bool:
+    """Whether ``c`` is usable: finite, non-negative error and height, ``dim`` dimensions (any
+    non-zero number when ``dim`` is None). A peer's coordinate is checked before it is kept."""
+    return len(c.vec) >= 1 and _valid(c, len(c.vec) if dim is None else dim)
 
 
 class Vivaldi:

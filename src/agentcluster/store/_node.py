@@ -12,7 +12,8 @@ the wire version byte, 1):
 * ``R`` + frame: a Raft message. Over TCP, each peer gets a *pipe*: one long-lived connection
   to its stream port on which frames are written back to back, each marked one-way (the
   server sends no reply); a broken pipe drops what was queued and reconnects
-  on the next message -- Raft retransmits. On a transport without real connections (the
+  on the next message -- Raft retransmits. The server closes a connection on the first frame
+  that does not decode, so a host without the key cannot hold a stream slot open. On a transport without real connections (the
   simulated network) a message is a packet when it fits, else a one-off stream request.
 * ``K`` + frame: a :class:`~agentcluster.store.raft.KvRequest` forwarded to the leader (or an
   ``events`` long-poll), answered with a :class:`~agentcluster.store.raft.KvReply` frame.
@@ -121,15 +122,21 @@ class NodeStore:
 
     # ----------------------------------------------------------------- inbound
 
-    def on_packet(self, data: bytes) -> None:
+    def on_packet(self, data: bytes) -> bool:
+        """Hand one Raft frame to the member; False if it does not decode (it is counted)."""
         msg = self.raft_codec.try_decode(data)
-        if msg is not None and self.member is not None:
+        if msg is None:
+            return False
+        if self.member is not None:
             self.member.on_message(msg)
+        return True
 
     async def on_stream(self, prefix: bytes, data: bytes) -> bytes | None:
+        """``b""`` keeps a Raft pipe open; ``None`` closes the connection without a reply --
+        for any frame that does not decode, so a host without the cluster key cannot hold a
+        stream slot by trickling garbage."""
         if prefix == RAFT_PREFIX:
-            self.on_packet(data)
-            return b""
+            return b"" if self.on_packet(data) else None
         req = self.kv_codec.try_decode(data)
         if not isinstance(req, KvRequest):
             return None

@@ -20,10 +20,13 @@ Replay protection: the sender's wall-clock time is inside the sealed payload; a 
 ``replay_window`` seconds from the receiver's clock is refused, and a frame whose nonce was
 already accepted is refused. Nonces only need remembering while their timestamp is fresh, so
 the cache forgets an entry ``replay_window`` after its timestamp; it is also bounded, and when a
-flood overflows it the oldest entry is evicted and its timestamp becomes a floor below which
-frames are refused -- under overload the codec errs towards dropping, never towards accepting a
-replay. Nodes' wall clocks must therefore agree to within ``replay_window`` (NTP does that). A consequence worth knowing: a network that duplicates packets sees the copies dropped
-here as ``replayed``.
+flood overflows it the entry with the *smallest timestamp* (the new one included) is evicted and
+that timestamp becomes a floor at or below which frames are refused -- under overload the codec
+errs towards dropping, never towards accepting a replay. Evicting by timestamp, not by arrival,
+matters: a sender whose clock runs ahead (but inside the window) must not lift the floor above
+the on-time senders' clocks, or their fresh frames would all be refused as replays. Nodes' wall
+clocks must therefore agree to within ``replay_window`` (NTP does that). A consequence worth
+knowing: a network that duplicates packets sees the copies dropped here as ``replayed``.
 
 Nonces are an 8-byte random prefix chosen per codec plus a 4-byte counter (a new prefix when it
 wraps), so one sender never repeats a nonce and two senders collide only if their random
@@ -34,9 +37,9 @@ returns ``None``.
 
 from __future__ import annotations
 
+import heapq
 import os
 import struct
-from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -155,33 +158,47 @@ class DropCounters:
 
 
 class _NonceCache:
-    """Nonces accepted within the replay window (bounded; see the module docstring)."""
+    """Nonces accepted within the replay window (bounded; see the module docstring).
 
-    __slots__ = ("_capacity", "_floor_ms", "_order", "_seen", "_window_ms")
+    A min-heap of ``(sent_at_ms, nonce)`` orders expiry and eviction by timestamp (O(log n));
+    the set answers "seen?" in O(1). Both hold the same entries, at most ``capacity``.
+    """
+
+    __slots__ = ("_capacity", "_floor_ms", "_heap", "_seen", "_window_ms")
 
     def __init__(self, window_ms: int, capacity: int) -> None:
         self._window_ms = window_ms
         self._capacity = capacity
-        self._order: deque[tuple[int, bytes]] = deque()
+        self._heap: list[tuple[int, bytes]] = []
         self._seen: set[bytes] = set()  # membership only, never iterated
         self._floor_ms = -(1 << 62)
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._heap)
+
+    @property
+    def floor_ms(self) -> int:
+        """Frames sent at or before this (ms) are refused: an evicted nonce may be among them."""
+        return self._floor_ms
 
     def admit(self, nonce: bytes, sent_at_ms: int, now_ms: int) -> bool:
         """Record ``nonce``; False if it (or anything this old) may be a replay."""
-        order, seen = self._order, self._seen
+        heap, seen = self._heap, self._seen
         horizon = now_ms - self._window_ms
-        while order and order[0][0] < horizon:
-            seen.discard(order.popleft()[1])
+        while heap and heap[0][0] < horizon:
+            seen.discard(heapq.heappop(heap)[1])
         if sent_at_ms <= self._floor_ms or nonce in seen:
             return False
-        if len(order) >= self._capacity:
-            evicted_at, evicted = order.popleft()
-            seen.discard(evicted)
+        if len(heap) >= self._capacity:
+            # Evict the oldest timestamp, the new frame's included: the floor then never
+            # rises above a timestamp some on-time sender has already passed.
+            evicted_at, evicted = heapq.heappushpop(heap, (sent_at_ms, nonce))
+            if evicted != nonce:
+                seen.discard(evicted)
+                seen.add(nonce)
             self._floor_ms = max(self._floor_ms, evicted_at)
-        order.append((sent_at_ms, nonce))
+            return True
+        heapq.heappush(heap, (sent_at_ms, nonce))
         seen.add(nonce)
         return True
 

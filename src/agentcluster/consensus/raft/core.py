@@ -27,6 +27,8 @@ request while it has heard from a leader within an election timeout (thesis §4.
 grants a vote at most once per term, only to a candidate whose log is at least as up to date
 as its own (§5.4.1).
 A new leader appends a no-op entry of its term so earlier entries can commit (§8).
+Terms stay below ``MAX_TERM``: a message at or above it is dropped and a node there does not
+campaign, so a forged huge term cannot make a node's next vote undecodable for its peers.
 
 **Check-quorum (thesis §6.2).** Every election timeout a leader counts the peers that
 answered it since the previous check; without a majority it steps down.
@@ -72,6 +74,7 @@ from agentcluster.consensus.raft._log import MemoryStorage, RaftLog, Storage
 from agentcluster.consensus.raft._progress import Progress
 from agentcluster.consensus.raft._reads import ReadsMixin
 from agentcluster.consensus.raft.messages import (
+    MAX_TERM,
     AppendEntries,
     AppendEntriesResponse,
     ConfState,
@@ -162,6 +165,8 @@ class RaftNode(ConfMixin, ReadsMixin):
             raise ValueError(
                 f"stored commit {self.commit_index} beyond stored log {self.log.last_index}"
             )
+        if not 0 <= hs.term < MAX_TERM:
+            raise ValueError(f"stored term {hs.term} is outside [0, {MAX_TERM})")
         self.term = hs.term
         self.vote = hs.vote
         self.applied_index = base
@@ -273,6 +278,11 @@ class RaftNode(ConfMixin, ReadsMixin):
     def step(self, msg: Message, now: float) -> None:
         self._now = now
         if msg.dst != self.id or msg.src == self.id:
+            self.dropped += 1
+            return
+        if msg.term >= MAX_TERM:
+            # Never adopt a term at the bound: our next election would carry one above it,
+            # which no peer decodes (see messages.MAX_TERM).
             self.dropped += 1
             return
         if isinstance(msg, RequestVote | RequestVoteResponse) and msg.src not in self.voters:
@@ -411,6 +421,9 @@ class RaftNode(ConfMixin, ReadsMixin):
         self._election_deadline = now + t + t * self._rng.random()
 
     def _campaign(self, now: float) -> None:
+        if self.term + 1 >= MAX_TERM:
+            self._reset_election_timer(now)  # peers refuse a term at the bound: no election
+            return
         if self.config.pre_vote and len(self.voters) > 1:
             self.state = "pre_candidate"
             self.leader_id = None
@@ -432,6 +445,9 @@ class RaftNode(ConfMixin, ReadsMixin):
             self._become_candidate(now)
 
     def _become_candidate(self, now: float, *, transfer: bool = False) -> None:
+        if self.term + 1 >= MAX_TERM:
+            self._reset_election_timer(now)
+            return
         self.term += 1
         self.vote = self.id
         self.state = "candidate"

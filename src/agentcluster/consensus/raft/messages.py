@@ -27,6 +27,7 @@ import msgspec
 
 __all__ = [
     "MAX_ENTRIES_PER_MESSAGE",
+    "MAX_TERM",
     "AppendEntries",
     "AppendEntriesResponse",
     "ConfChange",
@@ -53,6 +54,13 @@ MAX_ENTRIES_PER_MESSAGE = 65_536
 
 NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Counter = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# Terms grow by one per election, so an honest cluster never gets near this bound; it sits
+# far below the int64 limit of the encoding. A term above it fails decoding (malformed), and
+# the core neither adopts a term at the bound nor campaigns into it -- so every term a node
+# sends is one its peers accept, and one forged message cannot push a node to a term whose
+# next election no peer could decode.
+MAX_TERM = 2**62
+Term = Annotated[int, msgspec.Meta(ge=0, le=MAX_TERM)]
 EntryKind = Literal["normal", "noop", "conf"]
 
 
@@ -60,7 +68,7 @@ class Entry(msgspec.Struct, frozen=True, array_like=True):
     """One log entry; ``noop`` entries are appended by a new leader (§5.4.2, §8); ``conf``
     entries carry an encoded configuration change (§4.1 of the thesis)."""
 
-    term: Counter
+    term: Term
     index: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
     data: bytes = b""
     kind: EntryKind = "normal"
@@ -78,7 +86,7 @@ class Snapshot(msgspec.Struct, frozen=True, array_like=True):
     with the configuration in force at that point; ``data`` is opaque to Raft."""
 
     index: Counter
-    term: Counter
+    term: Term
     conf: ConfState
     data: bytes = b""
 
@@ -86,11 +94,11 @@ class Snapshot(msgspec.Struct, frozen=True, array_like=True):
 class RequestVote(msgspec.Struct, frozen=True, array_like=True, tag="rv"):
     """A vote (or pre-vote) request; for a pre-vote ``term`` is the term it *would* use."""
 
-    term: Counter
+    term: Term
     src: NodeId
     dst: NodeId
     last_index: Counter
-    last_term: Counter
+    last_term: Term
     pre_vote: bool = False
     # Sent by a leadership-transfer target (thesis §3.10): voters skip the "leader is live"
     # refusal, since the leader itself asked for the election.
@@ -98,7 +106,7 @@ class RequestVote(msgspec.Struct, frozen=True, array_like=True, tag="rv"):
 
 
 class RequestVoteResponse(msgspec.Struct, frozen=True, array_like=True, tag="rvr"):
-    term: Counter
+    term: Term
     src: NodeId
     dst: NodeId
     granted: bool
@@ -108,11 +116,11 @@ class RequestVoteResponse(msgspec.Struct, frozen=True, array_like=True, tag="rvr
 class AppendEntries(msgspec.Struct, frozen=True, array_like=True, tag="ae"):
     """Entries after ``prev_index`` (empty for a heartbeat); ``src`` is the leader."""
 
-    term: Counter
+    term: Term
     src: NodeId
     dst: NodeId
     prev_index: Counter
-    prev_term: Counter
+    prev_term: Term
     entries: Annotated[tuple[Entry, ...], msgspec.Meta(max_length=MAX_ENTRIES_PER_MESSAGE)]
     commit: Counter
     # The leader's heartbeat round, echoed back: acknowledged rounds confirm leadership for
@@ -127,14 +135,14 @@ class AppendEntries(msgspec.Struct, frozen=True, array_like=True, tag="ae"):
 class AppendEntriesResponse(msgspec.Struct, frozen=True, array_like=True, tag="aer"):
     """``match_index`` on success; on rejection ``reject_index`` and the backtracking hint."""
 
-    term: Counter
+    term: Term
     src: NodeId
     dst: NodeId
     success: bool
     match_index: Counter = 0
     reject_index: Counter = 0
     hint_index: Counter = 0
-    hint_term: Counter = 0
+    hint_term: Term = 0
     seq: Counter = 0
 
 
@@ -142,7 +150,7 @@ class InstallSnapshot(msgspec.Struct, frozen=True, array_like=True, tag="is"):
     """The leader's snapshot for a follower whose next entry was compacted away (§7); the
     follower answers with an :class:`AppendEntriesResponse`."""
 
-    term: Counter
+    term: Term
     src: NodeId
     dst: NodeId
     snapshot: Snapshot
@@ -152,7 +160,7 @@ class InstallSnapshot(msgspec.Struct, frozen=True, array_like=True, tag="is"):
 class TimeoutNow(msgspec.Struct, frozen=True, array_like=True, tag="tn"):
     """Leadership transfer (thesis §3.10): "start an election now"."""
 
-    term: Counter
+    term: Term
     src: NodeId
     dst: NodeId
 
