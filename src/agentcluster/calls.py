@@ -115,7 +115,7 @@ class CallService:
         self.node = node
         self.balancer = balancer
         self.budget = RetryBudget()
-        self._versions: dict[str, tuple[int, int]] = {}
+        self._versions: dict[str, tuple[int, int, int]] = {}
         # capability -> (registry version, the local agent that served it last)
         self._local: dict[str, tuple[int, AgentServer]] = {}
         self.served = 0
@@ -129,11 +129,20 @@ class CallService:
 
     # ----------------------------------------------------------------- endpoints
     def _refresh(self, capability: str, now: float) -> None:
-        """Give the balancer the nodes hosting a capable agent, when the registry or the
-        membership changed since the last call for this capability."""
+        """Give the balancer the nodes hosting a capable agent, when the registry, the
+        membership or this node's own metadata changed since the last call for this
+        capability."""
         node = self.node
         index = node.registry.index
-        version = (index.capability_version(capability), node.membership_version)
+        # The node's own metadata (its load report, its health tag) changes without a local
+        # membership event, so the key holds our incarnation too: the core bumps it when it
+        # applies each update (not when one is asked for while stalled), and it is an int read
+        # on the call path. (A refutation bumps it as well: one spare rebuild, rarely.)
+        version = (
+            index.capability_version(capability),
+            node.membership_version,
+            node.core.incarnation,
+        )
         if self._versions.get(capability) == version:
             return
         self._versions[capability] = version

@@ -277,8 +277,9 @@ class Cluster(ABC):
         coroutine itself: one frame less on every call)."""
 
     @abstractmethod
-    async def routes(self) -> dict[str, Any]:
-        """The node's routing view: per-node weights, breakers, ejections, recent decisions."""
+    async def routes(self, *, decisions: int = 50) -> dict[str, Any]:
+        """The node's routing view: per-node weights, breakers, ejections, and its last
+        ``decisions`` routing decisions (at most the 1,000 it keeps)."""
 
     # ----------------------------------------------------------------- auctions
     async def auction(
@@ -408,8 +409,10 @@ class NodeCluster(Cluster):
             capability, signal, timeout=timeout, key=key, idempotent=idempotent
         )
 
-    async def routes(self) -> dict[str, Any]:
-        return self.node.balancer.snapshot(self.node.clock.now())
+    async def routes(self, *, decisions: int = 50) -> dict[str, Any]:
+        b = self.node.balancer
+        n = max(0, min(decisions, b.decisions.maxlen or 0))
+        return b.snapshot(self.node.clock.now(), decisions=n)
 
     async def _auction(self, request: AuctionRequest) -> AuctionOutcome:
         svc = self.node.auctions
@@ -601,11 +604,11 @@ class RemoteCluster(Cluster):
             return out.get("data")
         raise call_error(out)
 
-    async def routes(self) -> dict[str, Any]:
+    async def routes(self, *, decisions: int = 50) -> dict[str, Any]:
         from agentcluster.control import ControlError
 
         try:
-            return dict(await self._client.call("routes"))
+            return dict(await self._client.call("routes", {"decisions": decisions}))
         except ControlError as exc:
             raise _remote_error(str(exc)) from None
 

@@ -353,7 +353,12 @@ async def handle_control(node: Node, req: ControlRequest) -> ControlReply:
         if req.op == "call":
             return ControlReply(ok=True, data=await _call(node, req.args))
         if req.op == "routes":
-            return ControlReply(ok=True, data=node.balancer.snapshot(node.clock.now()))
+            n = req.args.get("decisions", 50)
+            if not isinstance(n, int) or isinstance(n, bool):
+                return ControlReply(ok=False, error=f"routes: 'decisions' must be an int: {n!r}")
+            # Never more than the balancer keeps; a huge count would only copy them all.
+            n = max(0, min(n, node.balancer.decisions.maxlen or 0))
+            return ControlReply(ok=True, data=node.balancer.snapshot(node.clock.now(), decisions=n))
         if req.op == "mabeam":
             from agentcluster.coordination._control import handle_mabeam
 

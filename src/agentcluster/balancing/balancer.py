@@ -27,6 +27,7 @@ the outlier detector; the last ``decisions`` routing decisions are kept for insp
 from __future__ import annotations
 
 import collections
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -308,17 +309,30 @@ class Balancer:
 
     # ----------------------------------------------------------------- visibility
     def snapshot(self, now: float, *, decisions: int = 50) -> dict[str, Any]:
+        """The routing view (``agentcluster routes``); ``decisions`` is how many of the kept
+        routing decisions to include, the newest."""
+
+        def finite(x: float) -> float | None:
+            # A peer's load report may be garbled (NaN, inf): None, not a number JSON
+            # cannot carry.
+            return x if math.isfinite(x) else None
+
         nodes: dict[str, dict[str, Any]] = {}
         for route in self._routes.values():
             for name, ep in route.known.items():
+                # The weight the strategy gets (as _rebuild scales it): slow start, and this
+                # node's own monitor's degraded verdict.
+                f = self.slow_start.factor(name, now)
+                if self.health.get(name) == "degraded":
+                    f *= _DEGRADED
                 entry = nodes.setdefault(
                     name,
                     {
                         "node": name,
                         "zone": ep.zone,
-                        "weight": round(ep.weight * self.slow_start.factor(name, now), 4),
-                        "cpu": ep.cpu,
-                        "memory": ep.memory,
+                        "weight": round(ep.weight * f, 4),
+                        "cpu": finite(ep.cpu),
+                        "memory": finite(ep.memory),
                         "breaker": str(self.breakers.state(name, now))
                         if name in self.breakers
                         else str(BreakerState.CLOSED),

@@ -132,9 +132,24 @@ def routes(
     timeout: _TimeoutOpt = 5.0,
 ) -> None:
     """A node's routing view: per-node weights, breakers, ejections, recent decisions."""
-    view = _run(node, key_file, timeout, lambda c: c.routes())
+    import math
+
+    view = _run(node, key_file, timeout, lambda c: c.routes(decisions=decisions))
+
+    def finite(obj: Any) -> Any:
+        # A peer's garbled load report (NaN, inf) must not make the output invalid JSON;
+        # the node nulls cpu and memory itself, this also covers one that does not yet.
+        if isinstance(obj, float):
+            return obj if math.isfinite(obj) else None
+        if isinstance(obj, dict):
+            return {k: finite(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [finite(v) for v in obj]
+        return obj
+
+    view = finite(view)
     if as_json:
-        typer.echo(json.dumps(view))
+        typer.echo(json.dumps(view, allow_nan=False))
         return
     console = Console()
     caps = Table(title=f"routes of {node} (default strategy {view['strategy']})")
@@ -145,12 +160,16 @@ def routes(
             cap, r["strategy"], ", ".join(r["eligible"]), ", ".join(r["known"]), str(r["panic"])
         )
     console.print(caps)
+
+    def num(x: float | None) -> str:
+        return "?" if x is None else f"{x:.2f}"
+
     nodes = Table(title="nodes")
     for col in ("node", "zone", "weight", "cpu", "memory", "breaker", "ejected", "quarantined"):
         nodes.add_column(col)
     for n in view["nodes"]:
         nodes.add_row(
-            n["node"], n["zone"], f"{n['weight']:g}", f"{n['cpu']:.2f}", f"{n['memory']:.2f}",
+            n["node"], n["zone"], f"{n['weight']:g}", num(n["cpu"]), num(n["memory"]),
             n["breaker"], "yes" if n["ejected"] else "", "yes" if n["quarantined"] else "",
         )  # fmt: skip
     console.print(nodes)
