@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import math
 import random
 from collections.abc import Sequence
@@ -680,6 +681,27 @@ def test_recorder_outcomes() -> None:
         rec.unknown(c, 3.0)
     with pytest.raises(ValueError, match="before its call"):
         rec.ok(d, None, 0.1)
+
+
+def test_the_recorder_keeps_the_order_of_back_to_back_ops_at_one_instant() -> None:
+    # Rule: what the recorder saw first happened first, even when the clock did not move (a
+    # virtual clock): one client puts x, then y, then reads x -- stale, not linearizable.
+    rec = HistoryRecorder()
+    h = rec.invoke(0, Put("a", "x"), 0.0)
+    rec.ok(h, None, 1.0)
+    h = rec.invoke(0, Put("a", "y"), 1.0)  # sent right after the previous answer
+    rec.ok(h, None, 2.0)
+    h = rec.invoke(0, Get("a"), 2.0)
+    rec.ok(h, "x", 3.0)
+    history = rec.history()
+    assert all(a.ret < b.call for a, b in itertools.pairwise(history))
+    assert not check(history, KVModel()).ok
+    rec2 = HistoryRecorder()  # two clients at one instant, truly concurrent: both orders fine
+    a = rec2.invoke(1, Put("a", "x"), 5.0)
+    b = rec2.invoke(2, Get("a"), 5.0)
+    rec2.ok(a, None, 5.0)
+    rec2.ok(b, None, 5.0)
+    assert check(rec2.history(), KVModel()).ok
 
 
 @pytest.mark.virtual_time

@@ -758,26 +758,45 @@ class HistoryRecorder:
     the op may or may not have taken effect) or ``fail`` (definitely did not take effect; the
     op leaves the history). An op still pending when ``history()`` is called -- its client
     crashed or was cancelled -- is recorded as unknown. Handles are the ops' ``id`` s.
+
+    The order of the recorder's calls is real-time order (an ``ok`` recorded before an
+    ``invoke`` happened before it), and it is kept even when ``now`` does not move between
+    them -- as on a virtual clock, where a client's next call often has exactly the time of
+    its previous return, and the checker would take the two as concurrent: a time not after
+    the last one recorded is stepped just past it (``math.nextafter``), which only ever
+    states the order the recorder saw.
     """
 
     def __init__(self) -> None:
         self._ops: dict[int, Operation] = {}
         self._done: set[int] = set()
         self._next = 0
+        self._last = -math.inf
+        self._called: dict[int, float] = {}  # each op's call time as given (for checks)
+
+    def _stamp(self, now: float) -> float:
+        if now <= self._last:
+            now = math.nextafter(self._last, math.inf)
+        self._last = now
+        return now
 
     def invoke(self, client: int | str, input: Any, now: float) -> int:
         handle, self._next = self._next, self._next + 1
-        self._ops[handle] = Operation(client, now, math.inf, input, UNKNOWN, handle)
+        self._called[handle] = now
+        self._ops[handle] = Operation(client, self._stamp(now), math.inf, input, UNKNOWN, handle)
         return handle
 
     def ok(self, handle: int, output: Any, now: float) -> None:
-        self._ops[handle] = dataclasses.replace(self._complete(handle, now), ret=now, output=output)
+        op = self._complete(handle, now)  # checked as given: a return before its call is a bug
+        self._ops[handle] = dataclasses.replace(op, ret=self._stamp(now), output=output)
 
     def unknown(self, handle: int, now: float) -> None:
         self._complete(handle, now)
+        self._stamp(now)
 
     def fail(self, handle: int, now: float) -> None:
         self._complete(handle, now)
+        self._stamp(now)
         del self._ops[handle]
 
     def history(self) -> list[Operation]:
@@ -789,7 +808,8 @@ class HistoryRecorder:
             raise ValueError(f"unknown or failed operation handle {handle}")
         if handle in self._done:
             raise ValueError(f"operation {handle} already completed")
-        if now < op.call:
-            raise ValueError(f"operation {handle} completes at {now} before its call {op.call}")
+        called = self._called[handle]
+        if now < called:
+            raise ValueError(f"operation {handle} completes at {now} before its call {called}")
         self._done.add(handle)
         return op
