@@ -371,7 +371,9 @@ async def test_a_keepalive_racing_a_step_down_is_redirected_not_reported_expired
             assert (await leader.serve(KvRequest("keepalive", n=lease_id))).ok
             net.hold = True
             if lease_reads:
-                await asyncio.sleep(0.92)  # no acks: its read lease lapses, it still leads
+                # No acks: its read lease lapses while it still leads.
+                node = leader.shell.node
+                await wait_until(lambda: not node.lease_valid(leader.clock.now()), timeout=2)
                 assert leader.shell.is_leader
             before = len(net.held)
             keepalive = asyncio.create_task(leader.serve(KvRequest("keepalive", n=lease_id)))

@@ -30,6 +30,7 @@ from agentcluster.store._kv import InvalidCommand
 from agentcluster.store.base import StoreUnavailable
 from agentcluster.store.raft import KvReply, KvRequest
 from agentcluster.store.remote import MAX_REQUEST_BYTES, RemoteStore, _Batcher
+from agentcluster.testing import wait_until
 from agentcluster.wire import Keyring, WireCodec
 
 MiB = 1 << 20
@@ -153,9 +154,7 @@ async def one_node(voters: list[str], *, leader: bool) -> AsyncIterator[Node]:
         member = node.store_host.member
         assert member is not None
         if leader:
-            async with asyncio.timeout(10):
-                while not (member.shell.is_leader and member.leading):
-                    await asyncio.sleep(0.02)
+            await wait_until(lambda: member.shell.is_leader and member.leading, timeout=10)
         yield node
     finally:
         await node.stop(leave=False)
