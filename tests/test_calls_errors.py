@@ -14,7 +14,8 @@ import msgspec
 import pytest
 
 from agentcluster.agents import Action, ActionContext, Agent, CallTimeout, MailboxFull, Result
-from agentcluster.cluster import Cluster, RemoteCluster
+from agentcluster.cluster import Cluster, RemoteCluster, call_error
+from agentcluster.config import NodeConfig
 from agentcluster.control import (
     MAX_CONTROL_FRAME,
     CallReply,
@@ -24,6 +25,7 @@ from agentcluster.control import (
 )
 from agentcluster.errors import CallRemoteError, NoCapacity, Rejected, Timeout
 from agentcluster.examples.worker import Echo
+from agentcluster.node import Node
 from agentcluster.testing import wait_until
 from agentcluster.testing.simcluster import SimCluster
 from agentcluster.wire import WireCodec
@@ -62,6 +64,8 @@ class _Work(Action[msgspec.Struct]):
             raise _RAISES[data["raise"]]()
         if data.get("big_int"):
             return Result(reply={"n": 2**70})  # msgpack carries 64 bits at most
+        if data.get("object"):
+            return Result(reply={"o": object()})  # no msgpack type at all
         if "reply_bytes" in data:
             return Result(reply={"pad": "r" * int(data["reply_bytes"])})
         if "error_bytes" in data:
@@ -362,3 +366,87 @@ async def test_a_remote_call_queued_behind_another_sends_the_time_it_has_left() 
         assert sent <= 5.0 - (released - started)
 
     await _with_remote(node, test, timeout=1.0)
+
+
+# ------------------------------------------------------------------ replies the entry node cannot send
+@pytest.mark.parametrize(
+    ("data", "remote_type"),
+    [
+        ({"big_int": True}, "OverflowError"),
+        ({"object": True}, "TypeError"),
+        ({"reply_bytes": 5 << 20}, "Oversized"),
+    ],
+)
+async def test_a_remote_call_whose_reply_the_entry_node_cannot_send_is_the_agents_typed_error(
+    data: dict[str, Any], remote_type: str
+) -> None:
+    # The entry node's own agent takes the call (no wire between them), so the reply is first
+    # encoded in the entry node's answer to its client: that failure closed the connection,
+    # which the client read as "lost, it may have run" -- a Timeout -- though the agent answered.
+    RUNS.clear()
+    async with Node(NodeConfig(name="entry", bind="127.0.0.1:0", preset="local")) as node:
+        await node.runtime.spawn(Worker)
+        await Cluster.of(node).register(Worker.name, capabilities=["work"])
+        await wait_until(lambda: bool(node.registry.index.find_capable("work")), timeout=10)
+        rc = RemoteCluster([node.addr], keyring=None, timeout=5.0)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(CallRemoteError) as err:
+                await rc.call("work", "app.work", data, timeout=5.0, idempotent=True)
+            assert loop.time() - started < 2.5  # an answer, not a deadline
+            assert err.value.remote_type == remote_type
+            assert "reply not serialisable" in str(err.value) and "entry" in str(err.value)
+            assert RUNS == ["worker"]
+            # The node and the client's connection keep working.
+            assert await rc.call("work", "app.work", {}, timeout=5.0) == {"ok": True}
+        finally:
+            await rc.close()
+
+
+@pytest.mark.virtual_time
+async def test_a_reply_that_fits_the_target_frame_but_not_the_entry_nodes_is_a_typed_error() -> (
+    None
+):
+    # The target sends its reply in a frame that just fits; the entry node's answer wraps the
+    # same data with a few more bytes, over the limit.
+    RUNS.clear()
+    async with SimCluster(2, seed=15) as c:
+        await _spawn(c, Worker, "work", ["n2"])
+        entry = c.nodes["n1"]
+        codec = entry.stream_codec
+        probe = codec.max_size - 200
+        overhead = len(codec.encode(CallReply(True, data={"pad": "r" * probe}))) - probe
+        fits = codec.max_size - overhead - 1
+        assert len(codec.encode(CallReply(True, data={"pad": "r" * fits}))) < codec.max_size
+
+        async def control_call(data: dict[str, Any]) -> dict[str, Any]:
+            args = {"capability": "work", "signal": {"type": "app.work", "data": data}}
+            raw = await entry._on_stream("client:1", codec.encode(ControlRequest("call", args)))
+            assert raw is not None
+            reply = codec.try_decode(raw)
+            assert isinstance(reply, ControlReply) and reply.ok
+            out: dict[str, Any] = reply.data
+            return out
+
+        out = await control_call({"reply_bytes": fits})
+        err = call_error(out)
+        assert isinstance(err, CallRemoteError) and err.remote_type == "Oversized"
+        assert "reply not serialisable" in str(err) and "n1" in str(err)
+        assert RUNS == ["worker"]
+        assert (await control_call({}))["data"] == {"ok": True}
+
+
+@pytest.mark.virtual_time
+async def test_any_control_reply_the_node_cannot_send_is_an_error_reply() -> None:
+    from agentcluster.control import encode_control_reply
+
+    async with SimCluster(1, seed=16) as c:
+        node = c.nodes["n1"]
+        codec = node.stream_codec
+        for op in ("members", "mabeam"):
+            for data in ({"n": 2**70}, "x" * (5 << 20)):
+                raw = encode_control_reply(node, ControlRequest(op), ControlReply(True, data))
+                reply = codec.try_decode(raw)
+                assert isinstance(reply, ControlReply) and not reply.ok
+                assert reply.error is not None and "reply not serialisable" in reply.error

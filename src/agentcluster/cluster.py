@@ -536,6 +536,13 @@ class RemoteCluster(Cluster):
         topic: str,
         ref: str | None,
     ) -> str:
+        from agentcluster.coordination._finite import non_finite_value
+
+        # Refused here as the node's ConsensusService refuses it in-process: the same
+        # ConsensusError from both facades (the node's own check answers other clients).
+        bad = non_finite_value(proposal, "proposal")
+        if bad is not None:
+            raise ConsensusError(bad)
         return str(
             await self._call(
                 "consensus_start",

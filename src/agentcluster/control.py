@@ -45,6 +45,7 @@ __all__ = [
     "ControlReply",
     "ControlRequest",
     "NodeStream",
+    "encode_control_reply",
     "handle_control",
     "request",
 ]
@@ -55,8 +56,7 @@ OPS = ("members", "agents", "health", "stats", "leave", "kv", "mabeam", "call", 
 
 MAX_CONTROL_FRAME = 4 << 20
 """The largest control frame, request or reply (as the node's stream codec allows)."""
-# Arguments that are payload, not parameters: any value a client means is fine there.
-_PAYLOAD_ARGS = frozenset({"proposal"})
+_MAX_ERROR = 64 << 10  # characters of an error message in a reply (as calls.py cuts them)
 
 
 class ControlRequest(msgspec.Struct, frozen=True, array_like=True, tag="ctl", tag_field="t"):
@@ -323,9 +323,19 @@ def _non_finite(op: str, args: dict[str, Any]) -> str | None:
     """An error for the first parameter that is NaN or infinite, else None. The ops' float
     parameters are timeouts, waits, durations and prices: NaN slips through their clamps
     and range checks (every comparison with it is false), and a deadline at NaN never
-    comes -- a client could pin the node on its request."""
+    comes -- a client could pin the node on its request. ``mabeam`` arguments are checked
+    all the way down (and refused when nested too deep): proposals, metadata and conditions
+    are kept, compared and shown to others; a ``call``'s signal is its agent's business."""
+    if op == "mabeam":
+        from agentcluster.coordination._finite import non_finite
+
+        for key, value in args.items():
+            bad = non_finite(value, key)
+            if bad is not None:
+                return f"{op}: {bad}"
+        return None
     for key, value in args.items():
-        if isinstance(value, float) and not math.isfinite(value) and key not in _PAYLOAD_ARGS:
+        if isinstance(value, float) and not math.isfinite(value):
             return f"{op}: {key!r} must be a finite number, not {value!r}"
     return None
 
@@ -370,6 +380,46 @@ async def handle_control(node: Node, req: ControlRequest) -> ControlReply:
     except Exception as exc:
         log.exception("control op %s failed", req.op)
         return ControlReply(ok=False, error=f"{type(exc).__name__}: {exc}")
+
+
+def encode_control_reply(node: Node, req: ControlRequest, reply: ControlReply) -> bytes:
+    """The sealed frame for ``reply``. One the node cannot send -- data msgpack cannot carry
+    (TypeError, OverflowError) or a frame over the limit (Oversized) -- becomes an error the
+    client reads, instead of a handler failure that closes the connection: a client must
+    take a closed connection for "lost, it may have run", so a ``call`` whose agent answered
+    (on this node, in place: its reply was never encoded; or on another node, in a frame
+    that fit without this answer's envelope) read as a Timeout."""
+    codec = node.stream_codec
+    try:
+        return codec.encode(reply)
+    except Exception as exc:  # whatever the encoder raises: the connection must answer
+        kind = type(exc).__name__
+        data = reply.data
+        if req.op == "call" and reply.ok and isinstance(data, dict) and data.get("ok"):
+            # The agent's answer that could not travel, as when its own node cannot send it
+            # (CallService.encode_reply): the agent's typed error, and the call ran.
+            message = f"{node.name}: {kind}: reply not serialisable on the entry node: {exc}"
+            out = {
+                "ok": False,
+                "error_type": "CallRemoteError",
+                "remote_type": kind,
+                "error": _cut(message),
+                "attempts": [],
+            }
+            failed = ControlReply(ok=True, data=out)
+        else:
+            failed = ControlReply(ok=False, error=_cut(f"{kind}: reply not serialisable: {exc}"))
+        try:
+            return codec.encode(failed)
+        except Exception:  # (a message that is no valid UTF-8, say): still an answer
+            return codec.encode(ControlReply(ok=False, error=f"{kind}: reply not serialisable"))
+
+
+def _cut(message: str) -> str:
+    """``message``, cut to what an error reply carries (the frame has a size limit)."""
+    if len(message) <= _MAX_ERROR:
+        return message
+    return f"{message[:_MAX_ERROR]}... (cut: {len(message):,} characters)"
 
 
 class _ReplyProtocol(asyncio.Protocol):

@@ -48,6 +48,7 @@ from agentcluster.control import (
     ControlReply,
     ControlRequest,
     NodeStream,
+    encode_control_reply,
     handle_control,
 )
 from agentcluster.coordination.auction_service import AuctionService
@@ -357,8 +358,8 @@ class Node:
             return None
         reply: Any
         if isinstance(msg, ControlRequest):
-            reply = await handle_control(self, msg)
-        elif isinstance(msg, AgentEnvelope):
+            return encode_control_reply(self, msg, await handle_control(self, msg))
+        if isinstance(msg, AgentEnvelope):
             reply = await self._deliver_envelope(msg)
         elif isinstance(msg, CallRequest):
             return self.calls.encode_reply(await self.calls.serve(msg))

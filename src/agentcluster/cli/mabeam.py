@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -27,7 +28,11 @@ _TimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for the node."
 
 
 def _plain(obj: Any) -> Any:
-    """JSON-ready data with every Struct as an object (wire Structs encode as arrays)."""
+    """JSON-ready data with every Struct as an object (wire Structs encode as arrays); a
+    NaN or infinity (kept by a node from before they were refused) is null, so the output
+    stays valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, msgspec.Struct):
         return {f: _plain(getattr(obj, f)) for f in obj.__struct_fields__}
     if isinstance(obj, list | tuple):

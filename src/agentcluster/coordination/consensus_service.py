@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from agentcluster.agents import AgentServer
+from agentcluster.coordination._finite import non_finite_value
 from agentcluster.coordination.proposals import (
     CONSENSUS_PREFIX,
     COORDINATOR,
@@ -128,6 +129,11 @@ class ConsensusService:
             Tally(parts, rule)
         except ValueError as exc:
             raise ConsensusError(str(exc)) from None
+        # A NaN would live on in the committed decision: no comparison with it holds, and
+        # the history's JSON is invalid. Deep nesting is refused too (see _finite).
+        bad = non_finite_value(proposal, "proposal")
+        if bad is not None:
+            raise ConsensusError(bad)
         try:
             _enc.encode(proposal)
         except TypeError as exc:
