@@ -138,3 +138,38 @@ async def test_failing_calls_burn_the_error_budget_and_page() -> None:
         signal = await asyncio.wait_for(alerts.get(), timeout=5)
         assert signal.type == "cluster.health.alert.critical"
         assert signal.data["rule"] == "call_error_budget" and signal.data["node"] == "n2"
+
+
+@pytest.mark.virtual_time
+async def test_a_quarantine_proposal_that_fails_leaves_no_unretrieved_task_error() -> None:
+    """The agent's proposal runs in the background; when it cannot be decided (the node
+    stopping, no store) the failure is logged, never left as "Task exception was never
+    retrieved" on the loop."""
+    import gc
+
+    from agentcluster.coordination.consensus_service import ConsensusError
+    from agentcluster.health.directives import ProposeQuarantine
+
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    try:
+        async with SimCluster(3, seed=5, store_voters=3) as c:
+            await c.wait_until(c.converged, timeout=30)
+            node = c.nodes["n1"]
+
+            async def undecided(*args: object, **kwargs: object) -> object:
+                raise ConsensusError("node n1 stopped")
+
+            node.consensus.decide = undecided  # type: ignore[method-assign]
+            server = node.runtime.lookup("health_monitor")
+            before = set(node.health._tasks)
+            node.health._propose(server, ProposeQuarantine("n3", "unresponsive"))
+            (proposal,) = node.health._tasks - before
+            await c.wait_until(proposal.done, timeout=5)
+            del proposal, before
+            gc.collect()
+        assert not [u for u in unretrieved if "never retrieved" in str(u.get("message"))]
+    finally:
+        loop.set_exception_handler(previous)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from agentcluster._background import spawn_owned
 from agentcluster.agents import AgentServer
 from agentcluster.balancing.balancer import Balancer
 from agentcluster.balancing.directives import (
@@ -106,9 +107,7 @@ class BalancerService:
         self._spawn(self.publish(events))
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn_owned(self._tasks, coro, log)
 
     async def _forward(self) -> None:
         bus = self.node.runtime.bus

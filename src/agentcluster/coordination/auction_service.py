@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from agentcluster._background import spawn_owned
 from agentcluster.agents import Action, ActionContext, Directive, Send
 from agentcluster.coordination.auctions import (
     Auction,
@@ -148,9 +149,7 @@ class AuctionService:
         self._open.clear()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn_owned(self._tasks, coro, log)
 
     async def start(
         self,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from agentcluster._background import spawn_owned
 from agentcluster.agents import AgentServer
 from agentcluster.coordination._finite import non_finite_value
 from agentcluster.coordination.proposals import (
@@ -96,9 +97,7 @@ class ConsensusService:
         self._waiters.clear()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn_owned(self._tasks, coro, log)
 
     def _store(self) -> Store:
         if self.node.store_host is None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from agentcluster._background import spawn_owned
 from agentcluster.agents import AgentServer
 from agentcluster.coordination.voting import quorum
 from agentcluster.health._check_runner import CheckResult, CheckRunner
@@ -152,9 +153,7 @@ class HealthService:
         await self.webhook.close()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn_owned(self._tasks, coro, log)
 
     def _history(self) -> dict[str, list[tuple[float, float]]]:
         return {k: list(v) for k, v in self.history.items()}
