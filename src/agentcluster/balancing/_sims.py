@@ -162,6 +162,8 @@ def _endpoints(n: int, rng: random.Random) -> list[Endpoint]:
             cpu=rng.random(),
             memory=rng.random(),
             network=rng.random(),
+            # Other clients' calls as published: the pick compares them with its own counts.
+            in_flight=float(rng.randint(0, 4)),
         )
         for i, name in enumerate(_node_names(n))
     ]

@@ -7,7 +7,11 @@ and an EWMA of its error rate. They blend into one expected cost
     ``cost = latency_estimate * (in_flight + phantoms + 1) / weight * (1 + error_weight * error_rate)``
 
 -- the latency a new request should expect behind the ones already queued there, scaled down
-for bigger nodes and up for nodes that have been failing. A pick takes the cheapest endpoint:
+for bigger nodes and up for nodes that have been failing. ``in_flight`` is ours, counted live,
+plus other clients' as estimated from the node's published figure
+(:func:`~agentcluster.balancing.least_connections.others_inflight`), for the reason given in
+:mod:`~agentcluster.balancing.latency_aware`: a node we have not measured lately would
+otherwise look cheapest however busy other clients keep it. A pick takes the cheapest endpoint:
 an exact scan up to ``scan_limit`` endpoints (16 by default, a couple of microseconds), the
 cheaper of two random ones (P2C) above that, which keeps the pick O(1) at 1,000 nodes.
 
@@ -50,6 +54,7 @@ from collections.abc import Sequence
 
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
 from agentcluster.balancing.latency_aware import positive
+from agentcluster.balancing.least_connections import others_inflight, published_figures
 
 __all__ = [
     "DEFAULT_DECAY",
@@ -76,6 +81,7 @@ class _Stats:
         "inflight",
         "inv_weight",
         "measured",
+        "others",
         "phantom",
         "phantom_at",
         "stamp",
@@ -87,6 +93,7 @@ class _Stats:
         self.measured = False  # False while ``estimate`` is only the prior
         self.errors = 0.0
         self.inflight = 0
+        self.others = 0.0  # other clients' requests in flight there (published, estimated)
         self.inv_weight = 1.0
         self.phantom = 0.0  # failures still counted in flight, as of ``phantom_at``
         self.phantom_at = 0.0
@@ -107,6 +114,7 @@ class Adaptive(Strategy):
         "_now",
         "_penalty",
         "_scan_limit",
+        "_seen",
         "_stats",
     )
 
@@ -133,6 +141,7 @@ class Adaptive(Strategy):
         self._known: dict[str, _Stats] = {}  # every node seen, eligible or not
         self._stats: list[_Stats] = []  # the eligible ones, by node name
         self._nodes: list[str] = []
+        self._seen: dict[str, tuple[float, float]] = {}  # for others_inflight
         self._now = 0.0  # the latest time seen, to stamp nodes that join
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
@@ -148,6 +157,11 @@ class Adaptive(Strategy):
                 entry = known[node] = _Stats(prior, self._now)
             entry.inv_weight = 1.0 / weights[node]
             stats.append(entry)
+        others, self._seen = others_inflight(
+            nodes, published_figures(endpoints), [s.inflight for s in stats], self._seen
+        )
+        for entry, estimate in zip(stats, others, strict=True):
+            entry.others = estimate
         # Forget nodes that left with nothing in flight: churn must not grow the map forever.
         eligible = set(nodes)
         for node in [n for n, s in known.items() if n not in eligible and not s.inflight]:
@@ -180,7 +194,7 @@ class Adaptive(Strategy):
 
     def _cost(self, s: _Stats, now: float) -> float:
         pending = s.inflight
-        queue = pending + 1 + (self._phantoms(s, now) if s.phantom else 0.0)
+        queue = pending + s.others + 1 + (self._phantoms(s, now) if s.phantom else 0.0)
         if pending:
             base = s.estimate * queue
         else:

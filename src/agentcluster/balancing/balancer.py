@@ -34,7 +34,13 @@ from typing import Any
 
 import msgspec
 
-from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
+from agentcluster.balancing.base import (
+    Endpoint,
+    NoEndpoint,
+    PickRequest,
+    Strategy,
+    published_inflight,
+)
 from agentcluster.balancing.breaker import BreakerConfig, Breakers, BreakerState
 from agentcluster.balancing.limits import SurgeDetector
 from agentcluster.balancing.outliers import OutlierConfig, OutlierDetector
@@ -333,6 +339,9 @@ class Balancer:
                         "weight": round(ep.weight * f, 4),
                         "cpu": finite(ep.cpu),
                         "memory": finite(ep.memory),
+                        # As the node last published it (every client's calls, stale) and
+                        # as the strategies read it: a garbled figure is 0.
+                        "in_flight": published_inflight(ep.in_flight),
                         "breaker": str(self.breakers.state(name, now))
                         if name in self.breakers
                         else str(BreakerState.CLOSED),

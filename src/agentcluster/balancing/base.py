@@ -11,12 +11,20 @@ Feedback flows back through :meth:`Strategy.on_start` (a request was sent to a n
 :meth:`Strategy.on_finish` (it completed, with its latency and outcome), which stateful
 strategies (least connections, peak EWMA, adaptive) use; stateless ones ignore them.
 
+Those hooks count only the requests *this* balancer sent. What other clients send a node
+arrives as ``Endpoint.in_flight``, the node's own count of the calls it serves, published in
+its membership metadata: complete but stale (up to a report period, 5 s, plus gossip).
+:func:`published_inflight` turns a peer's figure into a safe number; how it is combined with
+the live counts, without counting our own calls twice, is
+:func:`~agentcluster.balancing.least_connections.others_inflight`.
+
 Nothing here reads a clock or the global ``random``: ``now`` and a seeded ``random.Random``
 come from the caller, so a simulation replays exactly.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -24,7 +32,14 @@ from typing import ClassVar
 
 import msgspec
 
-__all__ = ["EMPTY_REQUEST", "Endpoint", "NoEndpoint", "PickRequest", "Strategy"]
+__all__ = [
+    "EMPTY_REQUEST",
+    "Endpoint",
+    "NoEndpoint",
+    "PickRequest",
+    "Strategy",
+    "published_inflight",
+]
 
 
 class NoEndpoint(Exception):
@@ -42,6 +57,24 @@ class Endpoint(msgspec.Struct, frozen=True):
     cpu: float = 0.0
     memory: float = 0.0
     network: float = 0.0
+    # Calls the node is serving, as it last reported itself: every client's, ours included,
+    # and stale by up to a report period (see the module doc). Counted per node, not per
+    # capability: the calls share its CPU whichever agent serves them.
+    in_flight: float = 0.0
+
+
+def published_inflight(value: object) -> float:
+    """A peer's published in-flight figure as a count >= 0. It comes from another node's
+    metadata, so anything but a finite number >= 0 (NaN, infinity, a negative, a string, a
+    bool, an int too large for a float) reads as 0: a garbled report must neither crash
+    routing nor make a node look infinitely busy -- the live counts still hold it back."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    try:
+        figure = float(value)
+    except OverflowError:
+        return 0.0
+    return figure if 0.0 <= figure < math.inf else 0.0
 
 
 class PickRequest(msgspec.Struct, frozen=True):

@@ -20,6 +20,13 @@ Load comes from :meth:`on_start` / :meth:`on_finish` (this balancer's own in-fli
 A request without a key starts from a point drawn from the caller's ``rng``. ``exclude`` skips
 nodes during the walk. If every non-excluded node is at its bound (only possible when
 ``exclude`` removes capacity), the least-loaded non-excluded node is chosen.
+
+The nodes' published in-flight figures (``Endpoint.in_flight``: other clients' calls) are left
+out on purpose. Keys exist for affinity, and the bound promises only how *this* balancer
+spreads its own keys. The figure is node-wide (every capability), up to a report period old
+and moves in steps: counting it would push keys off their home nodes whenever other clients'
+traffic shifts -- cache misses paid for a stale signal -- and the strategies whose job is to
+spread load (least connections, latency aware, adaptive, geographic) already use it.
 """
 
 from __future__ import annotations

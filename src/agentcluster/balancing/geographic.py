@@ -17,10 +17,19 @@ O(1) to read. A tier is **saturated** when
 where ``next`` is the next wider tier. The first condition says the local endpoints are
 genuinely busy (default 8 requests each); the second that going wider helps -- the wider
 tier has room to spare on average. If every tier is equally busy, traffic stays local: sending
-it across zones would add latency and relieve nobody. A saturated tier hands the request to
-the next one, which *includes* the local endpoints (zone within region within all), so the
-inner strategy there still picks a local node if it happens to be the least loaded. When all
-of a tier's endpoints are excluded (a retry), the next tier is tried as well.
+it across zones would add latency and relieve nobody.
+
+"In flight" here is ours, counted live, plus other clients' as estimated from each node's
+published figure (:func:`~agentcluster.balancing.least_connections.others_inflight`; summed
+per tier at ``update``, so reading it stays O(1)). A zone is saturated by everybody's
+traffic, not just ours: with only our own counts, a zone kept busy by the other balancers
+living there would look idle to each of them, and none would ever spill over. The default
+inner strategy (least connections) gets the figures with the endpoints and uses them too.
+
+A saturated tier hands the request to the next one, which *includes* the local endpoints
+(zone within region within all), so the inner strategy there still picks a local node if it
+happens to be the least loaded. When all of a tier's endpoints are excluded (a retry), the
+next tier is tried as well.
 
 Zones and regions are matched by name: a tier "zone a" is every endpoint whose ``zone`` is
 ``"a"``, whatever its region. Endpoints with an empty zone or region belong to no such tier.
@@ -33,7 +42,11 @@ import random
 from collections.abc import Callable, Sequence
 
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
-from agentcluster.balancing.least_connections import LeastConnections
+from agentcluster.balancing.least_connections import (
+    LeastConnections,
+    others_inflight,
+    published_figures,
+)
 
 __all__ = ["DEFAULT_SPILL_THRESHOLD", "Geographic"]
 
@@ -41,14 +54,15 @@ DEFAULT_SPILL_THRESHOLD = 8.0
 
 
 class _Tier:
-    """One zone, one region, or everything: an inner strategy and the in-flight sum."""
+    """One zone, one region, or everything: an inner strategy and the in-flight sums."""
 
-    __slots__ = ("inner", "load", "size")
+    __slots__ = ("inner", "load", "others", "size")
 
     def __init__(self, inner: Strategy) -> None:
         self.inner = inner
         self.size = 0
-        self.load = 0
+        self.load = 0  # ours, live
+        self.others = 0.0  # other clients', from the published figures (fixed until update)
 
 
 class Geographic(Strategy):
@@ -71,6 +85,7 @@ class Geographic(Strategy):
         # node -> (its zone tier, its region tier); None where it has no zone / region
         self._where: dict[str, tuple[_Tier | None, _Tier | None]] = {}
         self._inflight: dict[str, int] = {}
+        self._seen: dict[str, tuple[float, float]] = {}  # for others_inflight
         # Nodes that left with requests in flight: (count, zone, region) until those finish or
         # the node returns with its count (see least_connections.carry_inflight).
         self._ghost: dict[str, tuple[int, str, str]] = {}
@@ -99,18 +114,23 @@ class Geographic(Strategy):
             for node in unique
         }
         self._inflight = inflight
+        nodes = list(unique)
+        others, self._seen = others_inflight(
+            nodes, published_figures(endpoints), [inflight[n] for n in nodes], self._seen
+        )
         self._where = {}
         self._all.load = 0
-        for node, ep in unique.items():
+        self._all.others = 0.0
+        for node, estimate in zip(nodes, others, strict=True):
+            ep = unique[node]
             zone = self._zones.get(ep.zone) if ep.zone else None
             region = self._regions.get(ep.region) if ep.region else None
             self._where[node] = (zone, region)
             count = inflight[node]
-            self._all.load += count
-            if zone is not None:
-                zone.load += count
-            if region is not None:
-                region.load += count
+            for tier in (self._all, zone, region):
+                if tier is not None:
+                    tier.load += count
+                    tier.others += estimate
 
     def _retier(self, old: dict[str, _Tier], groups: dict[str, list[Endpoint]]) -> dict[str, _Tier]:
         tiers: dict[str, _Tier] = {}
@@ -122,12 +142,13 @@ class Geographic(Strategy):
             tier.inner.update(members)
             tier.size = len(members)
             tier.load = 0  # recomputed by the caller from the per-node counts
+            tier.others = 0.0
             tiers[key] = tier
         return tiers
 
     def _saturated(self, tier: _Tier, wider: _Tier) -> bool:
-        mean = tier.load / tier.size
-        return mean >= self.spill_threshold and mean > wider.load / wider.size
+        mean = (tier.load + tier.others) / tier.size
+        return mean >= self.spill_threshold and mean > (wider.load + wider.others) / wider.size
 
     def pick(
         self,
@@ -171,14 +192,23 @@ class Geographic(Strategy):
 
     def tier_load(self, zone: str = "", region: str = "") -> tuple[int, int] | None:
         """``(in_flight, endpoints)`` of the zone tier (if ``zone``), else the region tier (if
-        ``region``), else of all endpoints; None for an unknown zone or region."""
-        if zone:
-            tier = self._zones.get(zone)
-        elif region:
-            tier = self._regions.get(region)
-        else:
-            tier = self._all
+        ``region``), else of all endpoints; None for an unknown zone or region. The count is
+        ours only; :meth:`tier_others` has the other clients' share."""
+        tier = self._tier(zone, region)
         return None if tier is None else (tier.load, tier.size)
+
+    def tier_others(self, zone: str = "", region: str = "") -> float | None:
+        """Other clients' requests in flight in the tier :meth:`tier_load` names (estimated
+        from published figures); None for an unknown zone or region."""
+        tier = self._tier(zone, region)
+        return None if tier is None else tier.others
+
+    def _tier(self, zone: str, region: str) -> _Tier | None:
+        if zone:
+            return self._zones.get(zone)
+        if region:
+            return self._regions.get(region)
+        return self._all
 
     def on_start(self, node: str, now: float) -> None:
         where = self._where.get(node)

@@ -32,6 +32,16 @@ probed again after a few ``decay`` periods instead of being shunned forever. An 
 requests in flight does not decay: silence from a busy node means its requests are slow, and a
 node that hangs must never start to look fast.
 
+The requests in flight are ``own + others``: ours, counted live, plus other clients' as
+estimated from the node's published figure
+(:func:`~agentcluster.balancing.least_connections.others_inflight`). The latency estimate
+already carries other clients' queueing -- but only from answers we got, and not at all for a
+node we have not measured, or have not used for a while (its estimate decayed): without the
+figure such a node looks cheapest and takes a burst from us before the first slow answer
+comes back. The cost counts queued requests alike whoever sent them, as it already does for
+ours (whose queueing is in the estimate too). Only our own requests stop the idle decay:
+silence means something only about requests we are waiting for.
+
 A fresh endpoint starts from a prior, replaced outright by its first real sample. The default
 prior is an EWMA of the latest samples of every endpoint (0.1 s before the first one), read at
 pick time: the new node costs what an average answer costs right now, so it is probed at once
@@ -51,6 +61,8 @@ from agentcluster.balancing.least_connections import (
     carry_inflight,
     draw_two,
     ghost_finished,
+    others_inflight,
+    published_figures,
 )
 from agentcluster.balancing.weighted import endpoint_weight
 
@@ -103,6 +115,8 @@ class PeakEwma(Strategy):
         self._stamp: list[float] = []  # time of the last sample; NaN: not seen yet
         self._measured: list[bool] = []  # False while ``_ewma`` is still the prior
         self._inflight: list[int] = []
+        self._others: list[float] = []  # other clients' in flight (others_inflight)
+        self._seen: dict[str, tuple[float, float]] = {}
         # Failures still counted in flight (module doc), as of ``_phantom_at``; 0.0: none.
         self._phantom: list[float] = []
         self._phantom_at: list[float] = []
@@ -139,6 +153,9 @@ class PeakEwma(Strategy):
                 phantom_at.append(self._phantom_at[k])
         self._phantom, self._phantom_at = phantom, phantom_at
         inflight, self._ghost = carry_inflight(old, self._inflight, self._ghost, nodes)
+        self._others, self._seen = others_inflight(
+            nodes, published_figures(endpoints), inflight, self._seen
+        )
         self._nodes = nodes
         self._index = {node: i for i, node in enumerate(nodes)}
         self._inv_weight = [1.0 / by_node[node] for node in nodes]
@@ -146,8 +163,11 @@ class PeakEwma(Strategy):
 
     def _cost(self, i: int, now: float) -> float:
         pending = self._inflight[i]
-        # Queue factor: the requests in flight, the phantoms of recent failures, this one.
-        queue = pending + 1 + (self._phantoms(i, now) if self._phantom[i] else 0.0)
+        # Queue factor: the requests in flight (ours and other clients'), the phantoms of
+        # recent failures, this one.
+        queue = (
+            pending + self._others[i] + 1 + (self._phantoms(i, now) if self._phantom[i] else 0.0)
+        )
         if not self._measured[i] and self._initial is None:
             # Not measured yet: it costs what the cluster's answers cost right now (a prior
             # fixed at update time goes stale: a new node would be shunned, or flooded), a

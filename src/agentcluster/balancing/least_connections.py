@@ -17,6 +17,12 @@ Weights only break ties here: in-flight counts correct themselves (a node that i
 than it can take keeps its requests longer and stops winning comparisons), and slow start is
 applied by the LoadBalancer agent through which endpoints it offers.
 
+The load compared is ``own + others``: the requests this balancer has in flight there (exact
+and fresh) plus other clients' requests, estimated from the node's own published figure
+(``Endpoint.in_flight``) by :func:`others_inflight`. A node kept busy by other clients thus
+loses comparisons even when this balancer has sent it nothing. Ties on that load go to the
+higher weight, as before.
+
 Excluded endpoints (a retry's earlier attempts) are handled without touching all ``n``: up to
 four random draws per candidate, then, only if those all hit excluded nodes, one scan of the
 eligible ones. :func:`draw_two` implements that and is shared with the peak-EWMA strategy.
@@ -25,12 +31,24 @@ eligible ones. :func:`draw_two` implements that and is shared with the peak-EWMA
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
+from agentcluster.balancing.base import (
+    Endpoint,
+    NoEndpoint,
+    PickRequest,
+    Strategy,
+    published_inflight,
+)
 from agentcluster.balancing.weighted import endpoint_weight
 
-__all__ = ["DEFAULT_FULL_SCAN_BELOW", "LeastConnections", "draw_two"]
+__all__ = [
+    "DEFAULT_FULL_SCAN_BELOW",
+    "LeastConnections",
+    "draw_two",
+    "others_inflight",
+    "published_figures",
+]
 
 DEFAULT_FULL_SCAN_BELOW = 8
 _DRAWS = 4  # random draws per candidate before falling back to a scan when excluding
@@ -84,6 +102,51 @@ def carry_inflight(
     return [carried.pop(node, 0) for node in nodes], carried
 
 
+def published_figures(endpoints: Sequence[Endpoint]) -> dict[str, float]:
+    """Each endpoint's published in-flight figure (checked), for those that publish one."""
+    return {ep.node: f for ep in endpoints if (f := published_inflight(ep.in_flight))}
+
+
+def others_inflight(
+    nodes: Sequence[str],
+    published: Mapping[str, float],
+    own: Sequence[int],
+    seen: Mapping[str, tuple[float, float]],
+) -> tuple[list[float], dict[str, tuple[float, float]]]:
+    """Other clients' requests in flight on each of ``nodes`` (``own``: this balancer's live
+    counts, aligned with ``nodes``; ``published``: the nodes' figures), and the new ``seen``
+    map (node -> ``(figure, estimate)``), to pass back at the next update.
+
+    Strategies compare ``own + others``. A node's figure counts our own calls too, as they
+    were when it reported -- a number we cannot know -- so ``others`` is the figure minus our
+    count when the figure *arrives* (never below 0): our count has moved since the report by
+    at most a report period's worth of our own churn, which bounds the error. The estimate is
+    then kept while the figure stays the same: subtracting a later count from an old figure
+    would turn our finished calls into phantom load (10 published, all ours, all finished
+    since: 10 "other" calls that do not exist). A node that reports nothing has no others.
+
+    Why not ``max(own, published)``: while the figure is above our count, our own sends to
+    the node would not move its load for a whole report period, so P2C would lose the fresh
+    feedback that keeps it from herding onto whichever node reported lowest; and once our
+    count passed the figure, the other clients' calls would drop out of the comparison. With
+    ``own + others`` our sends count at once and theirs are never forgotten."""
+    others: list[float] = []
+    kept: dict[str, tuple[float, float]] = {}
+    for node, mine in zip(nodes, own, strict=True):
+        figure = published.get(node, 0.0)
+        if not figure:
+            others.append(0.0)
+            continue
+        before = seen.get(node)
+        if before is not None and before[0] == figure:
+            estimate = before[1]
+        else:
+            estimate = figure - mine if figure > mine else 0.0
+        others.append(estimate)
+        kept[node] = (figure, estimate)
+    return others, kept
+
+
 def ghost_finished(ghost: dict[str, int], node: str) -> None:
     """A request to ``node``, which is not in the set now, finished."""
     left = ghost.get(node, 0) - 1
@@ -105,6 +168,8 @@ class LeastConnections(Strategy):
         self._nodes: list[str] = []  # sorted by name
         self._weights: list[float] = []
         self._inflight: list[int] = []
+        self._others: list[float] = []  # other clients' in flight (others_inflight)
+        self._seen: dict[str, tuple[float, float]] = {}
         self._index: dict[str, int] = {}
         self._ghost: dict[str, int] = {}  # in flight to nodes not in the set (carry_inflight)
 
@@ -114,6 +179,9 @@ class LeastConnections(Strategy):
         self._inflight, self._ghost = carry_inflight(
             self._index, self._inflight, self._ghost, nodes
         )
+        self._others, self._seen = others_inflight(
+            nodes, published_figures(endpoints), self._inflight, self._seen
+        )
         self._nodes = nodes
         self._weights = [by_node[node] for node in nodes]
         self._index = {node: i for i, node in enumerate(nodes)}
@@ -122,6 +190,12 @@ class LeastConnections(Strategy):
         """Requests in flight to ``node`` as counted here (0 for an unknown node)."""
         i = self._index.get(node)
         return 0 if i is None else self._inflight[i]
+
+    def load(self, node: str) -> float:
+        """The load a pick compares for ``node``: ours in flight plus other clients' (0 for
+        an unknown node)."""
+        i = self._index.get(node)
+        return 0.0 if i is None else self._inflight[i] + self._others[i]
 
     def pick(
         self,
@@ -136,8 +210,8 @@ class LeastConnections(Strategy):
         i, j = draw_two(nodes, rng, exclude)
         if j < 0:
             return nodes[i]
-        load = self._inflight
-        li, lj = load[i], load[j]
+        own, others = self._inflight, self._others
+        li, lj = own[i] + others[i], own[j] + others[j]
         if li != lj:
             return nodes[i] if li < lj else nodes[j]
         wi, wj = self._weights[i], self._weights[j]
@@ -146,20 +220,18 @@ class LeastConnections(Strategy):
         return nodes[i]  # i is a random draw: a random tie-break, so equals share the load
 
     def _scan(self, exclude: frozenset[str], start: int) -> str:
-        nodes, load, weights = self._nodes, self._inflight, self._weights
+        nodes, own, others, weights = self._nodes, self._inflight, self._others, self._weights
         best = -1
+        best_load = 0.0
         n = len(nodes)
         # From a random start, so exact ties (an idle cluster) do not all go to one node.
         for step in range(n):
             k = (start + step) % n
             if exclude and nodes[k] in exclude:
                 continue
-            if (
-                best < 0
-                or load[k] < load[best]
-                or (load[k] == load[best] and weights[k] > weights[best])
-            ):
-                best = k
+            load = own[k] + others[k]
+            if best < 0 or load < best_load or (load == best_load and weights[k] > weights[best]):
+                best, best_load = k, load
         if best < 0:
             raise NoEndpoint("no eligible endpoint" if not nodes else "every endpoint is excluded")
         return nodes[best]
