@@ -1,5 +1,5 @@
 """The Jepsen client workload of ``jepsen_harness`` against a real 3-member etcd cluster:
-concurrent puts, gets, compare-and-sets and deletes while one member is killed with SIGKILL
+concurrent puts, gets, compare-and-sets, deletes and lease operations while one member is killed with SIGKILL
 and restarted; the history must be linearizable (etcd is the reference the raft store is
 compared with)."""
 
@@ -13,8 +13,15 @@ import pytest
 from agentcluster.clock import MonotonicClock
 from agentcluster.store import Store
 from agentcluster.store.etcd import EtcdStore
-from agentcluster.testing.linearizability import Get, HistoryRecorder, KVModel, check
-from jepsen_harness import KEYS, client
+from agentcluster.testing.linearizability import (
+    Get,
+    HistoryRecorder,
+    KVModel,
+    LeasePut,
+    LeaseRevoke,
+    check,
+)
+from jepsen_harness import ALL_KEYS, client
 from test_store_etcd import fresh_cluster
 
 pytestmark = pytest.mark.slow
@@ -48,7 +55,7 @@ async def test_etcd_history_is_linearizable_across_a_member_kill() -> None:
                 await cluster.restart(victim.name)
                 await cluster.wait_healthy()
                 live.append(index)
-            for key in KEYS:
+            for key in ALL_KEYS:
                 h = rec.invoke("final", Get(key), clock.now())
                 kv = await everywhere.get(key)
                 rec.ok(h, None if kv is None else kv.value.decode(), clock.now())
@@ -57,5 +64,8 @@ async def test_etcd_history_is_linearizable_across_a_member_kill() -> None:
                 await s.close()
     history = rec.history()
     assert len(history) > 100
+    leased = [op for op in history if isinstance(op.input, LeasePut) and op.output is True]
+    revoked = [op for op in history if isinstance(op.input, LeaseRevoke)]
+    assert leased and revoked, "the workload ran no lease operations"
     result = check(history, KVModel(), timeout=60.0)
     assert result.ok, result.report()

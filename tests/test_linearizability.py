@@ -22,7 +22,10 @@ from agentcluster.testing import (
     Delete,
     Get,
     HistoryRecorder,
+    KeepAlive,
     KVModel,
+    LeasePut,
+    LeaseRevoke,
     Model,
     Operation,
     Put,
@@ -269,6 +272,155 @@ KV_CASES: list[tuple[str, list[Operation], bool]] = [
 ]
 
 
+LEASE_CASES: list[tuple[str, list[Operation], bool]] = [
+    (
+        "a revocation removes the keys attached to the lease",
+        [
+            op(0, 0, 1, LeasePut("x", "1", 7), True),
+            op(0, 2, 3, LeaseRevoke(7)),
+            op(1, 4, 5, Get("x"), None),
+        ],
+        True,
+    ),
+    (
+        "a leased key read after its lease was revoked",
+        [
+            op(0, 0, 1, LeasePut("x", "1", 7), True),
+            op(0, 2, 3, LeaseRevoke(7)),
+            op(1, 4, 5, Get("x"), "1"),
+        ],
+        False,
+    ),
+    (
+        "a plain put detaches the key from its lease",
+        [
+            op(0, 0, 1, LeasePut("x", "1", 7), True),
+            op(0, 2, 3, Put("x", "2")),
+            op(0, 4, 5, LeaseRevoke(7)),
+            op(1, 6, 7, Get("x"), "2"),
+        ],
+        True,
+    ),
+    (
+        "a detached key vanishing with its old lease",
+        [
+            op(0, 0, 1, LeasePut("x", "1", 7), True),
+            op(0, 2, 3, Put("x", "2")),
+            op(0, 4, 5, LeaseRevoke(7)),
+            op(1, 6, 7, Get("x"), None),
+        ],
+        False,
+    ),
+    (
+        "re-attached to another lease, it survives the first",
+        [
+            op(0, 0, 1, LeasePut("x", "1", 7), True),
+            op(0, 2, 3, LeasePut("x", "2", 8), True),
+            op(0, 4, 5, LeaseRevoke(7)),
+            op(1, 6, 7, Get("x"), "2"),
+        ],
+        True,
+    ),
+    (
+        "a put on a revoked lease succeeding",
+        [op(0, 0, 1, LeaseRevoke(7)), op(1, 2, 3, LeasePut("x", "1", 7), True)],
+        False,
+    ),
+    (
+        "a put on a revoked lease refused, changing nothing",
+        [
+            op(0, 0, 1, Put("x", "0")),
+            op(0, 2, 3, LeaseRevoke(7)),
+            op(1, 4, 5, LeasePut("x", "1", 7), False),
+            op(1, 6, 7, Get("x"), "0"),
+        ],
+        True,
+    ),
+    ("a put refused on a live lease", [op(0, 0, 1, LeasePut("x", "1", 7), False)], False),
+    (
+        "keep-alive after the revocation",
+        [op(0, 0, 1, LeaseRevoke(7)), op(1, 2, 3, KeepAlive(7), True)],
+        False,
+    ),
+    (
+        "keep-alive concurrent with the revocation",
+        [
+            op(0, 0, 3, LeaseRevoke(7)),
+            op(1, 1, 2, KeepAlive(7), True),
+            op(2, 4, 5, KeepAlive(7), False),
+        ],
+        True,
+    ),
+    (
+        "one revocation removes two keys at once",
+        [
+            op(0, 0, 1, LeasePut("x", "1", 7), True),
+            op(0, 2, 3, LeasePut("y", "2", 7), True),
+            op(1, 4, 9, LeaseRevoke(7)),
+            op(2, 5, 6, Get("x"), None),
+            op(3, 7, 8, Get("y"), "2"),
+        ],
+        False,
+    ),
+    (
+        "an unknown revocation lands between two reads",
+        [
+            op(0, 0, 1, LeasePut("x", "1", 7), True),
+            unknown(0, 2, LeaseRevoke(7)),
+            op(1, 3, 4, Get("x"), "1"),
+            op(1, 5, 6, Get("x"), None),
+        ],
+        True,
+    ),
+    (
+        "a key back after an unknown revocation removed it",
+        [
+            op(0, 0, 1, LeasePut("x", "1", 7), True),
+            unknown(0, 2, LeaseRevoke(7)),
+            op(1, 3, 4, Get("x"), None),
+            op(1, 5, 6, Get("x"), "1"),
+        ],
+        False,
+    ),
+    (
+        "an unknown put on a lease revoked before it",
+        [
+            op(0, 0, 1, LeaseRevoke(7)),
+            unknown(1, 2, LeasePut("x", "1", 7)),
+            op(2, 3, 4, Get("x"), "1"),
+        ],
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("history", "expected"), [pytest.param(h, ok, id=name) for name, h, ok in LEASE_CASES]
+)
+def test_lease_histories(history: list[Operation], expected: bool) -> None:
+    result = check(history, KVModel())
+    assert result.ok is expected, result.report()
+    assert oracle(history, KVModel()) is expected
+
+
+def test_leases_join_partitions_only_where_they_link_keys() -> None:
+    history = [
+        op(0, 0, 1, Put("a", "1")),
+        op(0, 2, 3, LeasePut("x", "2", 7), True),
+        op(1, 0, 1, LeasePut("y", "3", 7), True),
+        op(1, 2, 3, LeasePut("z", "4", 8), True),
+        op(2, 0, 1, KeepAlive(9), True),
+        op(2, 2, 3, Get("z"), "4"),
+    ]
+    parts = KVModel().partition(history)
+    labels = sorted(KVModel().describe_partition(p) for p in parts)
+    assert labels == ["key 'a'", "key 'z' with lease 8", "keys 'x', 'y' with lease 7", "lease 9"]
+    result = check([*history, op(3, 4, 5, LeaseRevoke(7)), op(3, 6, 7, Get("y"), "3")], KVModel())
+    assert not result.ok
+    assert [v.label for v in result.violations] == ["keys 'x', 'y' with lease 7"]
+    assert "revoke lease 7" in result.report()
+
+
 @pytest.mark.parametrize(
     ("history", "expected"), [pytest.param(h, ok, id=name) for name, h, ok in KV_CASES]
 )
@@ -436,20 +588,36 @@ def _execute(store: dict[Any, Any], input: Any) -> tuple[Any, dict[Any, Any]]:
         return store.get(getattr(input, "key", None)), store
     if isinstance(input, Put | Write):
         store[getattr(input, "key", None)] = input.value
+        store.pop(("lease-of", getattr(input, "key", None)), None)
         return None, store
     if isinstance(input, Cas | CompareAndSwap):
         key = getattr(input, "key", None)
         if store.get(key) == input.expected:
             store[key] = input.new
+            store.pop(("lease-of", key), None)
             return True, store
         return False, store
+    if isinstance(input, LeasePut):
+        if ("dead", input.lease) in store:
+            return False, store
+        store[input.key] = input.value
+        store[("lease-of", input.key)] = input.lease
+        return True, store
+    if isinstance(input, KeepAlive):
+        return ("dead", input.lease) not in store, store
+    if isinstance(input, LeaseRevoke):
+        for k in [k for k, v in store.items() if k[0] == "lease-of" and v == input.lease]:
+            del store[k], store[k[1]]
+        store[("dead", input.lease)] = True
+        return None, store
     assert isinstance(input, Delete)
     existed = store.pop(input.key, None) is not None
+    store.pop(("lease-of", input.key), None)
     return int(existed), store
 
 
 def _matches(operation: Operation, actual: Any) -> bool:
-    if isinstance(operation.input, Put | Write):
+    if isinstance(operation.input, Put | Write | LeaseRevoke):
         return True
     if isinstance(operation.input, Delete) and operation.output is None:
         return True
@@ -489,7 +657,9 @@ def oracle(history: Sequence[Operation], model: Model[Any]) -> bool:
 
 
 @st.composite
-def small_histories(draw: st.DrawFn) -> list[Operation]:
+def small_histories(
+    draw: st.DrawFn, kinds: Sequence[str] = ("put", "get", "get", "cas", "delete")
+) -> list[Operation]:
     """Up to 7 ops on two keys and two values, executed at a random instant, then perhaps
     perturbed: a mix of linearizable and non-linearizable histories, with unknown outcomes."""
     n = draw(st.integers(1, 7))
@@ -497,14 +667,18 @@ def small_histories(draw: st.DrawFn) -> list[Operation]:
     for i in range(n):
         call = draw(st.integers(0, 8))
         ret = call + draw(st.integers(0, 4))
-        kind = draw(st.sampled_from(["put", "get", "get", "cas", "delete"]))
+        kind = draw(st.sampled_from(kinds))
         key = draw(st.sampled_from(["a", "b"]))
         value, other = draw(st.permutations(["x", "y"]))
+        lease = draw(st.sampled_from([1, 2]))
         inputs = {
             "put": Put(key, value),
             "get": Get(key),
             "cas": Cas(key, draw(st.sampled_from([None, "x", "y"])), value),
             "delete": Delete(key),
+            "lease_put": LeasePut(key, value, lease),
+            "keepalive": KeepAlive(lease),
+            "revoke": LeaseRevoke(lease),
         }
         fate = draw(st.sampled_from(["known", "known", "known", "applied", "lost", "perturbed"]))
         point = draw(st.floats(call, ret + 4 if fate == "applied" else ret))
@@ -519,7 +693,7 @@ def small_histories(draw: st.DrawFn) -> list[Operation]:
         if fate == "applied":
             ops[i] = Operation(i, call, INF, input, UNKNOWN)
             continue
-        if fate == "perturbed" and isinstance(input, Cas):
+        if fate == "perturbed" and isinstance(input, Cas | LeasePut | KeepAlive):
             output = not output
         elif fate == "perturbed" and isinstance(input, Delete):
             output = 1 - output
@@ -532,6 +706,27 @@ def small_histories(draw: st.DrawFn) -> list[Operation]:
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(small_histories())
 def test_agrees_with_brute_force_on_kv(history: list[Operation]) -> None:
+    result = check(history, KVModel())
+    assert not result.partial
+    assert result.ok is oracle(history, KVModel()), result.report()
+
+
+LEASE_KINDS = (
+    "put",
+    "get",
+    "get",
+    "cas",
+    "delete",
+    "lease_put",
+    "lease_put",
+    "keepalive",
+    "revoke",
+)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_histories(LEASE_KINDS))
+def test_agrees_with_brute_force_on_kv_with_leases(history: list[Operation]) -> None:
     result = check(history, KVModel())
     assert not result.partial
     assert result.ok is oracle(history, KVModel()), result.report()

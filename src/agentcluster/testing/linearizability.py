@@ -34,19 +34,31 @@ A violation report names the partition (the key), the longest linearizable prefi
 found, the model state after it, and for every operation that could have come next what the
 model made of it. The optional ``timeout`` bounds the wall-clock time; a search it cuts short
 is reported as *partial*, never as ok. This module is test tooling: it imports only the
-standard library, and ``time.monotonic`` serves only that timeout.
+standard library, and ``time.monotonic`` serves only that timeout. The operation and model
+types are in :mod:`._lin_model`, the key-value model (with leases) in :mod:`._kv_model`; both
+are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
+
+from agentcluster.testing._kv_model import (
+    Cas,
+    Delete,
+    Get,
+    KeepAlive,
+    KVModel,
+    LeasePut,
+    LeaseRevoke,
+    Put,
+)
+from agentcluster.testing._lin_model import UNKNOWN, Model, Operation, _fmt_value
 
 __all__ = [
     "UNKNOWN",
@@ -57,6 +69,9 @@ __all__ = [
     "Get",
     "HistoryRecorder",
     "KVModel",
+    "KeepAlive",
+    "LeasePut",
+    "LeaseRevoke",
     "LinearizabilityResult",
     "Model",
     "Operation",
@@ -68,239 +83,11 @@ __all__ = [
     "check",
 ]
 
-S = TypeVar("S", bound=Hashable)
-
 # How many search steps pass between two looks at the clock when a timeout is set.
 _CLOCK_EVERY = 256
 # Report only the tail of a long prefix: the operations just before the violation matter.
 _PREFIX_SHOWN = 10
 _CANDIDATES_SHOWN = 20
-
-
-class _Unknown(enum.Enum):
-    UNKNOWN = "UNKNOWN"
-
-    def __repr__(self) -> str:
-        return "UNKNOWN"
-
-
-UNKNOWN = _Unknown.UNKNOWN
-"""The output of an operation whose outcome is unknown (timed out, store unavailable)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Operation:
-    """One client operation: called at ``call``, returned ``output`` at ``ret``.
-
-    ``ret = math.inf`` (with ``output = UNKNOWN``) marks an outcome the client never learned: it
-    may have taken effect at any instant after ``call``, or never. An ``UNKNOWN`` output with a
-    finite ``ret`` is treated the same way (the client stopped waiting; the effect may still
-    land later). ``id`` is a free label shown in reports.
-    """
-
-    client: int | str
-    call: float
-    ret: float
-    input: Any
-    output: Any
-    id: int | str | None = None
-
-
-class Model(ABC, Generic[S]):
-    """A sequential specification for :func:`check`.
-
-    States must be hashable and compare by value (the search memoises them): use tuples,
-    frozensets, frozen dataclasses, ``bytes``/``str``/``int`` -- never a mutable object.
-
-    ``step`` receives output :data:`UNKNOWN` for an operation of unknown outcome and must then
-    accept it wherever it could have taken effect, returning the state with its effect. An
-    execution that leaves the state unchanged is equivalent to omitting the operation (always
-    allowed for unknown outcomes), so ``step`` may answer ``False`` for it -- that prunes the
-    search without losing a linearization.
-    """
-
-    @abstractmethod
-    def init(self) -> S:
-        """The initial state."""
-
-    @abstractmethod
-    def step(self, state: S, input: Any, output: Any) -> tuple[bool, S]:
-        """``(legal, next_state)``: may ``input`` return ``output`` in ``state``?"""
-
-    def partition(self, ops: Sequence[Operation]) -> list[list[Operation]]:
-        """Independent sub-histories, checked one by one (default: the whole history)."""
-        return [list(ops)]
-
-    def describe_partition(self, ops: Sequence[Operation]) -> str:
-        """A name for a partition in reports (e.g. its key); empty: its index is used."""
-        return ""
-
-    def describe_op(self, input: Any, output: Any) -> str:
-        return f"{input!r} -> {output!r}"
-
-    def describe_state(self, state: S) -> str:
-        return repr(state)
-
-    def is_read_only(self, input: Any, output: Any) -> bool:
-        """True when ``input`` returning ``output`` never changes any state (a read, a failed
-        compare-and-set). The search then places such an op as soon as it is legal instead of
-        trying every order, which is sound and prunes a lot; the default ``False`` is safe."""
-        return False
-
-    def expected_output(self, state: S, input: Any) -> Any:
-        """What the sequential object would return for ``input`` in ``state`` (for reports);
-        :data:`UNKNOWN` when the model cannot say."""
-        return UNKNOWN
-
-
-# --- The coordination store: a key-value map ------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Put:
-    """Write ``value`` (never ``None``, which means *absent*); the output is ignored."""
-
-    key: str
-    value: Hashable
-
-
-@dataclass(frozen=True, slots=True)
-class Get:
-    """Read ``key``; the output is the value, or ``None`` when the key is absent."""
-
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class Cas:
-    """Set ``key`` to ``new`` iff its value equals ``expected`` (``None``: iff it is absent);
-    the output is ``True`` when it did."""
-
-    key: str
-    expected: Hashable | None
-    new: Hashable
-
-
-@dataclass(frozen=True, slots=True)
-class Delete:
-    """Remove ``key``. Output ``None`` is not checked; an ``int`` (or ``bool``) output is the
-    number of keys deleted, as ``Store.delete`` returns, and must be 1 iff the key existed."""
-
-    key: str
-
-
-KVState = tuple[tuple[str, Hashable], ...]
-
-
-def _kv_lookup(state: KVState, key: str) -> Hashable | None:
-    for k, v in state:
-        if k == key:
-            return v
-    return None
-
-
-def _kv_assign(state: KVState, key: str, value: Hashable | None) -> KVState:
-    if not state or (len(state) == 1 and state[0][0] == key):
-        # The usual case: a partition holds one key.
-        return () if value is None else ((key, value),)
-    # Sorted pairs: one canonical, hashable form per map, so equal maps memoise as one state.
-    rest = [(k, v) for k, v in state if k != key]
-    if value is not None:
-        rest.append((key, value))
-        rest.sort(key=lambda kv: kv[0])
-    return tuple(rest)
-
-
-def _fmt_value(value: Any) -> str:
-    """An output or value in a report (a CAS's outcome reads ``ok`` / ``failed``)."""
-    if value is UNKNOWN or value is None:
-        return "?" if value is UNKNOWN else "absent"
-    if isinstance(value, bool):
-        return "ok" if value else "failed"
-    return repr(value)
-
-
-class KVModel(Model[KVState]):
-    """The coordination store as a map of keys to values: :class:`Put`, :class:`Get`,
-    :class:`Cas`, :class:`Delete`. Values compare by equality. The history is partitioned by
-    key; reads of unknown outcome are dropped (they change nothing and constrain nothing).
-
-    The store's CAS compares a revision, not a value: with a unique value per write (as
-    Jepsen-style workloads do) the value read identifies the revision, so record a revision CAS
-    as ``Cas(key, value_read_with_that_revision, new)``.
-    """
-
-    def init(self) -> KVState:
-        return ()
-
-    def step(self, state: KVState, input: Any, output: Any) -> tuple[bool, KVState]:
-        if isinstance(input, Get):
-            return output is UNKNOWN or _kv_lookup(state, input.key) == output, state
-        if isinstance(input, Put):
-            return True, _kv_assign(state, input.key, input.value)
-        if isinstance(input, Cas):
-            matches = _kv_lookup(state, input.key) == input.expected
-            if output is UNKNOWN or output is True:
-                return matches, _kv_assign(state, input.key, input.new) if matches else state
-            if output is False:
-                return not matches, state
-            raise TypeError(f"Cas output must be a bool or UNKNOWN, not {output!r}")
-        if isinstance(input, Delete):
-            existed = _kv_lookup(state, input.key) is not None
-            # An unknown delete of an absent key is as good as omitted: answer False to prune.
-            legal = existed if output is UNKNOWN else output is None or int(output) == existed
-            return legal, _kv_assign(state, input.key, None)
-        raise TypeError(f"KVModel cannot apply {input!r}")
-
-    def partition(self, ops: Sequence[Operation]) -> list[list[Operation]]:
-        by_key: dict[str, list[Operation]] = {}
-        for op in ops:
-            if not isinstance(op.input, Put | Get | Cas | Delete):
-                raise TypeError(f"KVModel cannot apply {op.input!r}")
-            if isinstance(op.input, Get) and op.output is UNKNOWN:
-                continue
-            by_key.setdefault(op.input.key, []).append(op)
-        return list(by_key.values())
-
-    def is_read_only(self, input: Any, output: Any) -> bool:
-        if output is UNKNOWN:
-            return False
-        if isinstance(input, Get):
-            return True
-        if isinstance(input, Cas):
-            return output is False
-        # A delete that found nothing changed nothing.
-        return isinstance(input, Delete) and output is not None and int(output) == 0
-
-    def describe_partition(self, ops: Sequence[Operation]) -> str:
-        return f"key {ops[0].input.key!r}" if ops else ""
-
-    def describe_op(self, input: Any, output: Any) -> str:
-        if isinstance(input, Get):
-            return f"get {input.key!r} -> {_fmt_value(output)}"
-        if isinstance(input, Put):
-            return f"put {input.key!r} = {input.value!r}"
-        if isinstance(input, Cas):
-            expected = _fmt_value(input.expected)
-            return f"cas {input.key!r} {expected} -> {input.new!r}: {_fmt_value(output)}"
-        if isinstance(input, Delete):
-            suffix = "" if output is None else f" -> {_fmt_value(output)}"
-            return f"delete {input.key!r}{suffix}"
-        return f"{input!r} -> {output!r}"
-
-    def describe_state(self, state: KVState) -> str:
-        if not state:
-            return "every key absent"
-        return ", ".join(f"{k!r} = {v!r}" for k, v in state)
-
-    def expected_output(self, state: KVState, input: Any) -> Any:
-        if isinstance(input, Get):
-            return _kv_lookup(state, input.key)
-        if isinstance(input, Cas):
-            return _kv_lookup(state, input.key) == input.expected
-        if isinstance(input, Delete):
-            return int(_kv_lookup(state, input.key) is not None)
-        return None
 
 
 # --- The classic example: one register ------------------------------------------------------
