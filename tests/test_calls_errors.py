@@ -355,15 +355,16 @@ async def test_a_remote_call_queued_behind_another_sends_the_time_it_has_left() 
         loop = asyncio.get_running_loop()
         slow = asyncio.ensure_future(rc.call("echo", "app.echo", {}, timeout=5.0))
         await wait_until(lambda: len(node.received) == 1)
-        started = loop.time()
         queued = asyncio.ensure_future(rc.call("echo", "app.echo", {}, timeout=5.0))
         await wait_until(lambda: rc._client._queued == 1)
-        released = loop.time()
+        # The queued call has started by now; it waits at least until the slow one ends.
+        waiting = loop.time()
+        await wait_until(lambda: loop.time() >= waiting + 0.3)
         hold.set()
         assert await slow == 1 and await queued == 2
         sent = node.received[1]["timeout"]
-        # What the node got is the caller's deadline less its wait, not the whole of it.
-        assert sent <= 5.0 - (released - started)
+        # What the node got is the caller's deadline less its wait (>= 0.3 s), not all of it.
+        assert sent <= 5.0 - 0.3
 
     await _with_remote(node, test, timeout=1.0)
 
