@@ -6,7 +6,8 @@ links with loss, duplication and reordering. Concurrent clients issue random put
 compare-and-sets and deletes on a few keys, plus leased writes, keep-alives and revocations
 of each client's own leases (a revocation removes its keys at once), through random live nodes;
 two lock clients contend for one lock and write fenced by their token. Meanwhile a nemesis
-crashes and restarts voters, isolates the leader, splits the cluster, drops traffic one way,
+crashes and restarts voters, isolates the leader, splits the cluster (now and then flapping:
+a split that comes and goes every few hundred milliseconds), drops traffic one way,
 stalls nodes, and freezes and cuts off the leader while a probe writes through the rest and
 reads back through the old leader -- then everything heals and every key is read once more.
 
@@ -230,9 +231,25 @@ class Nemesis:
                 seconds = rng.uniform(0.2, 1.0)
                 self.log.append(f"{now} stall {victim} {seconds:.2f}s")
                 c.stall(victim, seconds)
+        elif roll < 0.87:
+            await self._flap(rng.uniform(1.0, 2.5))
         else:
             self.log.append(f"{now} heal")
             c.heal()
+
+    async def _flap(self, seconds: float) -> None:
+        """A flapping network: a random split that comes and goes every 50-250 ms, so
+        elections start, fail and restart, and messages of one term arrive in the next."""
+        c, rng = self.c, self.rng
+        until = c.clock.now() + seconds
+        self.log.append(f"{round(c.clock.now(), 3)} flap {seconds:.2f}s")
+        while c.clock.now() < until:
+            side = [n for n in c.names if rng.random() < 0.5]
+            c.heal()
+            if rng.random() < 0.7:
+                c.partition(side, [n for n in c.names if n not in side])
+            await c.clock.sleep(rng.uniform(0.05, 0.25))
+        c.heal()
 
     async def heal_all(self) -> None:
         self.c.heal()
