@@ -155,6 +155,67 @@ class StoreContract:
             assert len((await store.range(self.key("a"))).kvs) == 4  # "ab" too
             assert (await store.range(self.key("zz"))).kvs == []
 
+    async def test_range_from_a_start_key(self) -> None:
+        async with self.open_store() as store:
+            last = 0
+            for name in ("a/2", "b", "a/10", "ab", "a/1"):
+                last = await store.put(self.key(name), name.encode())
+            prefix = self.key("a/")
+
+            async def keys(start: str) -> list[str]:
+                result = await store.range(prefix, start=start)
+                return [kv.key[len(self.ns) :] for kv in result.kvs]
+
+            assert await keys(start=self.key("a/10")) == ["a/10", "a/2"]  # inclusive
+            assert await keys(start=self.key("a/100")) == ["a/2"]  # between two keys
+            # A start below the prefix begins at the prefix; past its keys gives nothing.
+            assert await keys(start=self.ns) == ["a/1", "a/10", "a/2"]
+            assert await keys(start="") == ["a/1", "a/10", "a/2"]
+            past = await store.range(prefix, start=self.key("a/3"))
+            assert past.kvs == [] and not past.more and past.revision >= last
+            assert await keys(start=self.key("b")) == []  # beyond the prefix, keys there
+            # A page, and the next one from where it says.
+            first = await store.range(prefix, limit=1, start=self.key("a/10"))
+            assert [kv.key for kv in first.kvs] == [self.key("a/10")] and first.more
+            assert first.next_start == self.key("a/10") + "\0"
+            rest = await store.range(prefix, limit=1, start=first.next_start)
+            assert [kv.key for kv in rest.kvs] == [self.key("a/2")]
+            assert not rest.more and rest.next_start is None
+            # The empty prefix: every key, from the start on.
+            everything = await store.range("", start=self.key("a/2"), limit=2)
+            assert [kv.key for kv in everything.kvs] == [self.key("a/2"), self.key("ab")]
+
+    async def test_range_checks_its_arguments(self) -> None:
+        async with self.open_store() as store:
+            with pytest.raises(TypeError, match="must be str"):
+                await store.range(self.ns, start=b"x")  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="limit must not be negative"):
+                await store.range(self.ns, limit=-1, start=self.ns)
+            with pytest.raises(ValueError, match="page must be at least 1"):
+                await anext(store.range_pages(self.ns, page=0))
+
+    async def test_range_pages_list_a_prefix_once_in_key_order(self) -> None:
+        async with self.open_store() as store:
+            names = [f"p/{i:02d}" for i in range(11)]
+            await store.txn([], [PutOp(self.key(n), n.encode()) for n in reversed(names)])
+            await store.put(self.key("p0"), b"")  # next to the prefix, not under it
+            pages = [page async for page in store.range_pages(self.key("p/"), page=4)]
+            assert [len(p.kvs) for p in pages] == [4, 4, 3]
+            assert [p.more for p in pages] == [True, True, False]
+            listed = [kv.key for p in pages for kv in p.kvs]
+            assert listed == [self.key(n) for n in names]
+            assert all(a.revision <= b.revision for a, b in itertools.pairwise(pages))
+            # A prefix that fills its last page exactly ends there, with no empty page after.
+            exact = [p async for p in store.range_pages(self.key("p/0"), page=5)]
+            assert [len(p.kvs) for p in exact] == [5, 5] and not exact[-1].more
+            # From a start key; and an empty prefix is one empty page.
+            tail = store.range_pages(self.key("p/"), page=2, start=self.key("p/08"))
+            assert [kv.key for p in [p async for p in tail] for kv in p.kvs] == [
+                self.key(n) for n in names[8:]
+            ]
+            empty = [p async for p in store.range_pages(self.key("none/"))]
+            assert len(empty) == 1 and empty[0].kvs == [] and not empty[0].more
+
     async def test_delete_and_prefix_delete(self) -> None:
         async with self.open_store() as store:
             for name in ("p/1", "p/2", "p/3/x", "pq", "other"):

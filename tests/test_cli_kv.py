@@ -180,6 +180,37 @@ def test_delete_and_range(running: Running) -> None:
     assert [r["key"] for r in json.loads(running.ok("range", "rh", "--json"))] == ["rh/x"]
 
 
+def test_range_from_a_start_key_and_in_pages(running: Running) -> None:
+    for i in range(7):
+        running.ok("put", f"pg/{i}", f"v{i}")
+
+    def keys(*args: str) -> list[str]:
+        return [r["key"] for r in json.loads(running.ok("range", "pg/", "--json", *args))]
+
+    assert keys("--start", "pg/3") == ["pg/3", "pg/4", "pg/5", "pg/6"]
+    assert keys("--start", "pg/3", "--limit", "2") == ["pg/3", "pg/4"]
+    assert keys("--start", "pg/7") == [] and keys("--start", "a") == keys()
+    assert keys("--page", "2") == [f"pg/{i}" for i in range(7)]
+    assert keys("--page", "2", "--limit", "5") == [f"pg/{i}" for i in range(5)]
+    assert keys("--page", "3", "--start", "pg/2") == [f"pg/{i}" for i in range(2, 7)]
+    table = running.ok("range", "pg/", "--page", "3")
+    assert "7 keys under 'pg/' at revision" in table and "v6" in table
+    assert "--page N" in running.ok("range", "pg/", "--limit", "2")  # how to see the rest
+    assert running.kv("range", "pg/", "--page", "-1").returncode == 2
+
+
+def test_a_range_too_large_for_one_answer_points_to_pages(running: Running) -> None:
+    big = b"x" * (2500 << 10)  # two of them exceed one reply
+    for key in ("big/a", "big/b"):
+        running.ok("put", key, "--file", "-", stdin=big)
+    out = running.kv("range", "big/")
+    assert out.returncode == 1 and "--page N" in out.stderr.decode()
+    rows = json.loads(running.ok("range", "big/", "--page", "100", "--json"))
+    assert [r["key"] for r in rows] == ["big/a", "big/b"]
+    assert all(len(r["value"]) == len(big) for r in rows)
+    running.ok("del", "big/", "--prefix")
+
+
 def test_get_of_a_missing_key_exits_1(running: Running) -> None:
     out = running.proc("get", "no/such/key")
     assert out.returncode == 1

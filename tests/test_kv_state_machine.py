@@ -335,6 +335,32 @@ def test_range(prefix: str, limit: int, keys: list[str], more: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("prefix", "start", "limit", "keys", "more"),
+    [
+        ("a/", "a/10", 0, ["a/10", "a/2"], False),  # inclusive
+        ("a/", "a/100", 0, ["a/2"], False),  # between two keys
+        ("a/", "a/10", 1, ["a/10"], True),
+        ("a/", "a/10\0", 0, ["a/2"], False),  # the successor of a key: the page after it
+        ("a/", "", 0, ["a/1", "a/10", "a/2"], False),
+        ("a/", "a", 0, ["a/1", "a/10", "a/2"], False),  # below the prefix: from the prefix on
+        ("a/", "a/3", 0, [], False),  # past every key under the prefix
+        ("a/", "b", 0, [], False),  # beyond the prefix, where other keys are
+        ("", "ab", 2, ["ab", "b"], True),
+        ("", "b/x", 0, ["b/x"], False),
+    ],
+)
+def test_range_from_a_start_key(
+    prefix: str, start: str, limit: int, keys: list[str], more: bool
+) -> None:
+    sm = KVStateMachine()
+    for key in RANGE_KEYS:
+        sm.apply(PutCmd(key, key.encode()))
+    result = sm.range(prefix, limit, start)
+    assert [kv.key for kv in result.kvs] == keys
+    assert result.more is more and result.revision == len(RANGE_KEYS)
+
+
+@pytest.mark.parametrize(
     ("key", "prefix", "deleted", "left"),
     [
         ("a/", True, 3, ["a", "ab", "b", "b/x"]),

@@ -250,9 +250,9 @@ class _CountingStore(MemoryStore):
         super().__init__()
         self.ranges = 0
 
-    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
+    async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
         self.ranges += 1
-        return await super().range(prefix, limit=limit)
+        return await super().range(prefix, limit=limit, start=start)
 
 
 @pytest.mark.virtual_time

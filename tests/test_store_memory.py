@@ -18,6 +18,8 @@ from agentcluster.store import (
     LeaseNotFound,
     MemoryStore,
     PutOp,
+    RangeResult,
+    ReplyTooLarge,
     Store,
     StoreUnavailable,
     WatchEvent,
@@ -222,6 +224,41 @@ async def test_invalid_input_is_a_typed_error_and_changes_nothing() -> None:
         with pytest.raises(ValueError):
             await store.range("", limit=-1)
         assert await store.revision() == 0 and store.machine.leases() == {}
+
+
+class _SmallReplies(MemoryStore):
+    """Refuses, as a full reply frame would, any range answer of more than ``fits`` keys."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
+        self.asked: list[int] = []
+
+    async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
+        self.asked.append(limit)
+        result = await super().range(prefix, limit=limit, start=start)
+        if len(result.kvs) > self.fits:
+            raise ReplyTooLarge(f"{len(result.kvs)} keys do not fit")
+        return result
+
+
+async def test_range_pages_halve_a_page_too_large_for_a_reply_and_grow_back() -> None:
+    async with _SmallReplies(fits=3) as store:
+        for i in range(10):
+            await store.put(f"k/{i}", b"")
+        pages = [page async for page in store.range_pages("k/", page=8)]
+        assert [kv.key for page in pages for kv in page.kvs] == [f"k/{i}" for i in range(10)]
+        assert [len(page.kvs) for page in pages] == [2, 2, 2, 2, 2]
+        # Halved until a page fitted, then each next page asks for twice as many again.
+        assert store.asked == [8, 4, 2, 4, 2, 4, 2, 4, 2, 4]
+
+
+async def test_range_pages_give_up_when_one_key_does_not_fit() -> None:
+    async with _SmallReplies(fits=0) as store:
+        await store.put("k/1", b"")
+        with pytest.raises(ReplyTooLarge):
+            await anext(store.range_pages("k/", page=4))
+        assert store.asked == [4, 2, 1]
 
 
 # --- watches: back-pressure, compaction, races --------------------------------------------

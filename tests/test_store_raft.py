@@ -18,9 +18,11 @@ from agentcluster.consensus.raft.messages import Message, RequestVote, TimeoutNo
 from agentcluster.store import (
     Compare,
     KeyValue,
+    KVStateMachine,
     Lease,
     RangeResult,
     Store,
+    StoreError,
     StoreUnavailable,
     TxnOp,
     TxnResult,
@@ -34,7 +36,7 @@ from agentcluster.store._kv import (
     encode_command,
     unwrap,
 )
-from agentcluster.store.raft import KvRequest, RaftKV
+from agentcluster.store.raft import KvClient, KvReply, KvRequest, RaftKV
 from agentcluster.testing import SimCluster, wait_until
 from store_contract import StoreContract
 
@@ -49,8 +51,8 @@ class ClusterStore(Store):
     async def get(self, key: str) -> KeyValue | None:
         return await self.inner.get(key)
 
-    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
-        return await self.inner.range(prefix, limit=limit)
+    async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
+        return await self.inner.range(prefix, limit=limit, start=start)
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         return await self.inner.put(key, value, lease=lease)
@@ -415,3 +417,52 @@ async def test_an_events_poll_ends_quietly_when_its_member_closes() -> None:
         await member.close()
         reply = await poll
         assert reply.ok and reply.data == msgspec.msgpack.encode([])
+
+
+class _KvRequestBeforeStart(msgspec.Struct, frozen=True, array_like=True, tag="kvq"):
+    """``KvRequest`` as it was before ranges had a start key."""
+
+    op: str
+    cmd: bytes = b""
+    key: str = ""
+    n: int = 0
+    wait: float = 0.0
+
+
+def test_range_requests_with_and_without_a_start_decode_on_either_side() -> None:
+    # An older client's request decodes with no start; a member older than the field reads
+    # a new request as the same range without it (what KvClient.range then guards against).
+    old = msgspec.msgpack.encode(_KvRequestBeforeStart("range", key="p/", n=5))
+    assert msgspec.msgpack.decode(old, type=KvRequest) == KvRequest("range", key="p/", n=5)
+    new = msgspec.msgpack.encode(KvRequest("range", key="p/", n=5, start="p/7"))
+    assert msgspec.msgpack.decode(new, type=_KvRequestBeforeStart).key == "p/"
+
+
+class _MemberBeforeStart(KvClient):
+    """A store whose every request is answered by a member that predates range starts."""
+
+    def __init__(self) -> None:
+        self._clock = MonotonicClock()
+        self.kv = KVStateMachine()
+        for i in range(5):
+            self.kv.apply(PutCmd(f"p/{i}", b""))
+
+    async def request(self, req: KvRequest, *, timeout: float | None = None) -> KvReply:
+        seen = msgspec.msgpack.decode(msgspec.msgpack.encode(req), type=_KvRequestBeforeStart)
+        return KvReply(True, msgspec.msgpack.encode(self.kv.range(seen.key, seen.n)))
+
+    async def _call_events(self, req: KvRequest) -> KvReply:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_member_that_ignores_the_start_fails_the_range_instead_of_looping() -> None:
+    store = _MemberBeforeStart()
+    assert [kv.key for kv in (await store.range("p/", limit=2)).kvs] == ["p/0", "p/1"]
+    with pytest.raises(StoreError, match="ignores a range's start"):
+        await store.range("p/", limit=2, start="p/1\0")
+    with pytest.raises(StoreError, match="ignores a range's start"):
+        async for _ in store.range_pages("p/", page=2):
+            pass

@@ -1,5 +1,5 @@
 """Replies of the store's ``kv`` requests stay within a frame: event batches are cut by size at
-revision boundaries, a range too large for one reply is a clear error, and a remote watch on a
+revision boundaries, a range too large for one reply is a clear error and is read in pages, and a remote watch on a
 quiet prefix keeps up with the history (real in-process node on loopback)."""
 
 from __future__ import annotations
@@ -135,10 +135,26 @@ async def test_a_range_too_large_for_a_reply_is_a_clear_error() -> None:
         try:
             for key in ("r/a", "r/b"):
                 await store.put(key, b"x" * (2500 * KiB))
-            with pytest.raises(ReplyTooLarge, match="narrow the prefix"):
+            with pytest.raises(ReplyTooLarge, match="read it in pages"):
                 await store.range("r/")
             assert [kv.key for kv in (await store.range("r/", limit=1)).kvs] == ["r/a"]
             assert (await store.get("r/b")) is not None  # the node is fine
+        finally:
+            await store.close()
+
+
+async def test_a_range_too_large_for_a_reply_is_read_in_pages() -> None:
+    # Two pages of one 2.5 MiB key each: range_pages asks for both keys, is refused, asks
+    # for one, then for the next one from where the first page ended.
+    async with one_node() as node:
+        store = RemoteStore([node.addr], keyring=None, timeout=5.0)
+        try:
+            for key in ("r/a", "r/b", "s"):
+                await store.put(key, b"x" * (2500 * KiB))
+            pages = [page async for page in store.range_pages("r/", page=2)]
+            assert [[kv.key for kv in page.kvs] for page in pages] == [["r/a"], ["r/b"]]
+            assert [page.more for page in pages] == [True, False]
+            assert len(pages[1].kvs[0].value) == 2500 * KiB
         finally:
             await store.close()
 

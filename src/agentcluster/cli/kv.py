@@ -8,6 +8,11 @@ text for people, one JSON document (``watch``: one JSON object per line) with ``
 section, so it shows every voter's own view (state, term, leader, indexes) rather than one
 routed answer.
 
+``range`` reads a prefix in one answer, at one revision, which must fit in one reply frame;
+``--page N`` reads a larger one in pages of N keys -- separate reads, each at its own revision
+(the text title shows the span), so the listing is not one snapshot. ``--start KEY`` lists
+from KEY on.
+
 Values are bytes. ``get`` writes them to stdout unchanged (a newline is added only on a
 terminal), so ``kv put k --file x`` / ``kv get k > y`` round-trips any file; JSON renders a
 value as UTF-8 text when it decodes, else as base64 with ``"base64": true``. Lease ids are
@@ -289,6 +294,19 @@ def range_(
     limit: Annotated[
         int, typer.Option(min=0, max=_MAX_ID, help="At most this many keys (0: all).")
     ] = 0,
+    start: Annotated[
+        str, typer.Option(metavar="KEY", help="List from this key on (inclusive).")
+    ] = "",
+    page: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=_MAX_ID,
+            metavar="N",
+            help="Read in pages of N keys, for a prefix too large for one answer "
+            "(0: one read, one revision).",
+        ),
+    ] = 0,
     key_file: KeyFileOpt = None,
     timeout: TimeoutOpt = 5.0,
     as_json: JsonOpt = False,
@@ -296,16 +314,27 @@ def range_(
     """List the keys under a prefix, in key order."""
 
     async def main() -> int:
+        from agentcluster.store.base import ReplyTooLarge
+
         async with _open(node, key_file, timeout) as store:
-            result = await store.range(prefix, limit=limit)
+            try:
+                kvs, revisions, more = await _read_range(store, prefix, limit, start, page)
+            except ReplyTooLarge as exc:
+                raise ReplyTooLarge(f"{exc}; from the command line: --page N") from None
         if as_json:
-            _echo_json([kv_json(kv) for kv in result.kvs])
+            _echo_json([kv_json(kv) for kv in kvs])
             return 0
-        title = f"{len(result.kvs)} keys under {prefix!r} at revision {result.revision}"
-        table = Table(title=title + (" (more: raise --limit)" if result.more else ""))
+        title = f"{len(kvs)} keys under {prefix!r}" + (f" from {start!r}" if start else "")
+        first, last = revisions[0], revisions[-1]
+        title += f" at revision {first}" if first == last else f" at revisions {first}-{last}"
+        if more:
+            title += " (more: raise --limit" + (
+                ")" if page else ", or list them all with --page N)"
+            )
+        table = Table(title=title)
         for col in ("key", "value", "created", "modified", "version", "lease"):
             table.add_column(col, justify="left" if col in ("key", "value") else "right")
-        for kv in result.kvs:
+        for kv in kvs:
             text = value_text(kv.value)
             table.add_row(
                 Text(kv.key), Text(text if len(text) <= 60 else text[:57] + "..."),
@@ -316,6 +345,26 @@ def range_(
         return 0
 
     _run(main)
+
+
+async def _read_range(
+    store: RemoteStore, prefix: str, limit: int, start: str, page: int
+) -> tuple[list[KeyValue], list[int], bool]:
+    """The keys of ``kv range``, the revision of each read, and whether keys remain past
+    ``limit``: one read without ``page``, else pages of ``page`` keys until ``limit``."""
+    if not page:
+        result = await store.range(prefix, limit=limit, start=start)
+        return result.kvs, [result.revision], result.more
+    kvs: list[KeyValue] = []
+    revisions: list[int] = []
+    async for result in store.range_pages(
+        prefix, page=min(page, limit) if limit else page, start=start
+    ):
+        kvs += result.kvs
+        revisions.append(result.revision)
+        if limit and len(kvs) >= limit:
+            return kvs[:limit], revisions, len(kvs) > limit or result.more
+    return kvs, revisions, False
 
 
 def _print_event(event: WatchEvent, as_json: bool) -> None:

@@ -58,17 +58,19 @@ def key_str(key: bytes) -> str:
     return bytes(key).decode("utf-8", "surrogateescape")
 
 
-def prefix_range(prefix: str) -> tuple[bytes, bytes]:
-    """``(key, range_end)`` covering every key that starts with ``prefix``."""
+def prefix_range(prefix: str, start: str = "") -> tuple[bytes, bytes]:
+    """``(key, range_end)`` covering every key that starts with ``prefix`` and is ``>=
+    start`` (compared as etcd compares keys: as bytes)."""
     key = key_bytes(prefix)
+    first = max(key or b"\0", key_bytes(start))
     if not key:
-        return b"\0", b"\0"
+        return first, b"\0"
     end = bytearray(key)
     for i in reversed(range(len(end))):
         if end[i] < 0xFF:
             end[i] += 1
-            return key, bytes(end[: i + 1])
-    return key, b"\0"  # all 0xff: every key from ``key`` on
+            return first, bytes(end[: i + 1])
+    return first, b"\0"  # all 0xff: every key from ``first`` on
 
 
 def key_range(key: str, prefix: bool) -> tuple[bytes, bytes]:

@@ -27,7 +27,8 @@ on every node, and the memory backend use the machine directly.
 * **Lease TTLs** are replicated only as numbers (:meth:`leases`); counting them down is the
   driver's job (:mod:`._leases`), as etcd keeps TTL timers on the leader only.
 
-Keys live in a dict plus a sorted key list, so a prefix range is ``O(log n + k)``.
+Keys live in a dict plus a sorted key list, so a prefix range is ``O(log n + k)``, from any
+start key (a page of a long listing costs no more than the first).
 """
 
 from __future__ import annotations
@@ -287,12 +288,14 @@ class KVStateMachine:
     def get(self, key: str) -> KeyValue | None:
         return self._kvs.get(key)
 
-    def range(self, prefix: str, limit: int = 0) -> RangeResult:
-        """Keys starting with ``prefix`` in key order; ``limit`` 0 means no limit."""
+    def range(self, prefix: str, limit: int = 0, start: str = "") -> RangeResult:
+        """Keys starting with ``prefix`` and ``>= start`` in key order; ``limit`` 0 means no
+        limit. The keys under a prefix are one run of the sorted list, so the scan begins at
+        the later of the two bounds and stops at the first key outside the prefix."""
         kvs: list[KeyValue] = []
         keys = self._keys
         more = False
-        for i in range(bisect_left(keys, prefix), len(keys)):
+        for i in range(bisect_left(keys, max(prefix, start)), len(keys)):
             key = keys[i]
             if not key.startswith(prefix):
                 break

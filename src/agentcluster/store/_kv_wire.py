@@ -7,8 +7,9 @@ is not the leader, a remote client's request to an entry node, a watch's long-po
 as a :class:`KvRequest` and comes back as a :class:`KvReply` whose ``error`` names a store
 error (:func:`_error_reply` on the member, :func:`_answer` on the client), so both ends raise
 the same exceptions. A write fits one log entry, which a follower receives in one 4 MiB frame
-(:data:`MAX_WRITE_BYTES`); an answer fits one reply (:data:`MAX_REPLY_BYTES`), and an events
-long-poll's answer is cut between revisions (:func:`_cut_events`).
+(:data:`MAX_WRITE_BYTES`); an answer fits one reply (:data:`MAX_REPLY_BYTES`) -- a range
+that would not is refused with :class:`ReplyTooLarge` and read in pages instead (``limit`` and
+``start``) -- and an events long-poll's answer is cut between revisions (:func:`_cut_events`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from agentcluster.store._kv import (
 from agentcluster.store.base import (
     Compacted,
     LeaseNotFound,
-    StoreError,
+    ReplyTooLarge,
     StoreUnavailable,
     WatchEvent,
 )
@@ -60,17 +61,15 @@ KvError = Literal[
 ]
 
 
-class ReplyTooLarge(StoreError):
-    """The answer would not fit in one reply frame (4 MiB): a range over that much data (ask
-    with a ``limit``), or one revision whose events are that large, for a remote watch."""
-
-
 class KvRequest(msgspec.Struct, frozen=True, array_like=True, tag="kvq"):
     op: KvOp
     cmd: bytes = b""  # an encoded Command for "cmd"
     key: str = ""  # key / prefix
     n: int = 0  # range limit, lease id, or the first revision wanted by "events"
     wait: float = 0.0  # "events": how long to wait for a first event
+    # "range": the first key wanted (inclusive). Last and defaulted, so requests from older
+    # clients still decode; a member older than the field ignores it (see KvClient.range).
+    start: str = ""
 
 
 class KvReply(msgspec.Struct, frozen=True, array_like=True, tag="kvr"):

@@ -14,6 +14,14 @@ are what compare-and-set, transactions, watches and fencing are built from:
 * **Watches** stream the changes under a prefix from a revision on; a watcher that reconnects
   resumes from ``last seen + 1`` and misses nothing, unless the history it asks for was
   compacted (:class:`Compacted`).
+* **Ranges** list the keys under a prefix in key order, at most ``limit`` of them, from an
+  inclusive ``start`` key on -- etcd's own shape (``key`` .. ``range_end``, ``limit``). A reply
+  is one frame, so a big prefix is read in pages: ``RangeResult.more`` says keys remain and
+  :attr:`RangeResult.next_start` is where the next page begins (the last key + ``"\\0"``, its
+  immediate successor in both code-point and UTF-8 byte order). :meth:`Store.range_pages`
+  does the loop. Pages are separate reads, each linearizable at its own revision: a listing
+  across pages is not one snapshot (a key written meanwhile may or may not appear; one never
+  appears twice, since pages move strictly forward in key order).
 * **Elections and locks** are recipes over these primitives (see :mod:`._recipes`): a
   candidate creates ``<prefix>/<lease id>`` on its lease; the lowest ``create_revision`` under
   the prefix holds the office; that revision is the **fencing token**. A side effect guarded by
@@ -46,6 +54,7 @@ __all__ = [
     "LeaseNotFound",
     "PutOp",
     "RangeResult",
+    "ReplyTooLarge",
     "Store",
     "StoreError",
     "StoreUnavailable",
@@ -76,6 +85,22 @@ class Compacted(StoreError):
         self.oldest = oldest
 
 
+class ReplyTooLarge(StoreError):
+    """The answer would not fit in one reply frame (4 MiB): a range over that much data (read
+    it in pages: ``limit`` and ``start``, or :meth:`Store.range_pages`), or one revision whose
+    events are that large, for a remote watch."""
+
+
+def check_range_args(prefix: str, limit: int, start: str) -> None:
+    """The checks every backend's :meth:`Store.range` makes before asking anyone."""
+    if not isinstance(prefix, str) or not isinstance(start, str):
+        raise TypeError(
+            f"prefix and start must be str, not {type(prefix).__name__} / {type(start).__name__}"
+        )
+    if limit < 0:
+        raise ValueError(f"limit must not be negative, got {limit}")
+
+
 class KeyValue(msgspec.Struct, frozen=True, array_like=True):
     key: str
     value: bytes
@@ -88,7 +113,13 @@ class KeyValue(msgspec.Struct, frozen=True, array_like=True):
 class RangeResult(msgspec.Struct, frozen=True, array_like=True):
     kvs: list[KeyValue]
     revision: int  # the store revision the range was read at
-    more: bool = False  # True when ``limit`` cut the result
+    more: bool = False  # True when ``limit`` cut the result: keys remain after ``kvs``
+
+    @property
+    def next_start(self) -> str | None:
+        """The ``start`` of the next page when keys remain (``more``), else None: the last
+        key + ``"\\0"``, the smallest key greater than it."""
+        return self.kvs[-1].key + "\0" if self.more and self.kvs else None
 
 
 # Lease and TxnResult are tagged: the state machine's results travel back to a proposer in a
@@ -156,8 +187,43 @@ class Store(ABC):
     async def get(self, key: str) -> KeyValue | None: ...
 
     @abstractmethod
-    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
-        """Keys starting with ``prefix`` in key order (``limit`` 0: no limit)."""
+    async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
+        """Keys starting with ``prefix`` and ``>= start``, in key order, at most ``limit`` of
+        them (0: no limit); ``more`` says keys remain. A ``start`` below ``prefix`` begins at
+        the prefix, one past every key under it gives nothing. On the Raft backend (and
+        through an entry node) one answer must fit one reply, else :class:`ReplyTooLarge`:
+        page with ``limit`` and ``start``, or :meth:`range_pages`."""
+
+    async def range_pages(
+        self, prefix: str, *, page: int = 1000, start: str = ""
+    ) -> AsyncIterator[RangeResult]:
+        """Every key under ``prefix`` (from ``start`` on), as pages of at most ``page`` keys
+        in key order; at least one page, the last with ``more`` false.
+
+        Each page is one :meth:`range` -- linearizable at its own ``revision`` -- so the
+        listing as a whole is no snapshot: a key written or deleted while it runs may or may
+        not be in it (compare the pages' revisions to know). No key appears twice. A page
+        whose answer would not fit in a reply is asked again with half as many keys (one key
+        always fits: a write is smaller than a reply), growing back after each page read.
+        """
+        if page < 1:
+            raise ValueError(f"page must be at least 1, got {page}")
+        check_range_args(prefix, 0, start)
+        size = page
+        while True:
+            try:
+                result = await self.range(prefix, limit=size, start=start)
+            except ReplyTooLarge:
+                if size == 1:
+                    raise
+                size //= 2
+                continue
+            yield result
+            following = result.next_start
+            if following is None:
+                return
+            start = following
+            size = min(page, size * 2)
 
     @abstractmethod
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:

@@ -26,7 +26,9 @@ After a cycle over all endpoints fails, the client backs off 50 ms, doubling up 
 
 **Mapping.** Keys are ``str`` encoded as UTF-8 (``surrogateescape``, so keys written by other
 clients round-trip); a prefix is the range ``[prefix, prefix with its last byte + 1)``, and
-the empty prefix is the whole key space (``[\\0, \\0)`` in etcd's notation). etcd's revision,
+the empty prefix is the whole key space (``[\\0, \\0)`` in etcd's notation); a range's
+``start`` moves the range's first key up (etcd's ``key`` is inclusive, as ours is), and one
+past the end gives etcd an empty range, answered at the current revision. etcd's revision,
 create/mod revision, version and lease map one to one. Compare targets value / version /
 create / mod / lease map to etcd's; note etcd's rule that *any* comparison of the value of a
 missing key is false. gRPC ``NOT_FOUND`` "lease not found" is :class:`LeaseNotFound`,
@@ -125,6 +127,7 @@ from agentcluster.store.base import (
     TxnOp,
     TxnResult,
     WatchEvent,
+    check_range_args,
 )
 
 __all__ = ["EtcdAuthError", "EtcdOptions", "EtcdStore"]
@@ -392,10 +395,9 @@ class EtcdStore(Store):
         resp = await self._call("get", attempt, idempotent=True)
         return kv_of(resp.kvs[0]) if resp.kvs else None
 
-    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
-        key, end = prefix_range(prefix)
+    async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
+        check_range_args(prefix, limit, start)
+        key, end = prefix_range(prefix, start)
         request = rpc.RangeRequest(key=key, range_end=end, limit=limit)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:

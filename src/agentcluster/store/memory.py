@@ -60,6 +60,7 @@ from agentcluster.store.base import (
     TxnOp,
     TxnResult,
     WatchEvent,
+    check_range_args,
 )
 
 __all__ = ["MemoryStore"]
@@ -108,12 +109,11 @@ class MemoryStore(Store):
         self._expire_due()
         return await _reply(self._machine.get(key))
 
-    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
+    async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
         self._check_open()
-        if limit < 0:
-            raise ValueError("limit must not be negative")
+        check_range_args(prefix, limit, start)
         self._expire_due()
-        return await _reply(self._machine.range(prefix, limit))
+        return await _reply(self._machine.range(prefix, limit, start))
 
     async def revision(self) -> int:
         self._check_open()

@@ -103,6 +103,7 @@ from agentcluster.store.base import (
     TxnOp,
     TxnResult,
     WatchEvent,
+    check_range_args,
 )
 
 __all__ = [
@@ -404,11 +405,12 @@ class RaftKV:
         if req.op == "range":
             if req.n < 0:
                 raise ValueError("limit must not be negative")
-            data = _enc.encode(kv.range(req.key, req.n))
+            data = _enc.encode(kv.range(req.key, req.n, req.start))
             if len(data) > MAX_REPLY_BYTES:
                 raise ReplyTooLarge(
                     f"a range over {req.key!r} holds {len(data):,} bytes, more than one reply "
-                    f"carries ({MAX_REPLY_BYTES:,}): narrow the prefix, or use a limit"
+                    f"carries ({MAX_REPLY_BYTES:,}): read it in pages -- a limit, then the next "
+                    "page from RangeResult.next_start (Store.range_pages does it)"
                 )
             return KvReply(True, data)
         if req.op == "rev":
@@ -489,11 +491,15 @@ class KvClient(Store):
     async def get(self, key: str) -> KeyValue | None:
         return _kv_dec.decode((await self._call(KvRequest("get", key=key))).data)
 
-    async def range(self, prefix: str, *, limit: int = 0) -> RangeResult:
-        if limit < 0:
-            raise ValueError("limit must not be negative")
-        reply = await self._call(KvRequest("range", key=prefix, n=limit))
-        return _range_dec.decode(reply.data)
+    async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
+        check_range_args(prefix, limit, start)
+        reply = await self._call(KvRequest("range", key=prefix, n=limit, start=start))
+        result = _range_dec.decode(reply.data)
+        if result.kvs and result.kvs[0].key < start:
+            # A member older than ``KvRequest.start`` decodes the request without it and
+            # answers from the prefix's first key: a pager would read that page for ever.
+            raise StoreError("the store member that answered ignores a range's start: upgrade it")
+        return result
 
     async def revision(self) -> int:
         return _int_dec.decode((await self._call(KvRequest("rev"))).data)
