@@ -127,7 +127,7 @@ async def stale_read_probe(
         others = [x for x in c.names if x != old and x not in c.crashed]
         if not others or old in c.crashed:
             return
-        value = f"probe-{n}"
+        value = f"{cid}-{n}"  # unique across probes too: the checker tells writes apart by value
         h = rec.invoke(cid, Put(PROBE_KEY, value), c.clock.now())
         try:
             async with asyncio.timeout(PROBE_PUT_TIMEOUT):

@@ -927,3 +927,11 @@ async def test_recorder_with_async_clients() -> None:
     assert len(history) == 150
     result = check(history, KVModel())
     assert result.ok, result.report()
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "7"])
+def test_lease_operations_refuse_what_is_no_lease_id(bad: Any) -> None:
+    # Lease 0 is the store's "no lease": modelled as a lease it would be judged wrongly.
+    for make in (lambda: LeasePut("x", "1", bad), lambda: KeepAlive(bad), lambda: LeaseRevoke(bad)):
+        with pytest.raises(ValueError, match="lease id"):
+            make()

@@ -77,6 +77,9 @@ class LeasePut:
     value: Hashable
     lease: int
 
+    def __post_init__(self) -> None:
+        _check_lease(self.lease)
+
 
 @dataclass(frozen=True, slots=True)
 class KeepAlive:
@@ -85,6 +88,9 @@ class KeepAlive:
 
     lease: int
 
+    def __post_init__(self) -> None:
+        _check_lease(self.lease)
+
 
 @dataclass(frozen=True, slots=True)
 class LeaseRevoke:
@@ -92,6 +98,16 @@ class LeaseRevoke:
     lease that is gone is no error)."""
 
     lease: int
+
+    def __post_init__(self) -> None:
+        _check_lease(self.lease)
+
+
+def _check_lease(lease: int) -> None:
+    # The store reads lease 0 as "no lease" (a plain put; nothing to revoke), which these
+    # operations do not model: a history with it would be judged by the wrong rules.
+    if not isinstance(lease, int) or isinstance(lease, bool) or lease <= 0:
+        raise ValueError(f"a lease id is an int > 0 (0 means no lease), not {lease!r}")
 
 
 _KEYED = (Put, Get, Cas, Delete, LeasePut)
