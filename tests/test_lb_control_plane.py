@@ -273,3 +273,16 @@ def test_routes_weight_reflects_local_degraded_verdict() -> None:
     b.set_health({"n2": "degraded"}, 0.0)
     weights = {n["node"]: n["weight"] for n in b.snapshot(1.0)["nodes"]}
     assert weights == {"n1": pytest.approx(1.0), "n2": pytest.approx(0.1)}
+
+
+def test_routes_table_shows_each_nodes_published_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = Balancer(rng=random.Random(1))
+    b.set_endpoints("echo", [Endpoint("n2", in_flight=7.0), Endpoint("n3")], 0.0)
+    out = _cli(monkeypatch, _FakeCluster(b))
+    assert "in_fl" in out  # (the header is cut at 80 columns)
+    cells = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]]
+        for line in out.splitlines()
+        if line.startswith("│ n")
+    }
+    assert cells["n2"][5] == "7" and cells["n3"][5] == "0", out

@@ -170,11 +170,17 @@ def routes(
         return "?" if x is None else f"{x:.2f}"
 
     nodes = Table(title="nodes")
-    for col in ("node", "zone", "weight", "cpu", "memory", "breaker", "ejected", "quarantined"):
+    cols = ("node", "zone", "weight", "cpu", "memory", "in_flight", "breaker", "ejected",
+            "quarantined")  # fmt: skip
+    for col in cols:
         nodes.add_column(col)
     for n in view["nodes"]:
+        # in_flight: the calls the node last said it serves, every client's (older nodes
+        # do not send it).
+        in_flight = n.get("in_flight")
         nodes.add_row(
             n["node"], n["zone"], f"{n['weight']:g}", num(n["cpu"]), num(n["memory"]),
+            "?" if in_flight is None else f"{in_flight:g}",
             n["breaker"], "yes" if n["ejected"] else "", "yes" if n["quarantined"] else "",
         )  # fmt: skip
     console.print(nodes)
