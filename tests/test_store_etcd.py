@@ -226,6 +226,33 @@ async def test_utf8_keys_and_prefix_ranges(etcd_cluster: EtcdCluster) -> None:
         assert (await store.get("utf0")) is not None
 
 
+async def test_a_page_over_the_clients_receive_limit_is_read_in_smaller_pages(
+    etcd_cluster: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client takes answers up to 256 MiB; lowered to 1 MiB here so that 2 MiB of values
+    # cross it. An answer over it must read as ReplyTooLarge (page it), not a bare failure:
+    # range_pages then halves the page instead of giving up on the listing.
+    from agentcluster.store import ReplyTooLarge
+    from agentcluster.store import etcd as etcd_module
+
+    options = [o for o in etcd_module._CHANNEL_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+    monkeypatch.setattr(
+        etcd_module, "_CHANNEL_OPTIONS", [*options, ("grpc.max_receive_message_length", 1 << 20)]
+    )
+    async with await EtcdStore.connect(etcd_cluster.endpoints) as store:
+        for i in range(5):
+            await store.put(f"bigpage/{i}", b"x" * (400 << 10))
+        try:
+            with pytest.raises(ReplyTooLarge, match="page"):
+                await store.range("bigpage/")
+            pages = [page async for page in store.range_pages("bigpage/")]
+            keys = [kv.key for page in pages for kv in page.kvs]
+            assert keys == [f"bigpage/{i}" for i in range(5)]
+            assert all(len(kv.value) == 400 << 10 for page in pages for kv in page.kvs)
+        finally:
+            await store.delete("bigpage/", prefix=True)
+
+
 async def test_watch_from_a_compacted_revision_raises_compacted(
     etcd_cluster: EtcdCluster,
 ) -> None:

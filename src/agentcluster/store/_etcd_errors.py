@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from agentcluster.store.base import LeaseNotFound, StoreError
+from agentcluster.store.base import LeaseNotFound, ReplyTooLarge, StoreError
 
 __all__ = [
     "AUTH_OFF",
@@ -45,6 +45,7 @@ class EtcdAuthError(StoreError):
 # Failures that prove the request was not applied: safe to send again, writes included.
 _UNSENT_PREFIXES = ("failed to connect to all addresses",)
 _UNSENT_DETAILS = frozenset({"etcdserver: no leader", "etcdserver: too many requests"})
+_TOO_LARGE = "Received message larger than max"  # gRPC's words for its receive limit
 
 
 def consume(task: asyncio.Task[None]) -> None:
@@ -77,6 +78,13 @@ def final_error(err: Any) -> Exception | None:
         return LeaseNotFound(details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ValueError(f"etcd rejected the request: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details:
+        # The answer is over the client's receive limit (256 MiB): another endpoint would
+        # send the same; a smaller page would not.
+        return ReplyTooLarge(
+            f"etcd's answer is larger than this client takes ({details}): read it in pages "
+            "(limit and start, or Store.range_pages)"
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details not in _UNSENT_DETAILS:
         return StoreError(f"etcd: {details}")  # e.g. "database space exceeded"
     if code in (

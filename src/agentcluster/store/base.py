@@ -190,9 +190,9 @@ class Store(ABC):
     async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
         """Keys starting with ``prefix`` and ``>= start``, in key order, at most ``limit`` of
         them (0: no limit); ``more`` says keys remain. A ``start`` below ``prefix`` begins at
-        the prefix, one past every key under it gives nothing. On the Raft backend (and
-        through an entry node) one answer must fit one reply, else :class:`ReplyTooLarge`:
-        page with ``limit`` and ``start``, or :meth:`range_pages`."""
+        the prefix, one past every key under it gives nothing. One answer must fit one reply
+        (4 MiB on the Raft backend and through an entry node, 256 MiB from etcd), else
+        :class:`ReplyTooLarge`: page with ``limit`` and ``start``, or :meth:`range_pages`."""
 
     async def range_pages(
         self, prefix: str, *, page: int = 1000, start: str = ""

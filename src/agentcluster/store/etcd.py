@@ -35,6 +35,9 @@ missing key is false. gRPC ``NOT_FOUND`` "lease not found" is :class:`LeaseNotFo
 ``INVALID_ARGUMENT`` a :class:`ValueError`, ``UNAVAILABLE`` / ``DEADLINE_EXCEEDED`` (after
 retries) :class:`StoreUnavailable`.
 
+**Reply size.** This client takes answers of up to 256 MiB; a range over more is
+:class:`~agentcluster.store.base.ReplyTooLarge` (read it in pages: ``Store.range_pages``).
+
 **Leases.** etcd's TTLs are whole seconds: ``lease_grant(ttl)`` asks for ``ceil(ttl)``
 (at least 1) and returns the TTL etcd granted, which may be longer: etcd raises every TTL to
 its minimum, 1.5 election timeouts rounded up (2 s with the default 1000 ms election timeout).
