@@ -286,3 +286,40 @@ def test_routes_table_shows_each_nodes_published_in_flight(monkeypatch: pytest.M
         if line.startswith("│ n")
     }
     assert cells["n2"][5] == "7" and cells["n3"][5] == "0", out
+
+
+# -- when a node re-publishes its load -------------------------------------------------------
+@pytest.mark.virtual_time
+async def test_load_reports_go_out_when_in_flight_reaches_zero_and_every_few_periods() -> None:
+    async with SimCluster(1, seed=13) as c:
+        await c.wait_until(c.converged, timeout=30)
+        n1 = c.nodes["n1"]
+        n1.lb.load_probe = lambda: (0.5, 0.5)
+
+        def report(k: int) -> dict[str, Any]:
+            n1.calls.in_flight = k  # (nothing is really in flight here)
+            n1.lb._report_load(None, None)  # type: ignore[arg-type]  # what ReportLoad runs
+            return dict(n1.core.member("n1").meta.capacity)  # type: ignore[union-attr]
+
+        first = report(4)
+        assert first["in_flight"] == 4.0
+        assert report(3)["load_report"] == first["load_report"]  # moved by 1: not yet
+        assert report(1)["in_flight"] == 1.0  # moved by 3 from 4
+        idle = report(0)  # moved by 1, but the node is idle now: out at once
+        assert idle["in_flight"] == 0.0 and idle["load_report"] == first["load_report"] + 2
+        assert report(1)["in_flight"] == 1.0  # no longer idle: out at once too
+        # Nothing moves: still re-published after a few periods, with a new number.
+        numbers = [report(1)["load_report"] for _ in range(6)]
+        assert numbers[-1] == numbers[0] + 1, numbers
+        n1.calls.in_flight = 0
+
+
+def test_routes_show_the_newest_load_report_any_route_holds() -> None:
+    # Routes refresh when their capability is called: "a" was last called before x's latest
+    # report, which "b" holds.
+    b = Balancer(rng=random.Random(1), strategy="least_connections")
+    b.set_endpoints("a", [Endpoint("x", in_flight=10.0, cpu=0.9, load_report=4)], 0.0)
+    b.set_endpoints("b", [Endpoint("x", in_flight=0.0, cpu=0.1, load_report=5)], 60.0)
+    (x,) = [n for n in b.snapshot(60.0)["nodes"] if n["node"] == "x"]
+    assert (x["in_flight"], x["cpu"], x["load_report"]) == (0.0, 0.1, 5)
+    assert sorted(x["capabilities"]) == ["a", "b"]

@@ -84,24 +84,64 @@ def test_weights_break_ties_on_the_combined_load() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rule", "figure", "own", "seen", "expect"),
+    ("rule", "figure", "report", "own", "seen", "expect"),
     [
-        ("nothing published", 0.0, 5, None, 0.0),
-        ("others only", 10.0, 0, None, 10.0),
-        ("ours are subtracted when the figure arrives", 10.0, 4, None, 6.0),
-        ("never below zero (ours still in transit)", 3.0, 5, None, 0.0),
-        ("kept while the figure is the same", 10.0, 0, (10.0, 6.0), 6.0),
-        ("a new figure is estimated afresh", 12.0, 2, (10.0, 6.0), 10.0),
+        ("nothing published", 0.0, 1, 5, None, 0.0),
+        ("others only", 10.0, 1, 0, None, 10.0),
+        ("ours are subtracted when the report arrives", 10.0, 1, 4, None, 6.0),
+        ("never below zero (ours still in transit)", 3.0, 1, 5, None, 0.0),
+        ("kept while the report is the same", 10.0, 3, 0, (10.0, 3, 6.0), 6.0),
+        ("a new figure is estimated afresh", 12.0, 4, 2, (10.0, 3, 6.0), 10.0),
+        ("a new report of the same figure too", 10.0, 4, 0, (10.0, 3, 6.0), 10.0),
     ],
 )
 def test_others_inflight_table(
-    rule: str, figure: float, own: int, seen: tuple[float, float] | None, expect: float
+    rule: str,
+    figure: float,
+    report: int,
+    own: int,
+    seen: tuple[float, int, float] | None,
+    expect: float,
 ) -> None:
-    published = {"a": figure} if figure else {}
+    published = {"a": (figure, report)} if figure else {}
     before = {"a": seen} if seen is not None else {}
     others, kept = others_inflight(["a"], published, [own], before)
     assert others == [expect], rule
-    assert kept == ({"a": (figure, expect)} if figure else {}), rule
+    assert kept == ({"a": (figure, report, expect)} if figure else {}), rule
+
+
+@pytest.mark.parametrize("name", ["least_connections", "latency_aware", "adaptive", "geographic"])
+def test_a_new_report_of_the_same_total_rebases_the_estimate(name: str) -> None:
+    # We hold 10 calls on n0 when its report of 10 (all ours) arrives; ours finish and
+    # another client's 10 take their place; n0 reports 10 again. n0 is busy: avoid it.
+    s = make_strategy(name)
+    names = [f"n{i}" for i in range(4)]
+    s.update([Endpoint(x) for x in names])
+    for _ in range(10):
+        s.on_start("n0", 0.0)
+    s.update([Endpoint(x, in_flight=10.0 if x == "n0" else 0.0, load_report=1) for x in names])
+    for _ in range(10):
+        s.on_finish("n0", 0.01, True, 0.5)
+    s.update([Endpoint(x, in_flight=10.0 if x == "n0" else 0.0, load_report=2) for x in names])
+    rng = random.Random(1)
+    got: Counter[str] = Counter()
+    for k in range(200):
+        now = 1.0 + k * 0.001
+        node = s.pick(EMPTY_REQUEST, rng, now)
+        s.on_start(node, now)
+        s.on_finish(node, 0.01, True, now)
+        got[node] += 1
+    assert got["n0"] == 0, got
+
+
+def test_our_calls_replacing_others_are_not_counted_twice() -> None:
+    s = LeastConnections()
+    s.update([Endpoint("a"), Endpoint("b")])
+    s.update([Endpoint("a", in_flight=10.0, load_report=1), Endpoint("b")])  # another client's
+    for _ in range(10):  # theirs finish, ours take their place; a reports 10 again
+        s.on_start("a", 1.0)
+    s.update([Endpoint("a", in_flight=10.0, load_report=2), Endpoint("b")])
+    assert s.load("a") == 10.0
 
 
 def test_our_finished_calls_do_not_become_phantom_load() -> None:

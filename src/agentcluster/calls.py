@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 from agentcluster.agents import AgentError, CallTimeout
 from agentcluster.agents.runtime import UnknownAgent
-from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, published_inflight
+from agentcluster.balancing.base import (
+    Endpoint,
+    NoEndpoint,
+    PickRequest,
+    published_inflight,
+    published_report,
+)
 from agentcluster.balancing.limits import AdaptiveConcurrency, RejectReason
 from agentcluster.control import CallReply, CallRequest
 from agentcluster.errors import CallRemoteError, NoCapacity, Rejected, Timeout
@@ -173,6 +179,7 @@ class CallService:
                     # Every client's calls, from the node's own report: the balancer's live
                     # counts cover only ours. A peer's garbled figure reads as 0.
                     in_flight=published_inflight(cap.get("in_flight", 0.0)),
+                    load_report=published_report(cap.get("load_report", 0)),
                 )
             )
         self.balancer.set_endpoints(capability, endpoints, now)

@@ -54,7 +54,7 @@ from collections.abc import Sequence
 
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
 from agentcluster.balancing.latency_aware import positive
-from agentcluster.balancing.least_connections import others_inflight, published_figures
+from agentcluster.balancing.least_connections import Seen, others_inflight, published_figures
 
 __all__ = [
     "DEFAULT_DECAY",
@@ -141,7 +141,7 @@ class Adaptive(Strategy):
         self._known: dict[str, _Stats] = {}  # every node seen, eligible or not
         self._stats: list[_Stats] = []  # the eligible ones, by node name
         self._nodes: list[str] = []
-        self._seen: dict[str, tuple[float, float]] = {}  # for others_inflight
+        self._seen: Seen = {}  # for others_inflight
         self._now = 0.0  # the latest time seen, to stamp nodes that join
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:

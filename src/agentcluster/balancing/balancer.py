@@ -331,6 +331,13 @@ class Balancer:
                 f = self.slow_start.factor(name, now)
                 if self.health.get(name) == "degraded":
                     f *= _DEGRADED
+                entry = nodes.get(name)
+                if entry is not None and ep.load_report > entry["load_report"]:
+                    # Routes refresh when their capability is called: show the newest report
+                    # any of them holds.
+                    entry["cpu"], entry["memory"] = finite(ep.cpu), finite(ep.memory)
+                    entry["in_flight"] = published_inflight(ep.in_flight)
+                    entry["load_report"] = ep.load_report
                 entry = nodes.setdefault(
                     name,
                     {
@@ -342,6 +349,7 @@ class Balancer:
                         # As the node last published it (every client's calls, stale) and
                         # as the strategies read it: a garbled figure is 0.
                         "in_flight": published_inflight(ep.in_flight),
+                        "load_report": ep.load_report,
                         "breaker": str(self.breakers.state(name, now))
                         if name in self.breakers
                         else str(BreakerState.CLOSED),

@@ -39,6 +39,7 @@ __all__ = [
     "PickRequest",
     "Strategy",
     "published_inflight",
+    "published_report",
 ]
 
 
@@ -61,6 +62,10 @@ class Endpoint(msgspec.Struct, frozen=True):
     # and stale by up to a report period (see the module doc). Counted per node, not per
     # capability: the calls share its CPU whichever agent serves them.
     in_flight: float = 0.0
+    # Which of the node's load reports ``in_flight`` comes from (a counter it bumps per
+    # report): a new report re-bases what is ours in the figure even when the figure itself
+    # is unchanged -- the calls behind one total may have changed hands.
+    load_report: int = 0
 
 
 def published_inflight(value: object) -> float:
@@ -75,6 +80,13 @@ def published_inflight(value: object) -> float:
     except OverflowError:
         return 0.0
     return figure if 0.0 <= figure < math.inf else 0.0
+
+
+def published_report(value: object) -> int:
+    """A peer's published load-report number as an int >= 0; anything else reads as 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        return 0
+    return value
 
 
 class PickRequest(msgspec.Struct, frozen=True):

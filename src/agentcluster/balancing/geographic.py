@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
 from agentcluster.balancing.least_connections import (
     LeastConnections,
+    Seen,
     others_inflight,
     published_figures,
 )
@@ -85,7 +86,7 @@ class Geographic(Strategy):
         # node -> (its zone tier, its region tier); None where it has no zone / region
         self._where: dict[str, tuple[_Tier | None, _Tier | None]] = {}
         self._inflight: dict[str, int] = {}
-        self._seen: dict[str, tuple[float, float]] = {}  # for others_inflight
+        self._seen: Seen = {}  # for others_inflight
         # Nodes that left with requests in flight: (count, zone, region) until those finish or
         # the node returns with its count (see least_connections.carry_inflight).
         self._ghost: dict[str, tuple[int, str, str]] = {}

@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from agentcluster.balancing.base import Endpoint, NoEndpoint, PickRequest, Strategy
 from agentcluster.balancing.least_connections import (
     DEFAULT_FULL_SCAN_BELOW,
+    Seen,
     carry_inflight,
     draw_two,
     ghost_finished,
@@ -116,7 +117,7 @@ class PeakEwma(Strategy):
         self._measured: list[bool] = []  # False while ``_ewma`` is still the prior
         self._inflight: list[int] = []
         self._others: list[float] = []  # other clients' in flight (others_inflight)
-        self._seen: dict[str, tuple[float, float]] = {}
+        self._seen: Seen = {}
         # Failures still counted in flight (module doc), as of ``_phantom_at``; 0.0: none.
         self._phantom: list[float] = []
         self._phantom_at: list[float] = []

@@ -45,12 +45,14 @@ from agentcluster.balancing.weighted import endpoint_weight
 __all__ = [
     "DEFAULT_FULL_SCAN_BELOW",
     "LeastConnections",
+    "Seen",
     "draw_two",
     "others_inflight",
     "published_figures",
 ]
 
 DEFAULT_FULL_SCAN_BELOW = 8
+_INF = float("inf")
 _DRAWS = 4  # random draws per candidate before falling back to a scan when excluding
 
 
@@ -102,28 +104,44 @@ def carry_inflight(
     return [carried.pop(node, 0) for node in nodes], carried
 
 
-def published_figures(endpoints: Sequence[Endpoint]) -> dict[str, float]:
-    """Each endpoint's published in-flight figure (checked), for those that publish one."""
-    return {ep.node: f for ep in endpoints if (f := published_inflight(ep.in_flight))}
+Seen = dict[str, tuple[float, int, float]]
+"""What :func:`others_inflight` remembers per node: ``(figure, report, estimate)``."""
+
+
+def published_figures(endpoints: Sequence[Endpoint]) -> dict[str, tuple[float, int]]:
+    """Each endpoint's published in-flight figure (checked) and the number of the report it
+    comes from, for those that publish a figure."""
+    out: dict[str, tuple[float, int]] = {}
+    for ep in endpoints:
+        f = ep.in_flight
+        if f.__class__ is float:  # the usual case, checked inline: this runs per update
+            if 0.0 < f < _INF:
+                out[ep.node] = (f, ep.load_report)
+        elif g := published_inflight(f):
+            out[ep.node] = (g, ep.load_report)
+    return out
 
 
 def others_inflight(
     nodes: Sequence[str],
-    published: Mapping[str, float],
+    published: Mapping[str, tuple[float, int]],
     own: Sequence[int],
-    seen: Mapping[str, tuple[float, float]],
-) -> tuple[list[float], dict[str, tuple[float, float]]]:
+    seen: Mapping[str, tuple[float, int, float]],
+) -> tuple[list[float], Seen]:
     """Other clients' requests in flight on each of ``nodes`` (``own``: this balancer's live
-    counts, aligned with ``nodes``; ``published``: the nodes' figures), and the new ``seen``
-    map (node -> ``(figure, estimate)``), to pass back at the next update.
+    counts, aligned with ``nodes``; ``published``: the nodes' figures and report numbers),
+    and the new ``seen`` map, to pass back at the next update.
 
     Strategies compare ``own + others``. A node's figure counts our own calls too, as they
     were when it reported -- a number we cannot know -- so ``others`` is the figure minus our
-    count when the figure *arrives* (never below 0): our count has moved since the report by
+    count when the report *arrives* (never below 0): our count has moved since the report by
     at most a report period's worth of our own churn, which bounds the error. The estimate is
-    then kept while the figure stays the same: subtracting a later count from an old figure
+    then kept until the node's next report: subtracting a later count from the same report
     would turn our finished calls into phantom load (10 published, all ours, all finished
-    since: 10 "other" calls that do not exist). A node that reports nothing has no others.
+    since: 10 "other" calls that do not exist). A new report re-bases it even when its figure
+    is the same, since the calls behind one total may have changed hands (ours finished,
+    another client's took their place); a node re-reports at least every few periods, so no
+    estimate outlives that. A node that reports nothing has no others.
 
     Why not ``max(own, published)``: while the figure is above our count, our own sends to
     the node would not move its load for a whole report period, so P2C would lose the fresh
@@ -131,19 +149,20 @@ def others_inflight(
     count passed the figure, the other clients' calls would drop out of the comparison. With
     ``own + others`` our sends count at once and theirs are never forgotten."""
     others: list[float] = []
-    kept: dict[str, tuple[float, float]] = {}
+    kept: Seen = {}
     for node, mine in zip(nodes, own, strict=True):
-        figure = published.get(node, 0.0)
-        if not figure:
+        pub = published.get(node)
+        if pub is None:
             others.append(0.0)
             continue
+        figure, report = pub
         before = seen.get(node)
-        if before is not None and before[0] == figure:
-            estimate = before[1]
+        if before is not None and before[0] == figure and before[1] == report:
+            estimate = before[2]
         else:
             estimate = figure - mine if figure > mine else 0.0
         others.append(estimate)
-        kept[node] = (figure, estimate)
+        kept[node] = (figure, report, estimate)
     return others, kept
 
 
@@ -169,7 +188,7 @@ class LeastConnections(Strategy):
         self._weights: list[float] = []
         self._inflight: list[int] = []
         self._others: list[float] = []  # other clients' in flight (others_inflight)
-        self._seen: dict[str, tuple[float, float]] = {}
+        self._seen: Seen = {}
         self._index: dict[str, int] = {}
         self._ghost: dict[str, int] = {}  # in flight to nodes not in the set (carry_inflight)
 

@@ -48,6 +48,11 @@ LB_CAPABILITY = "cluster.load_balancer"
 # this many: smaller moves are noise not worth a gossip round.
 _LOAD_DELTA = 0.05
 _IN_FLIGHT_DELTA = 2
+# ... and when in-flight calls reach 0 or leave it (an idle node must not look busy to every
+# balancer until its CPU moves), and after this many unpublished reports in any case: a
+# balancer re-bases its estimate of other clients' calls on each new report, so none
+# outlives this many report periods (6 x 5 s with the defaults).
+_REPUBLISH_AFTER = 6
 
 
 def _psutil_load() -> tuple[float, float]:
@@ -69,6 +74,8 @@ class BalancerService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._last_report: dict[str, float] = {}
+        self._reports = 0  # load reports published (their number goes out with each)
+        self._unpublished = 0  # reports since the last one published
         # The design's thresholds (cpu 0.8, memory 0.85, connections 0.9, response time
         # 1000 ms, error rate 0.05), following this node's normal where it is higher (up to
         # each metric's ceiling).
@@ -197,13 +204,18 @@ class BalancerService:
             or abs(report["cpu"] - last.get("cpu", 0.0)) >= _LOAD_DELTA
             or abs(report["memory"] - last.get("memory", 0.0)) >= _LOAD_DELTA
             or abs(report["in_flight"] - last.get("in_flight", 0.0)) >= _IN_FLIGHT_DELTA
+            or (report["in_flight"] == 0) != (last.get("in_flight", 0.0) == 0)
         )
-        if not moved:
+        self._unpublished += 1
+        if not moved and self._unpublished < _REPUBLISH_AFTER:
             return
+        self._unpublished = 0
         self._last_report = report
+        self._reports += 1
         member = self.node.core.member(self.node.name)
         capacity = dict(member.meta.capacity) if member is not None else {}
         capacity.update(report)
+        capacity["load_report"] = self._reports
         try:
             self.node.update_meta(capacity=capacity)
         except ValueError as exc:  # metadata over its size limit: keep the old report
