@@ -56,11 +56,14 @@ if TYPE_CHECKING:
     from agentcluster.balancing.balancer import Balancer
     from agentcluster.node import Node
 
-__all__ = ["CallService", "RetryBudget"]
+__all__ = ["MAX_CALL_TIMEOUT", "CallService", "RetryBudget"]
 
 log = logging.getLogger(__name__)
 
 _DEGRADED_WEIGHT = 0.25  # weight factor of a node whose HealthMonitor reports it degraded
+MAX_CALL_TIMEOUT = 300.0
+"""The longest a call may take (seconds): a node will not hold an agent's run longer, so a
+longer deadline is refused up front rather than cut short after the work is done."""
 _MIN_TRY = 0.05  # below twice this, an idempotent call's last try gets all the time left
 # The node's own statuses (``CallReply.raised`` false) that count against it (breakers,
 # outlier ejection, latency). What an agent raised never does, whatever its type name.
@@ -78,10 +81,13 @@ _NOBODY: frozenset[str] = frozenset()
 
 
 class RetryBudget:
-    """Retries allowed as a share of recent requests (Finagle's retry budget): each request
-    deposits ``ratio`` of a token, each retry withdraws one; ``min_per_s`` retries per second
-    are always allowed so a quiet node can still retry. Tokens older than ``window`` expire.
-    Pure: the caller passes ``now``."""
+    """Retries allowed as a share of recent requests (Finagle's retry budget), with a floor
+    for quiet callers: a retry is allowed while retries in the last ``window`` stay within
+    ``ratio`` of the requests in it, *or* while retries in the last second stay under
+    ``min_per_s``. So at most the larger of the two limits, never their sum, and the floor
+    is a rate: a burst of failures cannot spend ``window`` seconds of it at once (Finagle
+    keeps a reserve of ``min_per_s * window`` tokens, which a burst can take in one go,
+    doubling the load on a failing service). Pure: the caller passes ``now``."""
 
     def __init__(self, *, ratio: float = 0.2, min_per_s: float = 10.0, window: float = 10.0):
         if not 0 <= ratio <= 1 or min_per_s < 0 or window <= 0:
@@ -91,6 +97,7 @@ class RetryBudget:
         self.window = window
         self._requests: collections.deque[float] = collections.deque()
         self._retries: collections.deque[float] = collections.deque()
+        self._last_second: collections.deque[float] = collections.deque()  # retries in it
         self.refused = 0
 
     def _trim(self, now: float) -> None:
@@ -98,19 +105,31 @@ class RetryBudget:
         for q in (self._requests, self._retries):
             while q and q[0] < cutoff:
                 q.popleft()
+        recent = self._last_second
+        while recent and recent[0] <= now - 1.0:
+            recent.popleft()
 
     def request(self, now: float) -> None:
         self._requests.append(now)
         if len(self._requests) > 100_000:  # bound memory under a flood; the ratio survives
             self._requests.popleft()
 
-    def try_retry(self, now: float) -> bool:
+    def can_retry(self, now: float) -> bool:
+        """Whether a retry now would be allowed (nothing is spent)."""
         self._trim(now)
-        allowed = self.min_per_s * self.window + self.ratio * len(self._requests)
-        if len(self._retries) + 1 > allowed:
+        return (
+            len(self._retries) + 1 <= self.ratio * len(self._requests)
+            or len(self._last_second) + 1 <= self.min_per_s
+        )
+
+    def try_retry(self, now: float) -> bool:
+        if not self.can_retry(now):
             self.refused += 1
             return False
         self._retries.append(now)
+        self._last_second.append(now)
+        if len(self._retries) > 100_000:
+            self._retries.popleft()
         return True
 
 
@@ -196,8 +215,10 @@ class CallService:
         zone: str | None = None,
         region: str | None = None,
     ) -> Any:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, not {timeout}")
+        if not 0 < timeout <= MAX_CALL_TIMEOUT:
+            raise ValueError(
+                f"timeout must be > 0 and <= {MAX_CALL_TIMEOUT:g} seconds, not {timeout}"
+            )
         clock = self.node.clock
         now = clock.now()
         deadline = now + timeout
@@ -233,7 +254,12 @@ class CallService:
             # as Envoy's): one stalled node must not eat the whole deadline. With no other
             # node to retry on, the half kept back would only make it fail early.
             budget = left
-            if idempotent and left > 2 * _MIN_TRY and self._another(capability, tried):
+            if (
+                idempotent
+                and left > 2 * _MIN_TRY
+                and self._another(capability, tried)
+                and self.budget.can_retry(now)
+            ):
                 budget = left / 2
             try:
                 reply = await self._attempt(target, capability, signal, budget)
@@ -250,7 +276,7 @@ class CallService:
                 # 0.06-0.1 of a round trip lower). A pick made before then -- the caller's
                 # next call, without an await between -- still counts this one in flight.
                 asyncio.get_running_loop().call_soon(
-                    self._succeeded, capability, target, done - now, done
+                    self._succeeded, capability, target, done - now, done, len(tried)
                 )
                 return reply.data
             # An error the agent raised is the agent's answer, not the node's failure, and
@@ -258,9 +284,13 @@ class CallService:
             kind = reply.error_type
             raised = reply.raised
             ok = raised or kind not in _NODE_FAILURES
-            events = self.balancer.finished(capability, target, done - now, ok, done)
+            events = self.balancer.finished(
+                capability, target, done - now, ok, done, attempt=len(tried)
+            )
             if events:  # a breaker tripped, a node was ejected: the rest of the node hears it
-                await self.node.lb.publish(events)
+                # (off the caller's path: a slow bus subscriber must not hold up the call,
+                # nor turn its typed error into the bus's QueueFull)
+                self.node.lb.publish_soon(events)
             err = _error(capability, target, reply, tuple(tried))
             safe = not raised and (kind in _NOT_RUN or (idempotent and kind in _UNKNOWN))
             if not safe or not self.budget.try_retry(done):
@@ -272,8 +302,10 @@ class CallService:
         """Whether a node not tried yet is eligible for ``capability`` (could take a retry)."""
         return any(n not in tried for n in self.balancer.eligible(capability))
 
-    def _succeeded(self, capability: str, target: str, latency: float, now: float) -> None:
-        events = self.balancer.finished(capability, target, latency, True, now)
+    def _succeeded(
+        self, capability: str, target: str, latency: float, now: float, attempt: int
+    ) -> None:
+        events = self.balancer.finished(capability, target, latency, True, now, attempt=attempt)
         if events:  # a half-open breaker closed on this probe: the rest of the node hears it
             self.node.lb.publish_soon(events)
 
@@ -328,7 +360,7 @@ class CallService:
                 return CallReply(False, error_type="NoAgent", error=str(exc))
             except AgentError as exc:  # a name several agents share (the node's answer)
                 return CallReply(False, error_type=type(exc).__name__, error=str(exc))
-        timeout = min(max(req.timeout, 0.001), 300.0)
+        timeout = min(max(req.timeout, 0.001), MAX_CALL_TIMEOUT)
         if server.mailbox_depth >= server.mailbox_size:
             # Shed at once rather than wait for room: the caller can go elsewhere now.
             self.shed += 1

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from agentcluster.calls import MAX_CALL_TIMEOUT
 from agentcluster.coordination.auction_service import AuctionOutcome
 from agentcluster.coordination.auctions import AuctionError, AuctionKind
 from agentcluster.coordination.barrier import Barrier
@@ -264,7 +264,8 @@ class Cluster(ABC):
         ``idempotent`` allows a retry on another node after a timeout or a lost connection.
         Raises :class:`~agentcluster.errors.NoCapacity`, :class:`~agentcluster.errors.Timeout`,
         :class:`~agentcluster.errors.Rejected` or :class:`~agentcluster.errors.CallRemoteError`;
-        ``ValueError`` for a timeout that is no deadline or a signal too large to send."""
+        ``ValueError`` for a timeout that is no deadline (not above 0, over 300 s) or a
+        signal too large to send."""
         return await self._call_agent(
             capability, _signal(signal, data), timeout=timeout, key=key, idempotent=idempotent
         )
@@ -582,8 +583,10 @@ class RemoteCluster(Cluster):
         from agentcluster.control import ControlError
         from agentcluster.wire import Oversized
 
-        if not (timeout > 0 and math.isfinite(timeout)):
-            raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout}")
+        if not 0 < timeout <= MAX_CALL_TIMEOUT:
+            raise ValueError(
+                f"timeout must be > 0 and <= {MAX_CALL_TIMEOUT:g} seconds, not {timeout}"
+            )
         data = msgspec.to_builtins(signal)
 
         def args(left: float) -> dict[str, Any]:
@@ -598,9 +601,12 @@ class RemoteCluster(Cluster):
             }
 
         try:
-            # The deadline covers the wait for the connection; the reply gets the client's
-            # own timeout on top to come back.
-            out = await self._client.call("call", args, timeout=timeout, slack=self.timeout)
+            # The deadline covers the wait for the connection; the reply gets a little on top
+            # to come back (the node answers Timeout itself once the deadline passes; an
+            # entry node that hangs must not hold the caller for the client's whole timeout
+            # more).
+            slack = min(self.timeout, 0.05 + 0.1 * timeout)
+            out = await self._client.call("call", args, timeout=timeout, slack=slack)
         except Oversized as exc:  # nothing was sent: the caller's input
             raise ValueError(
                 f"call to {capability!r}: the signal is too large to send ({exc})"
