@@ -2,8 +2,8 @@
 within the budget (never doubling the load), an idempotent call keeps time back for a retry
 only when one could happen, balancer events never hold up or retype a failing call, a
 timeout is bounded up front (in-process and through ``agentcluster.connect``), a call through
-a hung entry node ends near its deadline, and a retry shows as a second attempt in
-``routes``."""
+a hung entry node ends near its deadline, a retry shows as a second attempt in ``routes``,
+and a cancelled call frees a half-open probe slot only if it held one."""
 
 from __future__ import annotations
 
@@ -201,3 +201,37 @@ async def test_a_retry_is_shown_as_a_second_attempt() -> None:
         await c.wait_until(lambda: len(caller.balancer.decisions) >= 3, timeout=1)
         rows = [(d["node"], d["ok"], d["attempt"]) for d in (await cluster.routes())["decisions"]]
         assert ("n3", False, 1) in rows and ("n2", True, 2) in rows, rows
+
+
+@pytest.mark.virtual_time
+async def test_cancelling_a_call_that_was_no_probe_frees_no_probe_slot() -> None:
+    async with SimCluster(2, seed=44) as c:
+        await _host(c, ["n2"])
+        caller = c.nodes["n1"]
+        cluster = Cluster.of(caller)
+        balancer = caller.calls.balancer
+        await cluster.call("echo", "app.echo", {"warm": 1})
+        strategy = balancer._routes["echo"].strategy
+        await c.wait_until(lambda: strategy.inflight("n2") == 0, timeout=5)
+        # A: sent while the breaker is closed (no probe).
+        a = asyncio.ensure_future(cluster.call("echo", "app.echo", {"sleep": 50}, timeout=99))
+        await c.wait_until(lambda: strategy.inflight("n2") == 1, timeout=5)
+        breaker = balancer.breakers.get("n2")
+        breaker._enter_half_open()  # the breaker opened and its open time ran out meanwhile
+        probes = breaker.config.half_open_probes
+        out = [
+            asyncio.ensure_future(cluster.call("echo", "app.echo", {"sleep": 50}, timeout=99))
+            for _ in range(probes)
+        ]
+        await c.wait_until(lambda: strategy.inflight("n2") == 1 + probes, timeout=5)
+        assert breaker.snapshot(c.clock.now())["probes_left"] == 0
+        a.cancel()  # A's caller gives up
+        with pytest.raises(asyncio.CancelledError):
+            await a
+        assert breaker.snapshot(c.clock.now())["probes_left"] == 0
+        out[0].cancel()  # a real probe's caller gives up: its slot is free again
+        await asyncio.gather(out[0], return_exceptions=True)
+        assert breaker.snapshot(c.clock.now())["probes_left"] == 1
+        for f in out:
+            f.cancel()
+        await asyncio.gather(*out, return_exceptions=True)

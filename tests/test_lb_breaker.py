@@ -164,6 +164,33 @@ def test_an_abandoned_probe_frees_its_slot_and_decides_nothing() -> None:
     assert b.state(1.2) is CLOSED and b.allow(1.2)
 
 
+def test_only_this_periods_probes_count_with_tickets() -> None:
+    # Rule: with tickets, a request let through while closed is no probe -- its outcome or
+    # cancellation in half-open neither frees a probe slot nor counts as a probe's result --
+    # and a probe of an earlier half-open period counts for nothing in the next one.
+    b = _breaker()
+    assert b.allow(0.0) and b.last_ticket == 0  # A: sent while closed
+    closed_ticket = b.last_ticket
+    _feed(b, "xxxxx", 0.0)
+    tickets = []
+    for _ in range(3):
+        assert b.allow(1.1)
+        tickets.append(b.last_ticket)
+    assert not b.allow(1.1) and b.last_ticket == 0
+    assert len(set(tickets)) == 1 and tickets[0] > 0
+    b.release(closed_ticket)  # A's caller gives up: no probe slot comes free
+    assert b.snapshot(1.1)["probes_left"] == 0
+    assert b.record(False, 1.15, closed_ticket) is None  # A's late failure: not a probe's
+    assert b.state(1.15) is HALF
+    b.release(tickets[0])  # a real probe abandoned: its slot is free again
+    assert b.snapshot(1.15)["probes_left"] == 1
+    change = b.record(False, 1.2, tickets[1])  # a real probe fails: open again
+    assert change is not None and change.new is OPEN
+    assert b.allow(3.3) and b.last_ticket > tickets[0]  # the next half-open period
+    assert b.record(False, 3.35, tickets[2]) is None  # the old period's probe: ignored
+    assert b.state(3.35) is HALF
+
+
 def test_half_open_failure_reopens_for_longer() -> None:
     # Rule: any failed probe re-opens the breaker with the next (doubled) open time.
     b = _breaker()

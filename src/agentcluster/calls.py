@@ -248,6 +248,7 @@ class CallService:
                 raise NoCapacity(
                     f"no node can take a call for {capability!r}", attempts=tuple(tried)
                 ) from None
+            ticket = self.balancer.probe_ticket(target)  # (before any await)
             tried.append(target)
             self.balancer.started(capability, target, now)
             # An idempotent call keeps half its time for a retry elsewhere (a per-try timeout,
@@ -267,7 +268,7 @@ class CallService:
                 # Cancelled, or the request could not even be built: no outcome to record,
                 # but the attempt must not stay in flight (nor keep a half-open probe slot).
                 done = clock.now()
-                self.balancer.abandoned(capability, target, done - now, done)
+                self.balancer.abandoned(capability, target, done - now, done, ticket)
                 raise
             done = clock.now()
             if reply.ok:
@@ -276,7 +277,7 @@ class CallService:
                 # 0.06-0.1 of a round trip lower). A pick made before then -- the caller's
                 # next call, without an await between -- still counts this one in flight.
                 asyncio.get_running_loop().call_soon(
-                    self._succeeded, capability, target, done - now, done, len(tried)
+                    self._succeeded, capability, target, done - now, done, len(tried), ticket
                 )
                 return reply.data
             # An error the agent raised is the agent's answer, not the node's failure, and
@@ -285,7 +286,7 @@ class CallService:
             raised = reply.raised
             ok = raised or kind not in _NODE_FAILURES
             events = self.balancer.finished(
-                capability, target, done - now, ok, done, attempt=len(tried)
+                capability, target, done - now, ok, done, attempt=len(tried), ticket=ticket
             )
             if events:  # a breaker tripped, a node was ejected: the rest of the node hears it
                 # (off the caller's path: a slow bus subscriber must not hold up the call,
@@ -303,9 +304,11 @@ class CallService:
         return any(n not in tried for n in self.balancer.eligible(capability))
 
     def _succeeded(
-        self, capability: str, target: str, latency: float, now: float, attempt: int
+        self, capability: str, target: str, latency: float, now: float, attempt: int, ticket: int
     ) -> None:
-        events = self.balancer.finished(capability, target, latency, True, now, attempt=attempt)
+        events = self.balancer.finished(
+            capability, target, latency, True, now, attempt=attempt, ticket=ticket
+        )
         if events:  # a half-open breaker closed on this probe: the rest of the node hears it
             self.node.lb.publish_soon(events)
 

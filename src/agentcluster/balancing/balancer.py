@@ -244,7 +244,19 @@ class Balancer:
         if route is not None:
             route.strategy.on_start(node, now)
 
-    def abandoned(self, capability: str, node: str, elapsed: float, now: float) -> None:
+    def probe_ticket(self, node: str) -> int:
+        """Right after :meth:`pick` returned ``node``: the ticket of the half-open probe it
+        took (0: none), for :meth:`finished` / :meth:`abandoned` to count only real probes."""
+        return self.breakers.ticket(node)
+
+    def abandoned(
+        self,
+        capability: str,
+        node: str,
+        elapsed: float,
+        now: float,
+        ticket: int | None = None,
+    ) -> None:
         """An attempt ended without an outcome (its caller was cancelled, or it failed before
         leaving): it is no longer in flight, and a half-open probe slot it held is free again.
         Breakers and outlier detection learn nothing; the strategy sees a success after
@@ -253,7 +265,7 @@ class Balancer:
         route = self._routes.get(capability)
         if route is not None:
             route.strategy.on_finish(node, elapsed, True, now)
-        self.breakers.release(node)
+        self.breakers.release(node, ticket)
 
     def finished(
         self,
@@ -264,8 +276,10 @@ class Balancer:
         now: float,
         *,
         attempt: int = 1,
+        ticket: int | None = None,
     ) -> list[dict[str, Any]]:
-        """An attempt completed; returns events (breaker changes, ejections) if any."""
+        """An attempt completed; returns events (breaker changes, ejections) if any.
+        ``ticket``: :meth:`probe_ticket` at the pick (None: not known)."""
         route = self._routes.get(capability)
         name = ""
         if route is not None:
@@ -273,7 +287,7 @@ class Balancer:
             name = route.strategy_name
         self.decisions.append(RouteDecision(now, capability, node, name, ok, latency, attempt))
         events: list[dict[str, Any]] = []
-        change = self.breakers.record(node, ok, now)
+        change = self.breakers.record(node, ok, now, ticket)
         if change is not None:
             events.append({"kind": "breaker", **msgspec.to_builtins(change)})
             if change.new is BreakerState.CLOSED:

@@ -119,6 +119,7 @@ class CircuitBreaker:
         "_consecutive",
         "_epochs",
         "_fails",
+        "_generation",
         "_open_until",
         "_probe_ok",
         "_probes_in_flight",
@@ -127,6 +128,7 @@ class CircuitBreaker:
         "_state",
         "_totals",
         "config",
+        "last_ticket",
         "node",
         "openings",
     )
@@ -143,6 +145,11 @@ class CircuitBreaker:
         self._probes_issued = 0
         self._probes_in_flight = 0
         self._probe_ok = 0
+        # Each half-open period has a number; a probe's ticket is it (0: not a probe). An
+        # outcome or a cancellation then counts only for the probes of the period it belongs
+        # to -- not a request let through while closed, nor a probe of an earlier period.
+        self._generation = 0
+        self.last_ticket = 0  # the ticket of the request the last allow() let through
         n = config.buckets
         self._bucket_width = config.window / n
         self._epochs = [-1] * n
@@ -203,7 +210,9 @@ class CircuitBreaker:
         return None
 
     def allow(self, now: float) -> bool:
-        """May a request be sent now? In half-open this consumes one of the probes."""
+        """May a request be sent now? In half-open this consumes one of the probes, and
+        :attr:`last_ticket` names it (pass it to :meth:`record` / :meth:`release`)."""
+        self.last_ticket = 0
         if self._state is BreakerState.CLOSED:
             return True
         if self._state is BreakerState.OPEN:
@@ -213,11 +222,14 @@ class CircuitBreaker:
         if self._probes_issued < self.config.half_open_probes:
             self._probes_issued += 1
             self._probes_in_flight += 1
+            self.last_ticket = self._generation
             return True
         return False
 
-    def record(self, ok: bool, now: float) -> StateChange | None:
-        """Record an outcome; the state change it caused, if any."""
+    def record(self, ok: bool, now: float, ticket: int | None = None) -> StateChange | None:
+        """Record an outcome; the state change it caused, if any. ``ticket`` (from
+        :attr:`last_ticket` when the request was allowed) tells a probe of this half-open
+        period from anything else; None: any outcome in half-open counts as a probe's."""
         state = self._state
         if state is BreakerState.CLOSED:
             return self._record_closed(ok, now)
@@ -225,8 +237,8 @@ class CircuitBreaker:
             if now < self._open_until:
                 return None  # a late reply from before the breaker opened
             self._enter_half_open()
-        if self._probes_in_flight == 0:
-            return None  # not one of our probes: a late reply
+        if self._probes_in_flight == 0 or (ticket is not None and ticket != self._generation):
+            return None  # not one of this period's probes: a late reply
         self._probes_in_flight -= 1
         if not ok:
             return self._open(now, BreakerState.HALF_OPEN, "probe_failed")
@@ -238,9 +250,12 @@ class CircuitBreaker:
             )
         return None
 
-    def release(self) -> None:
+    def release(self, ticket: int | None = None) -> None:
         """A request :meth:`allow` let through was abandoned without an outcome (its caller was
-        cancelled): in half-open its probe slot is free again. It says nothing about the node."""
+        cancelled): in half-open its probe slot is free again -- if it held one of this
+        period's (``ticket``; None: assume it did). It says nothing about the node."""
+        if ticket is not None and (ticket == 0 or ticket != self._generation):
+            return  # let through while closed, or a probe of an earlier period
         if self._state is BreakerState.HALF_OPEN and self._probes_in_flight > 0:
             self._probes_in_flight -= 1
             self._probes_issued -= 1
@@ -285,6 +300,7 @@ class CircuitBreaker:
 
     def _enter_half_open(self) -> None:
         self._state = BreakerState.HALF_OPEN
+        self._generation += 1
         self._probes_issued = self._probes_in_flight = self._probe_ok = 0
 
     def _reset_closed(self) -> None:
@@ -328,13 +344,20 @@ class Breakers:
         breaker = self._breakers.get(node)
         return True if breaker is None else breaker.allow(now)
 
-    def record(self, node: str, ok: bool, now: float) -> StateChange | None:
-        return self.get(node).record(ok, now)
+    def record(
+        self, node: str, ok: bool, now: float, ticket: int | None = None
+    ) -> StateChange | None:
+        return self.get(node).record(ok, now, ticket)
 
-    def release(self, node: str) -> None:
+    def release(self, node: str, ticket: int | None = None) -> None:
         breaker = self._breakers.get(node)
         if breaker is not None:
-            breaker.release()
+            breaker.release(ticket)
+
+    def ticket(self, node: str) -> int:
+        """The probe ticket of the request the node's breaker last let through (0: none)."""
+        breaker = self._breakers.get(node)
+        return 0 if breaker is None else breaker.last_ticket
 
     def state(self, node: str, now: float) -> BreakerState:
         breaker = self._breakers.get(node)
