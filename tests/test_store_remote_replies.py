@@ -185,3 +185,62 @@ async def test_a_write_batched_with_big_reads_keeps_its_answer_and_the_reads_the
             assert rev > 0 and (await store.get("small")) is not None
         finally:
             await store.close()
+
+
+def test_a_revision_too_large_with_its_previous_values_goes_without_them() -> None:
+    # An overwrite carries the old value too: each write fits, the event with both may not.
+    old = KeyValue("k", b"a" * (MAX_REPLY_BYTES * 3 // 5), 1, 1, 1)
+    new = KeyValue("k", b"b" * (MAX_REPLY_BYTES * 3 // 5), 1, 2, 2)
+    events = [WatchEvent("put", new, old), _ev(3, 10)]
+    assert _cut_events(events) == [WatchEvent("put", new, None)]
+
+
+async def test_a_remote_watch_passes_an_overwrite_of_a_big_value() -> None:
+    async with one_node() as node:
+        store = RemoteStore([node.addr], keyring=None, timeout=5.0, poll=0.05)
+        try:
+            big = MAX_REPLY_BYTES * 3 // 5
+            r1 = await store.put("bw/k", b"a" * big)
+            r2 = await store.put("bw/k", b"b" * big)
+            r3 = await store.put("bw/small", b"after")
+            seen: list[tuple[int, bool]] = []
+
+            async def watch() -> None:
+                async with store.watch("bw/", start_revision=r1) as events:
+                    async for ev in events:
+                        seen.append((ev.revision, ev.prev is not None))
+                        if ev.revision == r3:
+                            return
+
+            await asyncio.wait_for(watch(), 20)
+            assert seen == [(r1, False), (r2, False), (r3, False)]
+        finally:
+            await store.close()
+
+
+async def test_a_remote_watch_too_large_to_serve_fails_by_name_instead_of_stalling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The member's ReplyTooLarge is an answer: the entry node must pass it on, not fail
+    # the request (the client took that for a dead node and polled again, for ever).
+    from agentcluster.store import raft as raft_module
+
+    def too_large(events: list[WatchEvent]) -> list[WatchEvent]:
+        raise ReplyTooLarge("revision 2 holds more than a reply of events")
+
+    async with one_node() as node:
+        store = RemoteStore([node.addr], keyring=None, timeout=5.0, poll=0.05)
+        try:
+            first = await store.put("tl/a", b"1")
+            monkeypatch.setattr(raft_module, "_cut_events", too_large)
+            await store.put("tl/b", b"2")
+
+            async def watch() -> None:
+                async with store.watch("tl/", start_revision=first) as events:
+                    async for _ in events:
+                        pass
+
+            with pytest.raises(ReplyTooLarge, match="revision 2"):
+                await asyncio.wait_for(watch(), 10)
+        finally:
+            await store.close()

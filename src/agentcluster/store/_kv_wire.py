@@ -115,7 +115,10 @@ def _event_bytes(ev: WatchEvent) -> int:
 def _cut_events(events: list[WatchEvent]) -> list[WatchEvent]:
     """A prefix of ``events`` ending at a revision boundary (the client resumes from the last
     revision + 1) within ``_EVENTS_BATCH`` events and ``_EVENTS_BYTES`` -- but at least the first
-    revision whole; ReplyTooLarge when that alone does not fit in a reply."""
+    revision whole. A first revision that alone does not fit in a reply goes without its
+    events' previous values (each write is within a reply, but an overwrite carries the old
+    value too, and a prefix delete every deleted value); ReplyTooLarge when even that does not
+    fit."""
     size = 0
     boundary = 0  # events[:boundary] ends on a revision boundary
     for i, ev in enumerate(events):
@@ -127,11 +130,27 @@ def _cut_events(events: list[WatchEvent]) -> list[WatchEvent]:
         if size > MAX_REPLY_BYTES:
             if boundary:
                 return events[:boundary]  # this revision goes in the next reply
-            raise ReplyTooLarge(
-                f"revision {ev.revision} holds more than {MAX_REPLY_BYTES:,} bytes of events "
-                "for this prefix: too large for a remote watch (watch it on a store member)"
-            )
+            return _without_prev(events)
     return events
+
+
+def _without_prev(events: list[WatchEvent]) -> list[WatchEvent]:
+    """The first revision of ``events`` with no previous values, if that fits in a reply."""
+    first = events[0].revision
+    bare: list[WatchEvent] = []
+    size = 0
+    for ev in events:
+        if ev.revision != first:
+            break
+        bare.append(msgspec.structs.replace(ev, prev=None))
+        size += _event_bytes(bare[-1])
+        if size > MAX_REPLY_BYTES:
+            raise ReplyTooLarge(
+                f"revision {first} holds more than {MAX_REPLY_BYTES:,} bytes of events for "
+                "this prefix even without previous values: too large for a remote watch "
+                "(watch it on a store member)"
+            )
+    return bare
 
 
 def _answer(req: KvRequest, reply: KvReply) -> KvReply:

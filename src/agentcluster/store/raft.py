@@ -691,6 +691,10 @@ class RaftStore(KvClient):
             return KvReply(False, error="compacted", message=str(exc), n=exc.oldest)
         except StoreUnavailable as exc:
             return KvReply(False, error="unavailable", message=str(exc))
+        except ReplyTooLarge as exc:
+            # An answer, not a failure of this node: the client must not try the next one
+            # (a watch would poll for ever without a word).
+            return KvReply(False, error="too_large", message=str(exc))
 
     async def route_many(
         self, reqs: Sequence[KvRequest], *, timeout: float | None = None
