@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -12,6 +13,7 @@ from agentcluster.cluster import Cluster, NodeCluster, elect_by
 from agentcluster.coordination.proposals import CONSENSUS_PREFIX, VoteAction, VoteRequest
 from agentcluster.coordination.registry_service import NameTaken
 from agentcluster.coordination.voting import VoteChoice, unanimous
+from agentcluster.store.base import DeleteOp
 from agentcluster.testing.simcluster import SimCluster
 
 
@@ -265,3 +267,36 @@ async def test_a_unique_name_taken_on_both_sides_of_a_partition_is_settled_on_he
         for n in c.names:
             assert c.nodes[n].registry.index.by_name("chair")[0].id == "n2/voter"
         assert c.nodes["n2"].runtime.lookup("voter").agent.state.conflicts == []
+
+
+@pytest.mark.virtual_time
+async def test_a_standby_of_elect_outlasts_its_ttl_and_takes_over() -> None:
+    # A standby can wait far longer than its lease's TTL: elect keeps it alive meanwhile.
+    async with SimCluster(3, seed=26, store_voters=3) as c:
+        await c.wait_until(c.converged, timeout=30)
+        a, b = Cluster.of(c.nodes["n1"]), Cluster.of(c.nodes["n2"])
+        first = await a.elect("sched", b"a", ttl=2.0)
+        standby = asyncio.ensure_future(b.elect("sched", b"b", ttl=2.0))
+        for _ in range(10):  # the leader holds on for 5 s, keeping its own lease alive
+            await a.store.lease_keepalive(first.lease)
+            await c.clock.sleep(0.5)
+        assert not standby.done()
+        await a.store.txn([first.guard()], [DeleteOp(first.key)])  # resign
+        second = await asyncio.wait_for(standby, timeout=10)
+        assert second.token > first.token
+        await b.store.lease_keepalive(second.lease)  # handed over alive
+
+
+@pytest.mark.virtual_time
+async def test_a_cancelled_campaign_leaves_no_candidate_behind() -> None:
+    async with SimCluster(3, seed=27, store_voters=3) as c:
+        await c.wait_until(c.converged, timeout=30)
+        a, b = Cluster.of(c.nodes["n1"]), Cluster.of(c.nodes["n2"])
+        await a.elect("jobs", b"a", ttl=5.0)
+        standby = asyncio.ensure_future(b.elect("jobs", b"b", ttl=5.0))
+        kv = c.nodes["n1"].store_host.member.kv  # type: ignore[union-attr]
+        await c.wait_until(lambda: len(kv.range("mabeam/elections/jobs/").kvs) == 2, timeout=10)
+        standby.cancel()
+        await asyncio.gather(standby, return_exceptions=True)
+        keys = await a.store.range("mabeam/elections/jobs/")
+        assert len(keys.kvs) == 1  # the standby's key went with its revoked lease

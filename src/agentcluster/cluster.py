@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from agentcluster.calls import MAX_CALL_TIMEOUT
+from agentcluster.clock import MonotonicClock
 from agentcluster.coordination.auction_service import AuctionOutcome
 from agentcluster.coordination.auctions import AuctionError, AuctionKind
 from agentcluster.coordination.barrier import Barrier
@@ -46,8 +47,8 @@ from agentcluster.errors import (
     Timeout,
 )
 from agentcluster.signals import Signal
-from agentcluster.store._recipes import Election, Leadership, Lock
-from agentcluster.store.base import Store
+from agentcluster.store._recipes import Election, Leadership, Lock, keep_lease_alive
+from agentcluster.store.base import Store, StoreError
 
 if TYPE_CHECKING:
     from agentcluster.control import ControlError
@@ -320,10 +321,26 @@ class Cluster(ABC):
         return Election(self.store, f"mabeam/elections/{name}")
 
     async def elect(self, name: str, value: bytes, *, ttl: float = 10.0) -> Leadership:
-        """Campaign until elected; the leadership carries its fencing token. The lease (``ttl``)
-        must be kept alive by the caller (``cluster.store.lease_keepalive``)."""
-        lease = await self.store.lease_grant(ttl)
-        return await self.election(name).campaign(value, lease=lease.id)
+        """Campaign until elected; the leadership carries its fencing token. While it waits
+        as a standby, its lease (``ttl``) is kept alive here -- a standby may wait far longer
+        than one TTL; once elected, the caller keeps it alive
+        (``cluster.store.lease_keepalive(leadership.lease)``). A campaign that fails or is
+        cancelled revokes its lease (its key goes with it)."""
+        store = self.store
+        lease = await store.lease_grant(ttl)
+        keeper = asyncio.create_task(
+            keep_lease_alive(store, lease.id, ttl, MonotonicClock(), what=f"election {name}"),
+            name=f"election-keepalive {name}",
+        )
+        try:
+            return await self.election(name).campaign(value, lease=lease.id)
+        except BaseException:
+            with contextlib.suppress(StoreError):
+                await store.lease_revoke(lease.id)
+            raise
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
 
     def barrier(self, name: str, parties: int) -> Barrier:
         return Barrier(self.store, f"mabeam/barriers/{name}", parties)
