@@ -262,6 +262,32 @@ class StoreContract:
             assert otherwise.results == [[await store.get(a)]]
             assert await store.get(b) is None
 
+    async def test_a_txn_branch_may_write_a_key_only_once(self) -> None:
+        # etcd's rule ("duplicate key given in txn request"), on every backend: refused
+        # whole, nothing written, the store still answers.
+        async with self.open_store() as store:
+            a, b, p = self.key("dup/a"), self.key("dup/b"), self.key("dup/")
+            await store.put(a, b"0")
+            for ops in (
+                [PutOp(a, b"1"), PutOp(a, b"2")],
+                [PutOp(a, b"1"), DeleteOp(a)],
+                [DeleteOp(a), PutOp(a, b"1")],
+                [PutOp(a, b"1"), DeleteOp(p, prefix=True)],
+            ):
+                with pytest.raises(ValueError):
+                    await store.txn([], ops)
+                with pytest.raises(ValueError):  # the failure branch is checked too
+                    await store.txn([Compare(a, "value", "==", b"never")], [], ops)
+            assert (await store.get(a)).value == b"0"  # type: ignore[union-attr]
+            fine = await store.txn([], [PutOp(a, b"1"), PutOp(b, b"1"), GetOp(a), GetOp(a)])
+            assert fine.succeeded
+            split = await store.txn(
+                [Compare(a, "value", "==", b"1")], [PutOp(a, b"2")], [DeleteOp(a)]
+            )
+            assert split.succeeded  # one write per branch is fine
+            twice = await store.txn([], [DeleteOp(b), DeleteOp(b), DeleteOp(p, prefix=True)])
+            assert twice.succeeded and await store.get(a) is None  # deleting twice is fine
+
     async def test_txn_compare_targets(self) -> None:
         async with self.open_store() as store:
             lease = await store.lease_grant(self.long_ttl)

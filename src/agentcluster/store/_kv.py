@@ -34,6 +34,7 @@ start key (a page of a long listing costs no more than the first).
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from collections.abc import Sequence
 from typing import Annotated, TypeVar
 
 import msgspec
@@ -74,6 +75,7 @@ __all__ = [
     "Result",
     "RevokeResult",
     "TxnCmd",
+    "check_txn_writes",
     "decode_command",
     "decode_result",
     "encode_command",
@@ -251,6 +253,36 @@ class _LeaseRecord:
 
 
 # --- the state machine --------------------------------------------------------------------
+
+
+def check_txn_writes(*branches: Sequence[TxnOp]) -> None:
+    """Refuse a transaction branch that puts one key twice, or puts a key it also deletes
+    (by name or by prefix), as etcd does ("duplicate key given in txn request"): which write
+    would win, and what the watch events say, is no one's intent. Deleting a key twice is
+    harmless and allowed, as in etcd. Checked before a transaction reaches the log (the state
+    machine keeps applying what it was given, so old logs replay as they did)."""
+    for ops in branches:
+        puts: set[str] = set()
+        deletes: list[DeleteOp] = []
+        for op in ops:
+            if isinstance(op, PutOp):
+                if op.key in puts or any(_covers(d, op.key) for d in deletes):
+                    raise InvalidCommand(
+                        f"a transaction writes {op.key!r} twice in one branch (two puts, or "
+                        "a put and a delete)"
+                    )
+                puts.add(op.key)
+            elif isinstance(op, DeleteOp):
+                clash = next((k for k in puts if _covers(op, k)), None)
+                if clash is not None:
+                    raise InvalidCommand(
+                        f"a transaction deletes {clash!r}, which it also puts in the same branch"
+                    )
+                deletes.append(op)
+
+
+def _covers(op: DeleteOp, key: str) -> bool:
+    return key.startswith(op.key) if op.prefix else key == op.key
 
 
 class KVStateMachine:

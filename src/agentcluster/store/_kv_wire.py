@@ -24,6 +24,8 @@ from agentcluster.store._kv import (
     Command,
     InvalidCommand,
     Result,
+    TxnCmd,
+    check_txn_writes,
     decode_command,
     decode_result,
     encode_command,
@@ -102,7 +104,10 @@ def _checked_command(data: bytes) -> Command:
             f"a write of {len(data):,} bytes exceeds the store's limit of "
             f"{MAX_WRITE_BYTES:,} bytes per write"
         )
-    return decode_command(data)
+    cmd = decode_command(data)
+    if isinstance(cmd, TxnCmd):
+        check_txn_writes(cmd.success, cmd.failure)
+    return cmd
 
 
 def _event_bytes(ev: WatchEvent) -> int:

@@ -43,6 +43,7 @@ from agentcluster.store._kv import (
     PutResult,
     Result,
     TxnCmd,
+    check_txn_writes,
     decode_command,
     encode_command,
     unwrap,
@@ -134,6 +135,7 @@ class MemoryStore(Store):
         success: Sequence[TxnOp],
         failure: Sequence[TxnOp] = (),
     ) -> TxnResult:
+        check_txn_writes(success, failure)
         cmd = TxnCmd(list(compares), list(success), list(failure))
         return await _reply(unwrap(self._apply(cmd), TxnResult))
 
