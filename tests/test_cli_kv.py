@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -306,6 +308,48 @@ def test_watch_from_a_revision_replays_history_as_lines(running: Running) -> Non
     ]
 
 
+def test_watch_quotes_keys_that_would_break_its_lines(running: Running) -> None:
+    r1 = int(running.ok("put", "wq/a b", "1"))
+    running.ok("put", "wq/n\nl", "2")
+    running.ok("put", 'wq/"q', "3")
+    out = running.ok("watch", "wq/", "--from-revision", str(r1), "--count", "3")
+    assert out.splitlines() == [
+        f"{r1} put " + json.dumps("wq/a b") + " 1",
+        f"{r1 + 1} put " + json.dumps("wq/n\nl") + " 2",
+        f'{r1 + 2} put wq/"q 3',  # a quote inside is no ambiguity: only a leading one is
+    ]
+
+
+def test_watch_stops_on_sigint_while_its_entry_node_hangs(running: Running, tmp_path: Path) -> None:
+    # An entry node that takes the connection and never answers (stopped, overloaded):
+    # Ctrl-C must end the first read at once, not after --timeout.
+    accepted = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            accepted.set()
+            conn.recv(1 << 16)  # held open, never answered
+
+    threading.Thread(target=accept, daemon=True).start()
+    cmd = [*CLI, *running.argv(("watch", "wh/", "--timeout", "30"), [f"127.0.0.1:{port}"], True)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert accepted.wait(30)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
+    assert proc.stderr is not None and "Traceback" not in proc.stderr.read().decode()
+
+
 def test_leases_attach_and_revoke(running: Running) -> None:
     # Enough leases that ids need more than one hex digit: text output is hex, JSON decimal.
     for _ in range(10):
@@ -337,6 +381,16 @@ def test_bad_input_is_a_usage_error(running: Running) -> None:
         out = running.kv(*args)
         assert out.returncode == 2, args
         _no_traceback(out)
+    for args, words in (
+        (("put", "", "v"), "must not be empty"),
+        (("get", ""), "must not be empty"),
+        (("put", "k" * 9000, "v"), "longer than the store takes"),
+        (("lease", "grant", "1e12"), "less than or equal to 315360000"),
+    ):
+        out = running.kv(*args)
+        assert out.returncode == 2, args
+        err = _no_traceback(out)
+        assert words in err and "Expected" not in err, (args, err)
     out = running.kv("get", "k", nodes=["no-port"])
     assert out.returncode == 2 and "--node" in _no_traceback(out)
 

@@ -65,12 +65,27 @@ KeyFileOpt = Annotated[
 ]
 # Lease ids and revisions are below 2**63 in the store; a larger number cannot even be sent.
 _MAX_ID = 2**63 - 1
+_MAX_TTL = 10 * 365 * 24 * 3600.0  # the store's longest lease
 
 
 def _finite(value: float) -> float:
     # The range checks of float options let NaN through (every comparison with it is false).
     if not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _key_arg(value: str) -> str:
+    # The store's own check would answer in its decoder's words ("Expected `str` of length
+    # >= 1 - at `$[1]`"), and as a failure (exit 1), not a usage error.
+    from agentcluster.store._kv import MAX_KEY_BYTES
+
+    if not value:
+        raise typer.BadParameter("a key must not be empty")
+    if len(value) > MAX_KEY_BYTES:
+        raise typer.BadParameter(
+            f"a key of {len(value):,} characters is longer than the store takes ({MAX_KEY_BYTES:,})"
+        )
     return value
 
 
@@ -161,6 +176,15 @@ def value_text(value: bytes) -> str:
     return text if text.isprintable() else json.dumps(text)
 
 
+def key_text(key: str) -> str:
+    """A key as one token of a line: itself when it is printable with no whitespace (and
+    does not start with a quote), else a JSON string -- so ``kv watch`` keeps one event per
+    line and "revision type key value" splits the same way for every key."""
+    if key and key.isprintable() and not key.startswith('"') and not any(c.isspace() for c in key):
+        return key
+    return json.dumps(key)
+
+
 def _lease_id(text: str | None, what: str = "--lease") -> int:
     """A lease id as the CLI shows it: hexadecimal, as in etcdctl and the store's own
     messages and election keys (an optional ``0x`` is accepted)."""
@@ -187,7 +211,7 @@ def _echo_json(data: Any) -> None:
 
 @kv_app.command("get")
 def get(
-    key: Annotated[str, typer.Argument(help="The key.")],
+    key: Annotated[str, typer.Argument(help="The key.", callback=_key_arg)],
     *,
     node: NodeOpt,
     key_file: KeyFileOpt = None,
@@ -217,7 +241,7 @@ def get(
 
 @kv_app.command("put")
 def put(
-    key: Annotated[str, typer.Argument(help="The key.")],
+    key: Annotated[str, typer.Argument(help="The key.", callback=_key_arg)],
     value: Annotated[
         str | None, typer.Argument(help="The value as text (or use --file).", show_default=False)
     ] = None,
@@ -337,7 +361,7 @@ def range_(
         for kv in kvs:
             text = value_text(kv.value)
             table.add_row(
-                Text(kv.key), Text(text if len(text) <= 60 else text[:57] + "..."),
+                Text(key_text(kv.key)), Text(text if len(text) <= 60 else text[:57] + "..."),
                 str(kv.create_revision), str(kv.mod_revision), str(kv.version),
                 f"{kv.lease:x}" if kv.lease else "",
             )  # fmt: skip
@@ -371,7 +395,7 @@ def _print_event(event: WatchEvent, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(event_json(event)))
         return
-    line = f"{event.revision} {event.type} {event.kv.key}"
+    line = f"{event.revision} {event.type} {key_text(event.kv.key)}"
     typer.echo(line + (f" {value_text(event.kv.value)}" if event.type == "put" else ""))
 
 
@@ -401,8 +425,18 @@ def watch(
                 loop.add_signal_handler(sig, stop.set)
         async with _open(node, key_file, timeout) as store:
             # Asked even with --from-revision: a wrong key or no reachable node fails here,
-            # at once, instead of the long-poll retrying in silence.
-            current = await store.revision()
+            # at once, instead of the long-poll retrying in silence. Ctrl-C ends the wait.
+            asked = asyncio.ensure_future(store.revision())
+            stopped = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait((asked, stopped), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                asked.cancel()
+                stopped.cancel()
+                await asyncio.gather(asked, stopped, return_exceptions=True)
+            if stop.is_set():
+                return 0
+            current = asked.result()
             start = from_revision or current + 1
             typer.echo(f"watching {prefix!r} from revision {start}", err=True)
 
@@ -445,7 +479,13 @@ def _silence_stdout() -> None:
 @lease_app.command("grant")
 def lease_grant(
     ttl: Annotated[
-        float, typer.Argument(min=0.001, callback=_finite, help="Time to live, seconds.")
+        float,
+        typer.Argument(
+            min=0.001,
+            max=_MAX_TTL,
+            callback=_finite,
+            help="Time to live, seconds (up to 10 years).",
+        ),
     ],
     *,
     node: NodeOpt,
