@@ -262,6 +262,18 @@ class StoreContract:
             assert otherwise.results == [[await store.get(a)]]
             assert await store.get(b) is None
 
+    async def test_an_empty_key_and_a_negative_start_revision_are_refused(self) -> None:
+        # As etcd answers them ("key is not provided"; a watch from before revision 0).
+        async with self.open_store() as store:
+            k = self.key("keep")
+            await store.put(k, b"1")
+            with pytest.raises(ValueError):
+                await store.delete("")
+            with pytest.raises(ValueError):
+                async with store.watch(self.key(""), start_revision=-1):
+                    pass
+            assert (await store.get(k)) is not None  # nothing was deleted
+
     async def test_a_txn_branch_may_write_a_key_only_once(self) -> None:
         # etcd's rule ("duplicate key given in txn request"), on every backend: refused
         # whole, nothing written, the store still answers.

@@ -91,6 +91,17 @@ class ReplyTooLarge(StoreError):
     events are that large, for a remote watch."""
 
 
+def check_delete_args(key: str, prefix: bool) -> None:
+    """A delete of one key must name it (``""`` with ``prefix`` means every key); as etcd."""
+    if not prefix and not key:
+        raise ValueError("a key must not be empty (delete every key with prefix=True)")
+
+
+def check_watch_args(start_revision: int) -> None:
+    if start_revision < 0:
+        raise ValueError(f"start_revision must be >= 0, got {start_revision}")
+
+
 def check_range_args(prefix: str, limit: int, start: str) -> None:
     """The checks every backend's :meth:`Store.range` makes before asking anyone."""
     if not isinstance(prefix, str) or not isinstance(start, str):

@@ -61,7 +61,9 @@ from agentcluster.store.base import (
     TxnOp,
     TxnResult,
     WatchEvent,
+    check_delete_args,
     check_range_args,
+    check_watch_args,
 )
 
 __all__ = ["MemoryStore"]
@@ -127,6 +129,7 @@ class MemoryStore(Store):
         return await _reply(unwrap(self._apply(PutCmd(key, value, lease)), PutResult).revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
+        check_delete_args(key, prefix)
         return await _reply(unwrap(self._apply(DeleteCmd(key, prefix)), DeleteResult).deleted)
 
     async def txn(
@@ -173,6 +176,7 @@ class MemoryStore(Store):
     def watch(
         self, prefix: str, *, start_revision: int = 0
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
+        check_watch_args(start_revision)
         return self._hub.watch(prefix, start_revision)
 
     async def close(self) -> None:

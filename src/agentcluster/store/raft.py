@@ -103,7 +103,9 @@ from agentcluster.store.base import (
     TxnOp,
     TxnResult,
     WatchEvent,
+    check_delete_args,
     check_range_args,
+    check_watch_args,
 )
 
 __all__ = [
@@ -511,6 +513,7 @@ class KvClient(Store):
         return unwrap(_result(req, await self.request(req)), PutResult).revision
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
+        check_delete_args(key, prefix)
         req = _command_request(DeleteCmd(key, prefix))
         return unwrap(_result(req, await self.request(req)), DeleteResult).deleted
 
@@ -538,6 +541,7 @@ class KvClient(Store):
     def watch(
         self, prefix: str, *, start_revision: int = 0
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
+        check_watch_args(start_revision)
         return self._watch(prefix, start_revision)
 
     @asynccontextmanager
