@@ -691,14 +691,16 @@ class RaftStore(KvClient):
             if req.op == "events":
                 return await self._call_events(req)
             return await self.request(req, timeout=timeout)
-        except Compacted as exc:
-            return KvReply(False, error="compacted", message=str(exc), n=exc.oldest)
         except StoreUnavailable as exc:
             return KvReply(False, error="unavailable", message=str(exc))
-        except ReplyTooLarge as exc:
-            # An answer, not a failure of this node: the client must not try the next one
-            # (a watch would poll for ever without a word).
-            return KvReply(False, error="too_large", message=str(exc))
+        except Exception as exc:
+            # A store error is an answer (compacted, too large, ...), with the same reply a
+            # member gives: failing the request instead would make the client take this
+            # node for dead and try the next (a watch would poll for ever without a word).
+            reply = _error_reply(exc)
+            if reply is None:
+                raise
+            return reply
 
     async def route_many(
         self, reqs: Sequence[KvRequest], *, timeout: float | None = None
