@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import pytest
@@ -47,6 +47,7 @@ from agentcluster.store import (
     Compare,
     DeleteOp,
     GetOp,
+    InvalidCommand,
     KeyValue,
     LeaseNotFound,
     PutOp,
@@ -54,6 +55,7 @@ from agentcluster.store import (
     TxnOp,
     WatchEvent,
 )
+from agentcluster.store.base import MAX_KEY_LENGTH
 from agentcluster.testing import eventually
 
 T = TypeVar("T")
@@ -286,9 +288,9 @@ class StoreContract:
                 [DeleteOp(a), PutOp(a, b"1")],
                 [PutOp(a, b"1"), DeleteOp(p, prefix=True)],
             ):
-                with pytest.raises(ValueError):
+                with pytest.raises(InvalidCommand):
                     await store.txn([], ops)
-                with pytest.raises(ValueError):  # the failure branch is checked too
+                with pytest.raises(InvalidCommand):  # the failure branch is checked too
                     await store.txn([Compare(a, "value", "==", b"never")], [], ops)
             assert (await store.get(a)).value == b"0"  # type: ignore[union-attr]
             fine = await store.txn([], [PutOp(a, b"1"), PutOp(b, b"1"), GetOp(a), GetOp(a)])
@@ -299,6 +301,50 @@ class StoreContract:
             assert split.succeeded  # one write per branch is fine
             twice = await store.txn([], [DeleteOp(b), DeleteOp(b), DeleteOp(p, prefix=True)])
             assert twice.succeeded and await store.get(a) is None  # deleting twice is fine
+
+    async def test_keys_over_the_length_limit_are_refused_by_every_call(self) -> None:
+        # One rule on every backend (etcd alone would take them): code that runs on the
+        # memory store in tests runs on etcd in production, and the other way round.
+        async with self.open_store() as store:
+            fits = self.key("k").ljust(MAX_KEY_LENGTH, "x")
+            long = fits + "x"
+            await store.put(fits, b"1")
+            calls: list[Callable[[], Awaitable[object]]] = [
+                lambda: store.put(long, b"1"),
+                lambda: store.get(long),
+                lambda: store.delete(long),
+                lambda: store.delete(long, prefix=True),
+                lambda: store.range(long),
+                lambda: store.range(self.key(""), start=long),
+                lambda: store.txn([], [PutOp(long, b"1")]),
+                lambda: store.txn([], [], [DeleteOp(long)]),
+                lambda: store.txn([Compare(long, "version", "==", 0)], []),
+                lambda: store.txn([], [GetOp(long, prefix=True)]),
+            ]
+            for call in calls:
+                with pytest.raises(InvalidCommand, match="at most 8,192"):
+                    await call()
+            with pytest.raises(InvalidCommand, match="at most 8,192"):
+                async with store.watch(long):
+                    pass
+            page = await store.range(self.key(""))
+            assert [kv.key for kv in page.kvs] == [fits]  # nothing else was written
+            assert (await store.get(fits)).value == b"1"  # type: ignore[union-attr]
+
+    async def test_a_compare_against_a_value_of_the_wrong_type_is_refused(self) -> None:
+        async with self.open_store() as store:
+            k = self.key("k")
+            await store.put(k, b"1")
+            for cmp in (
+                Compare(k, "value", "==", 1),
+                Compare(k, "version", "==", b"1"),
+                Compare(k, "create", ">", b""),
+                Compare(k, "mod", "<", b"9"),
+                Compare(k, "lease", "==", b"0"),
+            ):
+                with pytest.raises(InvalidCommand, match="needs"):
+                    await store.txn([cmp], [PutOp(k, b"2")], [PutOp(k, b"3")])
+            assert (await store.get(k)).value == b"1"  # type: ignore[union-attr]
 
     async def test_txn_compare_targets(self) -> None:
         async with self.open_store() as store:

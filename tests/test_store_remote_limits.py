@@ -27,7 +27,7 @@ from agentcluster.control import (
 )
 from agentcluster.node import Node
 from agentcluster.store._kv import InvalidCommand
-from agentcluster.store.base import StoreUnavailable
+from agentcluster.store.base import PutOp, StoreUnavailable
 from agentcluster.store.raft import KvReply, KvRequest
 from agentcluster.store.remote import MAX_REQUEST_BYTES, RemoteStore, _Batcher
 from agentcluster.testing import wait_until
@@ -117,6 +117,8 @@ async def test_a_request_larger_than_a_frame_is_refused_before_it_is_sent() -> N
             await store.put("k", b"v" * (5 * MiB))
         assert f"limit of {MAX_REQUEST_BYTES:,} bytes" in str(info.value)
         with pytest.raises(InvalidCommand, match="request of"):
+            await store.txn([], [PutOp("a", b"v" * (3 * MiB)), PutOp("b", b"v" * (3 * MiB))])
+        with pytest.raises(InvalidCommand, match="keys are at most"):
             await store.get("k" * (5 * MiB))
         with pytest.raises(InvalidCommand, match="does not encode"):
             await store.range("", limit=10**20)
@@ -125,7 +127,7 @@ async def test_a_request_larger_than_a_frame_is_refused_before_it_is_sent() -> N
                 await anext(events)
         # Just under the limit it travels (and meets the missing node).
         with pytest.raises(StoreUnavailable, match="cannot reach"):
-            await store.get("k" * (MAX_REQUEST_BYTES - 64))
+            await store.put("k", b"v" * (MAX_REQUEST_BYTES - 64))
     finally:
         await store.close()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from agentcluster.store.base import LeaseNotFound, ReplyTooLarge, StoreError
+from agentcluster.store.base import InvalidCommand, LeaseNotFound, ReplyTooLarge, StoreError
 
 __all__ = [
     "AUTH_OFF",
@@ -77,7 +77,8 @@ def final_error(err: Any) -> Exception | None:
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in details:
         return LeaseNotFound(details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return ValueError(f"etcd rejected the request: {details}")
+        # InvalidCommand is a ValueError too, and what the other backends raise for a refusal.
+        return InvalidCommand(f"etcd rejected the request: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details:
         # The answer is over the client's receive limit (256 MiB): another endpoint would
         # send the same; a smaller page would not.

@@ -40,16 +40,17 @@ from typing import Annotated, TypeVar
 import msgspec
 
 from agentcluster.store.base import (
+    MAX_KEY_LENGTH,
     Compacted,
     Compare,
     DeleteOp,
     GetOp,
+    InvalidCommand,
     KeyValue,
     Lease,
     LeaseNotFound,
     PutOp,
     RangeResult,
-    StoreError,
     TxnOp,
     TxnResult,
     WatchEvent,
@@ -83,7 +84,7 @@ __all__ = [
     "unwrap",
 ]
 
-MAX_KEY_BYTES = 8 * 1024
+MAX_KEY_BYTES = MAX_KEY_LENGTH  # characters, as msgspec's max_length counts them
 MAX_VALUE_BYTES = 16 * 1024 * 1024
 MAX_TXN_OPS = 1024
 _MAX_TTL = 10 * 365 * 24 * 3600.0
@@ -93,11 +94,6 @@ _Prefix = Annotated[str, msgspec.Meta(max_length=MAX_KEY_BYTES)]
 _Value = Annotated[bytes, msgspec.Meta(max_length=MAX_VALUE_BYTES)]
 _Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 _Ttl = Annotated[float, msgspec.Meta(gt=0.0, le=_MAX_TTL)]
-
-
-class InvalidCommand(StoreError, ValueError):
-    """A command, result or snapshot that does not decode, or a command the state machine
-    rejected (see :class:`Rejected`)."""
 
 
 # --- commands -----------------------------------------------------------------------------

@@ -45,10 +45,12 @@ if TYPE_CHECKING:
     from agentcluster.store._recipes import Election, Lock
 
 __all__ = [
+    "MAX_KEY_LENGTH",
     "Compacted",
     "Compare",
     "DeleteOp",
     "GetOp",
+    "InvalidCommand",
     "KeyValue",
     "Lease",
     "LeaseNotFound",
@@ -61,6 +63,11 @@ __all__ = [
     "TxnResult",
     "WatchEvent",
 ]
+
+
+# Keys are at most this many characters on every backend (the embedded store's wire decoder
+# checks it; the others check it before sending).
+MAX_KEY_LENGTH = 8 * 1024
 
 
 class StoreError(Exception):
@@ -91,13 +98,32 @@ class ReplyTooLarge(StoreError):
     events are that large, for a remote watch."""
 
 
+class InvalidCommand(StoreError, ValueError):
+    """A request the store refuses as asked, on every backend: a key over
+    :data:`MAX_KEY_LENGTH`, a compare against a value of the wrong type, a transaction branch
+    that writes a key twice, a command, result or snapshot that does not decode, or one the
+    state machine rejected. Nothing was written; sending it again changes nothing."""
+
+
+def check_key(key: str, what: str = "a key") -> None:
+    """Every backend's key-length rule, checked before anyone is asked (etcd itself would
+    take keys up to its 1.5 MiB request cap; the embedded store's wire would not)."""
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidCommand(
+            f"{what} is {len(key):,} characters long; the store's keys are at most "
+            f"{MAX_KEY_LENGTH:,}"
+        )
+
+
 def check_delete_args(key: str, prefix: bool) -> None:
     """A delete of one key must name it (``""`` with ``prefix`` means every key); as etcd."""
     if not prefix and not key:
         raise ValueError("a key must not be empty (delete every key with prefix=True)")
+    check_key(key, "the prefix" if prefix else "the key")
 
 
-def check_watch_args(start_revision: int) -> None:
+def check_watch_args(prefix: str, start_revision: int) -> None:
+    check_key(prefix, "the prefix")
     if start_revision < 0:
         raise ValueError(f"start_revision must be >= 0, got {start_revision}")
 
@@ -110,6 +136,23 @@ def check_range_args(prefix: str, limit: int, start: str) -> None:
         )
     if limit < 0:
         raise ValueError(f"limit must not be negative, got {limit}")
+    check_key(prefix, "the prefix")
+    check_key(start, "start")
+
+
+def check_txn_args(
+    compares: Sequence[Compare], success: Sequence[TxnOp], failure: Sequence[TxnOp]
+) -> None:
+    """Every backend's checks of a transaction's keys and compare values (the embedded
+    state machine makes the same ones again, for requests that skip this client)."""
+    for cmp in compares:
+        check_key(cmp.key, "a compared key")
+        wants_bytes = cmp.target == "value"
+        if isinstance(cmp.value, bytes) != wants_bytes:
+            kind = "bytes" if wants_bytes else "an int"
+            raise InvalidCommand(f"compare on {cmp.target!r} of {cmp.key!r} needs {kind}")
+    for op in (*success, *failure):
+        check_key(op.key, "a key in the transaction")
 
 
 class KeyValue(msgspec.Struct, frozen=True, array_like=True):

@@ -130,7 +130,11 @@ from agentcluster.store.base import (
     TxnOp,
     TxnResult,
     WatchEvent,
+    check_delete_args,
+    check_key,
     check_range_args,
+    check_txn_args,
+    check_watch_args,
 )
 
 __all__ = ["EtcdAuthError", "EtcdOptions", "EtcdStore"]
@@ -390,6 +394,7 @@ class EtcdStore(Store):
     # -- key-value ---------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
+        check_key(key)
         request = rpc.RangeRequest(key=key_bytes(key))
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
@@ -414,6 +419,7 @@ class EtcdStore(Store):
         )
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        check_key(key)
         request = rpc.PutRequest(key=key_bytes(key), value=bytes(value), lease=lease)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
@@ -423,6 +429,7 @@ class EtcdStore(Store):
         return int(resp.header.revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
+        check_delete_args(key, prefix)
         start, end = key_range(key, prefix)
         request = rpc.DeleteRangeRequest(key=start, range_end=end)
 
@@ -438,6 +445,7 @@ class EtcdStore(Store):
         success: Sequence[TxnOp],
         failure: Sequence[TxnOp] = (),
     ) -> TxnResult:
+        check_txn_args(compares, success, failure)
         request = rpc.TxnRequest(
             compare=[compare_msg(c) for c in compares],
             success=[request_op(op) for op in success],
@@ -534,8 +542,7 @@ class EtcdStore(Store):
     ) -> AsyncIterator[AsyncIterator[WatchEvent]]:
         if self._closed:
             raise StoreUnavailable("the etcd store is closed")
-        if start_revision < 0:
-            raise ValueError(f"start_revision must be >= 0, got {start_revision}")
+        check_watch_args(prefix, start_revision)
         watch = _Watch(self, prefix, start_revision)
         self._watches[id(watch)] = watch
         try:

@@ -62,7 +62,9 @@ from agentcluster.store.base import (
     TxnResult,
     WatchEvent,
     check_delete_args,
+    check_key,
     check_range_args,
+    check_txn_args,
     check_watch_args,
 )
 
@@ -109,6 +111,7 @@ class MemoryStore(Store):
 
     async def get(self, key: str) -> KeyValue | None:
         self._check_open()
+        check_key(key)
         self._expire_due()
         return await _reply(self._machine.get(key))
 
@@ -126,6 +129,7 @@ class MemoryStore(Store):
     # -- writes --
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        check_key(key)
         return await _reply(unwrap(self._apply(PutCmd(key, value, lease)), PutResult).revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
@@ -138,6 +142,7 @@ class MemoryStore(Store):
         success: Sequence[TxnOp],
         failure: Sequence[TxnOp] = (),
     ) -> TxnResult:
+        check_txn_args(compares, success, failure)
         check_txn_writes(success, failure)
         cmd = TxnCmd(list(compares), list(success), list(failure))
         return await _reply(unwrap(self._apply(cmd), TxnResult))
@@ -176,7 +181,7 @@ class MemoryStore(Store):
     def watch(
         self, prefix: str, *, start_revision: int = 0
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
-        check_watch_args(start_revision)
+        check_watch_args(prefix, start_revision)
         return self._hub.watch(prefix, start_revision)
 
     async def close(self) -> None:

@@ -104,7 +104,9 @@ from agentcluster.store.base import (
     TxnResult,
     WatchEvent,
     check_delete_args,
+    check_key,
     check_range_args,
+    check_txn_args,
     check_watch_args,
 )
 
@@ -491,6 +493,7 @@ class KvClient(Store):
     # ----------------------------------------------------------------- Store
 
     async def get(self, key: str) -> KeyValue | None:
+        check_key(key)
         return _kv_dec.decode((await self._call(KvRequest("get", key=key))).data)
 
     async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
@@ -509,6 +512,7 @@ class KvClient(Store):
     # The writes await request() themselves and check its reply synchronously: a put is
     # the store's hot path, and each coroutine layer costs it about a microsecond.
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        check_key(key)
         req = _command_request(PutCmd(key, value, lease))
         return unwrap(_result(req, await self.request(req)), PutResult).revision
 
@@ -523,6 +527,7 @@ class KvClient(Store):
         success: Sequence[TxnOp],
         failure: Sequence[TxnOp] = (),
     ) -> TxnResult:
+        check_txn_args(compares, success, failure)
         cmd = TxnCmd(list(compares), list(success), list(failure))
         req = _command_request(cmd)
         return unwrap(_result(req, await self.request(req)), TxnResult)
@@ -541,7 +546,7 @@ class KvClient(Store):
     def watch(
         self, prefix: str, *, start_revision: int = 0
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
-        check_watch_args(start_revision)
+        check_watch_args(prefix, start_revision)
         return self._watch(prefix, start_revision)
 
     @asynccontextmanager
