@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -367,6 +368,61 @@ def test_leases_attach_and_revoke(running: Running) -> None:
     out = running.kv("put", "ls/k", "v", "--lease", lease)
     assert out.returncode == 1
     assert _no_traceback(out) == f"error: lease {lease} not found\n"
+
+
+def test_lease_keepalive_keeps_a_lease_past_its_ttl(running: Running) -> None:
+    lease = running.ok("lease", "grant", "1.5").strip()
+    running.ok("put", "lk/k", "v", "--lease", lease)
+    t0 = time.monotonic()
+    # Five refreshes a third of the TTL apart: the key outlives its first 1.5 s.
+    out = running.ok("lease", "keepalive", lease, "--count", "5")
+    assert out.splitlines() == [f"{lease} ttl 1.5"] * 5
+    assert time.monotonic() - t0 >= 2.0
+    assert json.loads(running.ok("get", "lk/k", "--json"))["lease"] == int(lease, 16)
+    once = running.ok("lease", "keepalive", lease, "--once", "--json")
+    assert json.loads(once) == {"id": int(lease, 16), "ttl": 1.5}
+    running.ok("lease", "revoke", lease)
+    out = running.kv("lease", "keepalive", lease)
+    assert out.returncode == 1
+    assert _no_traceback(out) == f"error: lease {lease} not found\n"
+    out = running.kv("lease", "keepalive", "zz")
+    assert out.returncode == 2 and "not a lease id" in _no_traceback(out)
+
+
+def test_lease_keepalive_fails_when_the_lease_is_revoked_and_stops_on_sigint(
+    running: Running,
+) -> None:
+    def start(lease: str) -> tuple[subprocess.Popen[bytes], _Lines, _Lines]:
+        cmd = [*CLI, *running.argv(("lease", "keepalive", lease), [running.addrs[0]], True)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        return proc, _Lines(proc.stdout), _Lines(proc.stderr)
+
+    revoked, kept = (running.ok("lease", "grant", "3").strip() for _ in range(2))
+    running.ok("put", "lk/kept", "v", "--lease", kept)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        proc, stdout, stderr = start(revoked)
+        procs.append(proc)
+        assert stdout.next() == f"{revoked} ttl 3\n"
+        running.ok("lease", "revoke", revoked)
+        assert proc.wait(timeout=30) == 1  # at its next refresh, a second later
+        assert "".join(stderr.rest()) == f"error: lease {revoked} expired or was revoked\n"
+
+        proc, stdout, stderr = start(kept)
+        procs.append(proc)
+        assert stdout.next() == f"{kept} ttl 3\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in "".join(stderr.rest())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    # Ctrl-C leaves the lease to run out by itself: its key is still there.
+    assert json.loads(running.ok("get", "lk/kept", "--json"))["lease"] == int(kept, 16)
+    running.ok("lease", "revoke", kept)
 
 
 def test_bad_input_is_a_usage_error(running: Running) -> None:

@@ -52,7 +52,7 @@ kv_app = typer.Typer(
     help="The coordination store: get, put, del, range, watch, leases, status.",
     no_args_is_help=True,
 )
-lease_app = typer.Typer(help="Grant and revoke store leases.", no_args_is_help=True)
+lease_app = typer.Typer(help="Grant, keep alive and revoke store leases.", no_args_is_help=True)
 kv_app.add_typer(lease_app, name="lease")
 
 NodeOpt = Annotated[
@@ -522,6 +522,77 @@ def lease_revoke(
         async with _open(node, key_file, timeout) as store:
             await store.lease_revoke(parsed)
         return 0
+
+    _run(main)
+
+
+@lease_app.command("keepalive")
+def lease_keepalive(
+    lease_id: Annotated[str, typer.Argument(metavar="ID", help="The lease id (hex).")],
+    *,
+    node: NodeOpt,
+    once: Annotated[bool, typer.Option("--once", help="Refresh once, then exit.")] = False,
+    count: Annotated[
+        int, typer.Option(min=0, help="Stop after this many refreshes (0: run until Ctrl-C).")
+    ] = 0,
+    key_file: KeyFileOpt = None,
+    timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Keep a lease alive: refresh it every third of its TTL, one line per refresh, until
+    Ctrl-C (the lease is left to run out then, not revoked). Fails once the lease is gone."""
+
+    async def main() -> int:
+        from agentcluster.control import ControlError
+        from agentcluster.store.base import LeaseNotFound, StoreUnavailable
+
+        parsed = _lease_id(lease_id, "ID")
+        limit = 1 if once else count
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (os_signal.SIGINT, os_signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        async with _open(node, key_file, timeout) as store:
+            done = 0
+            # The first refresh must succeed: a wrong id or no reachable node fails at once.
+            ttl = await store.lease_keepalive(parsed)
+            last_ok = loop.time()
+            while True:
+                done += 1
+                try:
+                    if as_json:
+                        _echo_json({"id": parsed, "ttl": ttl})
+                    else:
+                        typer.echo(f"{parsed:x} ttl {ttl:g}")
+                except BrokenPipeError:  # ``kv lease keepalive ID | head -1``
+                    _silence_stdout()
+                    return 0
+                if done == limit:
+                    return 0
+                # A third of the TTL leaves two more tries before the lease runs out.
+                wait = max(ttl / 3, 0.01)
+                while True:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await stop.wait()
+                    if stop.is_set():
+                        return 0
+                    try:
+                        ttl = await store.lease_keepalive(parsed)
+                    except LeaseNotFound:
+                        raise LeaseNotFound(f"lease {parsed:x} expired or was revoked") from None
+                    except (StoreUnavailable, ControlError) as exc:
+                        if loop.time() - last_ok >= ttl:
+                            raise StoreUnavailable(
+                                f"lease {parsed:x}: no refresh for {ttl:g} s, its TTL; it may "
+                                f"have expired ({exc})"
+                            ) from None
+                        typer.echo(f"warning: refresh failed, retrying: {exc}", err=True)
+                        wait = min(max(ttl / 10, 0.01), 1.0)
+                        continue
+                    last_ok = loop.time()
+                    break
 
     _run(main)
 
