@@ -425,6 +425,31 @@ def test_lease_keepalive_fails_when_the_lease_is_revoked_and_stops_on_sigint(
     running.ok("lease", "revoke", kept)
 
 
+def test_lease_keepalive_gives_up_a_ttl_after_its_last_refresh(running: Running) -> None:
+    leader = running.run(eventually(lambda: _one_leader(running.cluster), timeout=60))
+    entry = next(n for n in running.cluster.nodes if n.name != leader)  # the cluster lives on
+    lease = running.ok("lease", "grant", "2").strip()
+    argv = running.argv(("lease", "keepalive", lease, "--timeout", "0.3"), [entry.addr], True)
+    proc = subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = _Lines(proc.stdout), _Lines(proc.stderr)
+        assert stdout.next() == f"{lease} ttl 2\n"
+        running.cluster.pause(entry.name)
+        assert proc.wait(timeout=30) == 1
+        err = "".join(stderr.rest())
+    finally:
+        running.cluster.resume(entry.name)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err
+    assert err.startswith("warning: refresh failed, retrying: "), err
+    assert err.splitlines()[-1].startswith(
+        f"error: lease {lease}: no refresh for 2 s, its TTL; it may have expired ("
+    ), err
+
+
 def test_bad_input_is_a_usage_error(running: Running) -> None:
     for args in (
         ("put", "k", "v", "--file", "-"),  # two values
