@@ -19,6 +19,9 @@ from agentcluster.consensus.raft import (
     Message,
     RaftConfig,
     RequestVote,
+    Snapshot,
+    SnapshotChunk,
+    SnapshotChunkAck,
     TimeoutNow,
     decode_message,
     encode_message,
@@ -101,6 +104,87 @@ def test_install_snapshot_fast_forwards_when_follower_holds_the_entry_7() -> Non
     (resp,) = rd.messages
     assert isinstance(resp, AppendEntriesResponse) and resp.success
     assert resp.match_index == n2.commit_index >= snap.index
+
+
+CHUNKED = RaftConfig(election_timeout=1.0, heartbeat_interval=0.1, snapshot_chunk_bytes=16)
+
+
+def _lagging_n3(c: Cluster) -> None:
+    c.elect("n1")
+    c.crash("n3")
+    for k in range(20):
+        commit(c, b"w%d" % k)
+    c.take_snapshot("n1")
+    c.restart("n3")
+
+
+def test_a_snapshot_larger_than_a_chunk_travels_in_pieces_7() -> None:
+    """§7 (InstallSnapshot with offset): a snapshot over ``snapshot_chunk_bytes`` goes as
+    pieces, one at a time, each acknowledged with the offset wanted next; the follower installs
+    the same bytes as a whole InstallSnapshot would have carried."""
+    c = Cluster(3, config=CHUNKED)
+    _lagging_n3(c)
+    snap = c.nodes["n1"].snapshot
+    assert snap is not None and len(snap.data) > 3 * 16
+    sent: list[Message] = []
+
+    def spy(m: Message) -> bool:
+        sent.append(m)
+        return True
+
+    c.advance_time(c.now + 1.0, keep=spy)
+    pieces = [m for m in sent if isinstance(m, SnapshotChunk) and m.dst == "n3"]
+    acks = [m.received for m in sent if isinstance(m, SnapshotChunkAck)]
+    assert not any(isinstance(m, InstallSnapshot) for m in sent)
+    assert [m.offset for m in pieces] == list(range(0, len(snap.data), 16))
+    assert all(len(m.snapshot.data) <= 16 and m.total == len(snap.data) for m in pieces)
+    assert acks == [m.offset + 16 for m in pieces[:-1]]  # the last is answered as a whole
+    assert c.nodes["n3"].snapshot == snap
+    commit(c, b"after")
+    assert c.applied["n3"] == c.applied["n1"]
+
+
+def test_a_lost_piece_is_sent_again_from_where_the_follower_stands_7() -> None:
+    """§7: a lost piece stalls the transfer until the leader gives up waiting (an election
+    timeout) and starts again; the follower answers the restart with the offset it holds, so
+    nothing it has is sent twice more."""
+    c = Cluster(3, config=CHUNKED)
+    _lagging_n3(c)
+    sent: list[Message] = []
+    lost: list[SnapshotChunk] = []
+
+    def lose_one(m: Message) -> bool:
+        if isinstance(m, SnapshotChunk) and m.offset == 32 and not lost:
+            lost.append(m)
+            return False
+        sent.append(m)
+        return True
+
+    c.advance_time(c.now + 3.0, keep=lose_one)
+    assert lost
+    offsets = [m.offset for m in sent if isinstance(m, SnapshotChunk)]
+    assert offsets[:3] == [0, 16, 0]  # the retry starts over ...
+    assert offsets[3] == 32  # ... and the follower's answer skips what it has
+    assert c.nodes["n3"].snapshot == c.nodes["n1"].snapshot
+    commit(c, b"after")
+    assert c.applied["n3"] == c.applied["n1"]
+
+
+def test_a_piece_of_a_snapshot_the_follower_holds_nothing_of_is_answered_with_0_7() -> None:
+    c = Cluster(3)
+    leader = c.elect("n1")
+    commit(c, b"a")
+    n2 = c.nodes["n2"]
+    part = Snapshot(50, leader.term, leader.conf, b"x" * 8)
+    n2.step(SnapshotChunk(leader.term, "n1", "n2", part, 8, 24), c.now)
+    (ack,) = n2.ready().messages
+    assert isinstance(ack, SnapshotChunkAck) and (ack.index, ack.received) == (50, 0)
+    n2.step(SnapshotChunk(leader.term, "n1", "n2", part, 0, 24), c.now)
+    n2.step(SnapshotChunk(leader.term, "n1", "n2", part, 0, 24), c.now)  # repeated
+    first, again = n2.ready().messages
+    assert isinstance(first, SnapshotChunkAck) and first.received == 8
+    assert isinstance(again, SnapshotChunkAck) and again.received == 8
+    assert n2.snapshot is None or n2.snapshot.index < 50  # nothing installed from pieces
 
 
 # ----------------------------------------------------------------------------- membership §4.1

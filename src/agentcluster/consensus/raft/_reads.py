@@ -17,7 +17,10 @@ from the leader. Reads wait until the leader has committed an entry of its term.
 **Leadership transfer (thesis §3.10).** The leader stops accepting proposals and lease reads,
 brings the target up to date and sends it TimeoutNow; the target starts an election at once,
 marked so that voters skip the live-leader check. The transfer is abandoned after an election
-timeout.
+timeout -- but a TimeoutNow already sent may still arrive and elect its target, past every
+voter's lease: a leader that sent one serves no lease read for the rest of its term (ReadIndex
+rounds still answer). A read that waited for the term's first commit is confirmed by a fresh
+round, never by the lease (the commit may be noticed after a disk write, at a stale time).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class ReadsMixin:
     _read_states: list[tuple[int, int]]
     _transferee: str | None
     _transfer_deadline: float
+    _lease_void: bool
 
     @property
     def is_voter(self) -> bool:
@@ -81,7 +85,7 @@ class ReadsMixin:
     def lease_valid(self, now: float) -> bool:
         """True while a quorum acknowledged a heartbeat round recent enough that no other
         leader can exist (thesis §6.4.1)."""
-        if self.state != "leader" or self._transferee is not None:
+        if self.state != "leader" or self._transferee is not None or self._lease_void:
             return False
         if not self.config.lease_reads:
             return False
@@ -102,8 +106,15 @@ class ReadsMixin:
         self._transferee = target
         self._transfer_deadline = now + self.config.election_timeout
         if pr.match == self.log.last_index:
-            self._send(TimeoutNow(self.term, self.id, target))
+            self._send_timeout_now(target)
         return True
+
+    def _send_timeout_now(self, target: str) -> None:
+        # A TimeoutNow may arrive late -- after the transfer was abandoned -- and still make
+        # its target campaign past the voters' lease check: from now on in this term, no
+        # lease shortcut, every read is confirmed by a quorum round.
+        self._lease_void = True
+        self._send(TimeoutNow(self.term, self.id, target))
 
     def _new_round(self, now: float) -> None:
         self._seq += 1
@@ -120,8 +131,8 @@ class ReadsMixin:
         q = self._quorum()
         return acked[len(acked) - q] if len(acked) >= q else 0
 
-    def _admit_read(self, request_id: int, now: float) -> None:
-        if self.lease_valid(now):
+    def _admit_read(self, request_id: int, now: float, *, lease_ok: bool = True) -> None:
+        if lease_ok and self.lease_valid(now):
             self._read_states.append((request_id, self.commit_index))
             return
         # Reads that arrive before the next flush share one confirmation round.

@@ -73,6 +73,7 @@ from agentcluster.consensus.raft._conf import ConfMixin
 from agentcluster.consensus.raft._log import MemoryStorage, RaftLog, Storage
 from agentcluster.consensus.raft._progress import Progress
 from agentcluster.consensus.raft._reads import ReadsMixin
+from agentcluster.consensus.raft._snap import SnapshotMixin
 from agentcluster.consensus.raft.messages import (
     MAX_TERM,
     AppendEntries,
@@ -86,6 +87,8 @@ from agentcluster.consensus.raft.messages import (
     RequestVote,
     RequestVoteResponse,
     Snapshot,
+    SnapshotChunk,
+    SnapshotChunkAck,
     TimeoutNow,
 )
 
@@ -112,13 +115,25 @@ class RaftConfig:
     # an empty one is sent (0: in the same Ready). A few ms keeps that message off the write's
     # critical path; followers then apply at most this much later.
     commit_delay: float = 0.0
+    # A snapshot larger than this travels in pieces of this size (see _snap): below the
+    # transport's 4 MiB frame, small enough not to hold up a follower's heartbeats for long.
+    snapshot_chunk_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.election_timeout:
             raise ValueError("need 0 < heartbeat_interval < election_timeout")
-        if self.max_entries_per_append < 1 or self.max_inflight < 1 or self.max_append_bytes < 1:
+        if (
+            min(
+                self.max_entries_per_append,
+                self.max_inflight,
+                self.max_append_bytes,
+                self.snapshot_chunk_bytes,
+            )
+            < 1
+        ):
             raise ValueError(
-                "max_entries_per_append, max_append_bytes and max_inflight must be >= 1"
+                "max_entries_per_append, max_append_bytes, max_inflight and "
+                "snapshot_chunk_bytes must be >= 1"
             )
         if not 0 <= self.commit_delay < self.heartbeat_interval:
             raise ValueError("need 0 <= commit_delay < heartbeat_interval")
@@ -128,7 +143,7 @@ class RaftConfig:
             raise ValueError("lease_reads needs check_quorum (followers must honour the lease)")
 
 
-class RaftNode(ConfMixin, ReadsMixin):
+class RaftNode(ConfMixin, ReadsMixin, SnapshotMixin):
     def __init__(
         self,
         id: str,
@@ -173,6 +188,7 @@ class RaftNode(ConfMixin, ReadsMixin):
         self._handed_index = base
         self._snapshot = snap
         self._pending_snapshot: Snapshot | None = None
+        self._partial = None  # the pieces of a chunked snapshot received so far (see _snap)
         self._persisted_hs = hs
         self.voters: tuple[str, ...] = ()
         self.learners: tuple[str, ...] = ()
@@ -202,6 +218,8 @@ class RaftNode(ConfMixin, ReadsMixin):
         self._seq_flush = False
         self._reads: list[tuple[int, int, int]] = []  # (round, request id, read index)
         self._reads_waiting: list[int] = []  # request ids waiting for a commit in this term
+        # Set once this leader sent a TimeoutNow: see ReadsMixin.lease_valid.
+        self._lease_void = False
         self._read_states: list[tuple[int, int]] = []
         self._transferee: str | None = None
         self._transfer_deadline = math.inf
@@ -297,11 +315,12 @@ class RaftNode(ConfMixin, ReadsMixin):
             elif isinstance(msg, RequestVoteResponse) and msg.pre_vote and msg.granted:
                 pass
             else:
-                leader = msg.src if isinstance(msg, AppendEntries | InstallSnapshot) else None
+                sent_by_leader = AppendEntries | InstallSnapshot | SnapshotChunk
+                leader = msg.src if isinstance(msg, sent_by_leader) else None
                 self._become_follower(msg.term, leader, now)
         elif msg.term < self.term:
             # Tell a stale leader or pre-candidate about the newer term; ignore the rest.
-            if isinstance(msg, AppendEntries | InstallSnapshot):
+            if isinstance(msg, AppendEntries | InstallSnapshot | SnapshotChunk):
                 reject = msg.prev_index if isinstance(msg, AppendEntries) else 0
                 self._send(
                     AppendEntriesResponse(self.term, self.id, msg.src, False, reject_index=reject)
@@ -320,7 +339,16 @@ class RaftNode(ConfMixin, ReadsMixin):
             self._on_vote_response(msg, now)
         elif isinstance(msg, InstallSnapshot):
             self._on_snapshot(msg, now)
-        elif self.state == "follower" and msg.src == self.leader_id and self.is_voter:
+        elif isinstance(msg, SnapshotChunk):
+            self._on_chunk(msg, now)
+        elif isinstance(msg, SnapshotChunkAck):
+            self._on_chunk_ack(msg)
+        elif (
+            isinstance(msg, TimeoutNow)
+            and self.state == "follower"
+            and msg.src == self.leader_id
+            and self.is_voter
+        ):
             self._become_candidate(now, transfer=True)  # TimeoutNow from our leader
 
     def match_index(self, peer: str) -> int:
@@ -503,6 +531,7 @@ class RaftNode(ConfMixin, ReadsMixin):
         self._heartbeat_deadline = now + self.config.heartbeat_interval
         self._check_quorum_deadline = now + self.config.election_timeout
         self._election_deadline = math.inf
+        self._lease_void = False
         self._new_round(now)
 
     def _on_vote_request(self, msg: RequestVote, now: float) -> None:
@@ -614,28 +643,6 @@ class RaftNode(ConfMixin, ReadsMixin):
             )
         )
 
-    def _on_snapshot(self, msg: InstallSnapshot, now: float) -> None:
-        if self.state == "leader":
-            self.dropped += 1
-            return
-        self._leader_contact(msg.src, now)
-        snap = msg.snapshot
-        if snap.index > self.commit_index:
-            if self.log.term(snap.index) == snap.term:
-                self._commit_to(snap.index)  # we hold its last entry: fast-forward (§7)
-            else:
-                self.log.restore(snap.index, snap.term)
-                self.commit_index = snap.index
-                self._handed_index = snap.index
-                self._snapshot = snap
-                self._pending_snapshot = snap
-                self._set_conf(snap.conf, snap.index)
-        self._send(
-            AppendEntriesResponse(
-                self.term, self.id, msg.src, True, match_index=self.commit_index, seq=msg.seq
-            )
-        )
-
     def _commit_to(self, index: int) -> None:
         old = self.commit_index
         self.commit_index = index
@@ -668,7 +675,7 @@ class RaftNode(ConfMixin, ReadsMixin):
                 pr.next = pr.match + 1
             self._maybe_commit()
             if msg.src == self._transferee and pr.match == self.log.last_index:
-                self._send(TimeoutNow(self.term, self.id, msg.src))
+                self._send_timeout_now(msg.src)
             return
         rejected = msg.reject_index
         if rejected > self.log.last_index:
@@ -707,7 +714,10 @@ class RaftNode(ConfMixin, ReadsMixin):
             if first_in_term and self._reads_waiting:
                 waiting, self._reads_waiting = self._reads_waiting, []
                 for rid in waiting:
-                    self._admit_read(rid, self._seq_sent.get(self._seq, -math.inf))
+                    # Confirmed by a round started now, never by the lease: this may run
+                    # after a write to disk, so ``_now`` can be older than the real time
+                    # by more than the lease's drift margin.
+                    self._admit_read(rid, self._now, lease_ok=False)
             if self.state == "leader" and self.id not in self.voters:
                 self._become_follower(self.term, None, -math.inf)  # our removal committed
 
@@ -771,16 +781,6 @@ class RaftNode(ConfMixin, ReadsMixin):
             pr.next = entries[-1].index + 1
             pr.inflight.append(entries[-1].index)
         return True
-
-    def _send_snapshot(self, peer: str, pr: Progress) -> bool:
-        snap = self._snapshot
-        if snap is None:
-            raise AssertionError("an entry was compacted without a snapshot")
-        self._send(InstallSnapshot(self.term, self.id, peer, snap, self._seq))
-        pr.become_probe()
-        pr.state = "snapshot"
-        pr.next = snap.index + 1
-        return False
 
     def _send_empty(self, peer: str, pr: Progress) -> None:
         prev = pr.next - 1

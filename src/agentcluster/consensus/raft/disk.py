@@ -62,7 +62,9 @@ that did not finish, as etcd's WAL reads it; or its first sector never landed, s
 reads as zeros to that sector's end and no record header follows anywhere after it, as one
 would after a sector zeroed in the middle of the log) -- was never acknowledged: it is cut
 off, counted in ``repaired_tail_bytes`` and logged. Zeros after the last record of any segment are
-preallocated space (or a file that grew before its data landed) and end it quietly. Anything
+preallocated space (or a file that grew before its data landed) and end it quietly -- but a
+segment's checkpoint records where the previous segment's records ended, so records of an
+older segment that read back as zeros are corruption, not space. Anything
 else -- a CRC mismatch in a complete record, an undecodable record, an entry that leaves a gap
 or goes backwards, a missing segment or snapshot -- raises :class:`StorageCorruption` naming
 the file and byte offset; nothing is ever skipped silently.
@@ -142,6 +144,9 @@ class _Checkpoint(msgspec.Struct, frozen=True, array_like=True, tag="k"):
     snap: _SnapRef | None
     base: _Index  # first index of the live log (== next when it is empty)
     next: _Index
+    # Where the previous segment's records end (-1: no previous segment, or a checkpoint
+    # written before this field): recovery cannot take a lost record at its end for space.
+    prev_end: Annotated[int, msgspec.Meta(ge=-1)] = -1
 
 
 class _Persist(msgspec.Struct, frozen=True, array_like=True, tag="p"):
@@ -255,8 +260,10 @@ class _State:
     def base(self) -> int:
         return self.first if self.entries else self.next_index()
 
-    def checkpoint(self, seq: int) -> _Checkpoint:
-        return _Checkpoint(seq, self.hard_state, self.snap, self.base(), self.next_index())
+    def checkpoint(self, seq: int, prev_end: int = -1) -> _Checkpoint:
+        return _Checkpoint(
+            seq, self.hard_state, self.snap, self.base(), self.next_index(), prev_end
+        )
 
     def matches(self, c: _Checkpoint) -> bool:
         return (c.hard_state, c.snap, c.base, c.next) == (
@@ -656,7 +663,7 @@ class DiskStorage:
         seq = self._segments[-1][0] + 1
         st = self._state
         path = self._dir / _seg_name(seq, st.next_index())
-        data = _frame(_encoder.encode(st.checkpoint(seq))) + frame
+        data = _frame(_encoder.encode(st.checkpoint(seq, self._size))) + frame
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             zeroed = self._write(fd, 0, data, 0)
@@ -731,6 +738,7 @@ class DiskStorage:
         self, segments: list[tuple[int, Path]], snaps: dict[tuple[int, int], Path]
     ) -> _State:
         state: _State | None = None
+        prev: tuple[Path, int] | None = None  # the previous segment and where its records end
         for k, (seq, path) in enumerate(segments):
             last = k == len(segments) - 1
             data = path.read_bytes()
@@ -756,6 +764,14 @@ class DiskStorage:
                 state = _State(head.hard_state, head.snap, head.base, head.next - head.base)
             elif not state.matches(head):
                 raise StorageCorruption(path, off, "checkpoint disagrees with the segments before")
+            if prev is not None and head.prev_end >= 0 and prev[1] != head.prev_end:
+                # Zeros where records were: a lost write, not preallocated space.
+                raise StorageCorruption(
+                    prev[0],
+                    prev[1],
+                    f"records end here, but the next segment's checkpoint says they end at "
+                    f"{head.prev_end}: written records read back as zeros",
+                )
             for off, rec in records[1:]:
                 try:
                     state.replay(rec, seq)
@@ -763,6 +779,7 @@ class DiskStorage:
                     raise StorageCorruption(path, off, str(exc)) from None
             self._segments.append((seq, path))
             self._tail_end = valid
+            prev = (path, valid)
         if state is None:
             if snaps:
                 # Segment 1 is synced before open returns, so no snapshot can predate it.

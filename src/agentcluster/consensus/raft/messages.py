@@ -42,6 +42,8 @@ __all__ = [
     "RequestVote",
     "RequestVoteResponse",
     "Snapshot",
+    "SnapshotChunk",
+    "SnapshotChunkAck",
     "TimeoutNow",
     "decode_conf_change",
     "decode_message",
@@ -157,6 +159,34 @@ class InstallSnapshot(msgspec.Struct, frozen=True, array_like=True, tag="is"):
     seq: Counter = 0
 
 
+class SnapshotChunk(msgspec.Struct, frozen=True, array_like=True, tag="sc"):
+    """A piece of a snapshot too large for one message (the thesis's InstallSnapshot with
+    ``offset``): ``snapshot`` carries the index, term and configuration, and in ``data`` just
+    the bytes from ``offset`` on; ``total`` is the size of the whole data. The follower
+    answers a middle piece with :class:`SnapshotChunkAck`, the last as it answers an
+    :class:`InstallSnapshot`. (A tag of its own: a node that predates chunks drops the
+    pieces rather than installing one as a whole snapshot.)"""
+
+    term: Term
+    src: NodeId
+    dst: NodeId
+    snapshot: Snapshot
+    offset: Counter
+    total: Counter
+    seq: Counter = 0
+
+
+class SnapshotChunkAck(msgspec.Struct, frozen=True, array_like=True, tag="sa"):
+    """A follower holds ``received`` bytes of the snapshot at ``index``: the offset it wants
+    next (0: start over)."""
+
+    term: Term
+    src: NodeId
+    dst: NodeId
+    index: Counter
+    received: Counter
+
+
 class TimeoutNow(msgspec.Struct, frozen=True, array_like=True, tag="tn"):
     """Leadership transfer (thesis §3.10): "start an election now"."""
 
@@ -185,6 +215,8 @@ Message = (
     | AppendEntries
     | AppendEntriesResponse
     | InstallSnapshot
+    | SnapshotChunk
+    | SnapshotChunkAck
     | TimeoutNow
 )
 
