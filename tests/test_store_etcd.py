@@ -26,6 +26,7 @@ import pytest
 from agentcluster.store._etcd_cluster import EtcdCluster, EtcdNotInstalled
 from agentcluster.store.base import (
     Compacted,
+    InvalidCommand,
     LeaseNotFound,
     PutOp,
     Store,
@@ -75,6 +76,7 @@ async def fresh_cluster() -> AsyncIterator[EtcdCluster]:
 class TestEtcdStore(StoreContract):
     """The whole store contract, on the shared 3-member cluster."""
 
+    carries_surrogate_keys = True
     short_ttl = 2.0  # etcd's minimum TTL with a 1000 ms election timeout
     lock_ttl = 3.0
     settle_timeout = 10.0  # etcd checks lease expiry every 500 ms
@@ -184,8 +186,12 @@ async def test_endpoint_forms_and_validation(etcd_cluster: EtcdCluster) -> None:
     urls = [m.client_url for m in etcd_cluster.members]
     async with await EtcdStore.connect(urls) as store:
         assert store.endpoints == etcd_cluster.endpoints
-        with pytest.raises(ValueError, match="key is not provided"):
-            await store.put("", b"x")
+        with pytest.raises(InvalidCommand, match="must not be empty"):
+            await store.put("", b"x")  # refused before it is sent, as on every backend
+        # etcd's own refusals (invalid arguments) are InvalidCommand too.
+        with pytest.raises(InvalidCommand, match=r"etcd rejected the request: .*too large"):
+            await store.put("big", b"x" * (1600 << 10))
+        assert await store.get("big") is None
     with pytest.raises(ValueError, match="mix http:// and https://"):
         EtcdStore([urls[0], "https://127.0.0.1:2379"])
     with pytest.raises(ValueError, match="at least one endpoint"):

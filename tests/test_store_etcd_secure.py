@@ -184,6 +184,8 @@ class TestSecureEtcdStore(StoreContract):
     """The whole store contract over TLS with a client certificate, as an authenticated
     user: every call and every watch and keep-alive stream carries the token."""
 
+    carries_surrogate_keys = True
+
     short_ttl = 2.0
     lock_ttl = 3.0
     settle_timeout = 10.0

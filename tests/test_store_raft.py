@@ -36,6 +36,7 @@ from agentcluster.store._kv import (
     encode_command,
     unwrap,
 )
+from agentcluster.store.base import MAX_TXN_OPS, PutOp
 from agentcluster.store.raft import KvClient, KvReply, KvRequest, RaftKV
 from agentcluster.testing import SimCluster, wait_until
 from store_contract import StoreContract
@@ -93,14 +94,23 @@ async def started(n: int, voters: int, seed: int = 1, **kw: object) -> SimCluste
     return c
 
 
-class TestRaftStoreFromVoter(StoreContract):
+class _RaftContract(StoreContract):
+    async def compact_past(self, store: Store, revision: int) -> None:
+        # The raft backend keeps the last 10,000 events (no compact call): roll them over,
+        # with a margin for a member that answers a revision or two behind the leader.
+        for i in range(10_000 // MAX_TXN_OPS + 3):
+            puts = [PutOp(self.key(f"roll/{j}"), b"%d" % i) for j in range(MAX_TXN_OPS)]
+            await store.txn([], puts)
+
+
+class TestRaftStoreFromVoter(_RaftContract):
     pytestmark = pytest.mark.virtual_time
 
     async def make_store(self) -> Store:
         return ClusterStore(await started(3, 3), "n2")
 
 
-class TestRaftStoreFromClientNode(StoreContract):
+class TestRaftStoreFromClientNode(_RaftContract):
     pytestmark = pytest.mark.virtual_time
 
     async def make_store(self) -> Store:
@@ -250,7 +260,7 @@ async def test_a_client_batch_that_cannot_commit_in_time_is_reported_unknown(
     unknown) -- never ok, never refused as certainly not applied -- while an invalid one is
     still refused at once. The leader decoded each command once, to validate it, and
     proposed the batch as one log entry, which each follower decoded once."""
-    import agentcluster.store._kv_wire as wire_mod
+    import agentcluster.store._kv as kv_mod
     import agentcluster.store.raft as raft_mod
 
     c = await started(3, 3, seed=5)
@@ -258,7 +268,7 @@ async def test_a_client_batch_that_cannot_commit_in_time_is_reported_unknown(
         leader = leader_of(c)
         decoded: list[bytes] = []
         entries: list[object] = []
-        real, real_entry = wire_mod.decode_command, raft_mod.decode_entry
+        real, real_entry = kv_mod.decode_command, raft_mod.decode_entry
 
         def counting(data: bytes) -> object:
             decoded.append(data)
@@ -269,7 +279,7 @@ async def test_a_client_batch_that_cannot_commit_in_time_is_reported_unknown(
             entries.append(entry)
             return entry
 
-        monkeypatch.setattr(wire_mod, "decode_command", counting)  # the leader's validation
+        monkeypatch.setattr(kv_mod, "decode_command", counting)  # the leader's validation
         monkeypatch.setattr(raft_mod, "decode_entry", counting_entries)
         ok = [KvRequest("cmd", encode_command(PutCmd(f"ok{i}", b"v"))) for i in range(3)]
         replies = await c.nodes[leader].store.route_many(ok, timeout=5.0)
@@ -466,3 +476,30 @@ async def test_a_member_that_ignores_the_start_fails_the_range_instead_of_loopin
     with pytest.raises(StoreError, match="ignores a range's start"):
         async for _ in store.range_pages("p/", page=2):
             pass
+
+
+@pytest.mark.virtual_time
+async def test_a_member_far_behind_catches_up_when_the_state_outgrows_one_frame() -> None:
+    # About 6 MiB of state (and its watch history) in the snapshot: more than a transport
+    # frame (4 MiB) carries, so it must travel in pieces.
+    c = await started(3, 3, seed=4, snapshot_every=5)
+    try:
+        leader = leader_of(c)
+        behind = next(n for n in c.names if n != leader)
+        await c.crash(behind)
+        store = c.nodes[leader].store
+        value = b"v" * (600 * 1024)
+        for i in range(20):
+            await store.put(f"k{i % 10}", value)
+        rev = (await store.get("k9")).mod_revision  # type: ignore[union-attr]
+        host = c.nodes[leader].store_host
+        assert host is not None and host.stats()["snapshot_index"] > 0
+        await c.restart(behind)
+        member = c.nodes[behind].store_host.member  # type: ignore[union-attr]
+        assert member is not None
+        await wait_until(lambda: member.kv.revision >= rev, timeout=20.0)
+        assert member.shell.snapshots_installed >= 1
+        assert member.kv.get("k3").value == value  # type: ignore[union-attr]
+        assert c.nodes[leader].transport._stats.oversized_dropped == 0  # type: ignore[attr-defined]
+    finally:
+        await c.stop()

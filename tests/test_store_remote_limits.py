@@ -113,21 +113,27 @@ async def test_a_request_larger_than_a_frame_is_refused_before_it_is_sent() -> N
     # The entry node does not exist: a request that left would fail as unreachable.
     store = RemoteStore(["127.0.0.1:1"], keyring=Keyring.generate(), timeout=0.5)
     try:
-        with pytest.raises(InvalidCommand, match=r"request of 5,2\d\d,\d\d\d bytes") as info:
+        # A write: the store's own limit per write, before the frame's.
+        with pytest.raises(InvalidCommand, match=r"a write of 5,2\d\d,\d\d\d bytes exceeds"):
             await store.put("k", b"v" * (5 * MiB))
-        assert f"limit of {MAX_REQUEST_BYTES:,} bytes" in str(info.value)
-        with pytest.raises(InvalidCommand, match="request of"):
+        with pytest.raises(InvalidCommand, match="a write of"):
             await store.txn([], [PutOp("a", b"v" * (3 * MiB)), PutOp("b", b"v" * (3 * MiB))])
+        # Any request: the frame's limit (no public call makes one that large any more).
+        with pytest.raises(InvalidCommand, match=r"request of 5,2\d\d,\d\d\d bytes") as info:
+            await store.request(KvRequest("cmd", b"v" * (5 * MiB)))
+        assert f"limit of {MAX_REQUEST_BYTES:,} bytes" in str(info.value)
         with pytest.raises(InvalidCommand, match="keys are at most"):
             await store.get("k" * (5 * MiB))
-        with pytest.raises(InvalidCommand, match="does not encode"):
+        with pytest.raises(InvalidCommand, match="below 2"):
             await store.range("", limit=10**20)
-        with pytest.raises(InvalidCommand, match="does not encode"):
+        with pytest.raises(InvalidCommand, match="below 2"):
             async with store.watch("", start_revision=2**64) as events:
                 await anext(events)
+        with pytest.raises(InvalidCommand, match="does not encode"):
+            await store.request(KvRequest("rev", n=2**64))
         # Just under the limit it travels (and meets the missing node).
         with pytest.raises(StoreUnavailable, match="cannot reach"):
-            await store.put("k", b"v" * (MAX_REQUEST_BYTES - 64))
+            await store.put("k", b"v" * (3 * MiB - 1024))
     finally:
         await store.close()
 
@@ -266,7 +272,7 @@ def test_a_value_too_large_to_send_is_an_error_line(tmp_path: Path) -> None:
     big.write_bytes(b"v" * (5 * MiB))
     code, err = _kv("put", "k", "--file", str(big))
     assert code == 1
-    assert err.startswith("error: a store request of 5,2") and "bytes per request" in err
+    assert err.startswith("error: a write of 5,2") and "bytes per write" in err
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,8 @@ from agentcluster.clock import Deadline
 from agentcluster.membership.messages import StreamMessage
 from agentcluster.signals import Signal
 from agentcluster.store._batch import MAX_BATCH_COMMANDS
+from agentcluster.store._kv import decode_result
+from agentcluster.store._kv_wire import applied_too_large
 from agentcluster.store.raft import KvReply, KvRequest
 from agentcluster.transport.base import parse_addr
 from agentcluster.wire import Keyring, WireCodec
@@ -233,7 +235,9 @@ def _fit_replies(reqs: list[KvRequest], replies: list[KvReply]) -> list[KvReply]
     answers to reads become ``too_large`` errors, ``n=1`` when they came with others -- sent
     alone they may fit, and the client resends them so
     (:class:`~agentcluster.store.remote.RemoteStore`). Writes keep their answers (a few bytes):
-    a write must not be reported unknown for its neighbours' sake."""
+    a write must not be reported unknown for its neighbours' sake -- unless a transaction's
+    reads make its answer big, which then becomes a ``too_large`` error that says the write
+    was applied (a write is never resent)."""
     sizes = [len(r.data) + len(r.message) + 64 for r in replies]
     total = sum(sizes)
     if total <= _REPLIES_BUDGET:
@@ -243,6 +247,11 @@ def _fit_replies(reqs: list[KvRequest], replies: list[KvReply]) -> list[KvReply]
         if total <= _REPLIES_BUDGET:
             break
         if reqs[i].op == "cmd":
+            if not out[i].ok or sizes[i] < (64 << 10):
+                continue
+            room = "one reply with the others of its batch"
+            out[i] = applied_too_large(decode_result(out[i].data), len(out[i].data), room)
+            total -= sizes[i]
             continue
         out[i] = KvReply(
             False,

@@ -46,6 +46,8 @@ class EtcdAuthError(StoreError):
 _UNSENT_PREFIXES = ("failed to connect to all addresses",)
 _UNSENT_DETAILS = frozenset({"etcdserver: no leader", "etcdserver: too many requests"})
 _TOO_LARGE = "Received message larger than max"  # gRPC's words for its receive limit
+# The same limit on etcd's side (its --max-request-bytes + gRPC's framing): our request.
+_REQUEST_TOO_LARGE = "grpc: received message larger than max"
 
 
 def consume(task: asyncio.Task[None]) -> None:
@@ -79,6 +81,11 @@ def final_error(err: Any) -> Exception | None:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         # InvalidCommand is a ValueError too, and what the other backends raise for a refusal.
         return InvalidCommand(f"etcd rejected the request: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_REQUEST_TOO_LARGE):
+        return InvalidCommand(
+            f"etcd refused a request that large ({details}): it takes up to its "
+            "--max-request-bytes, 1.5 MiB by default"
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details:
         # The answer is over the client's receive limit (256 MiB): another endpoint would
         # send the same; a smaller page would not.

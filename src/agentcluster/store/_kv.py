@@ -60,6 +60,7 @@ __all__ = [
     "MAX_KEY_BYTES",
     "MAX_TXN_OPS",
     "MAX_VALUE_BYTES",
+    "MAX_WRITE_BYTES",
     "Command",
     "CompactCmd",
     "CompactResult",
@@ -77,11 +78,13 @@ __all__ = [
     "RevokeResult",
     "TxnCmd",
     "check_txn_writes",
+    "checked_command",
     "decode_command",
     "decode_result",
     "encode_command",
     "encode_result",
     "unwrap",
+    "write_too_large",
 ]
 
 MAX_KEY_BYTES = MAX_KEY_LENGTH  # characters, as msgspec's max_length counts them
@@ -249,6 +252,29 @@ class _LeaseRecord:
 
 
 # --- the state machine --------------------------------------------------------------------
+
+
+# A write is one log entry, and a follower receives an entry in one stream frame (4 MiB):
+# anything larger could never replicate, and every write behind it would wait forever.
+MAX_WRITE_BYTES = 3 << 20
+
+
+def write_too_large(size: int) -> str:
+    return (
+        f"a write of {size:,} bytes exceeds the store's limit of {MAX_WRITE_BYTES:,} bytes "
+        "per write"
+    )
+
+
+def checked_command(data: bytes) -> Command:
+    """Decode a write for the log, or raise InvalidCommand (garbage, or too large to
+    replicate)."""
+    if len(data) > MAX_WRITE_BYTES:
+        raise InvalidCommand(write_too_large(len(data)))
+    cmd = decode_command(data)
+    if isinstance(cmd, TxnCmd):
+        check_txn_writes(cmd.success, cmd.failure)
+    return cmd
 
 
 def check_txn_writes(*branches: Sequence[TxnOp]) -> None:

@@ -21,21 +21,21 @@ import msgspec
 from agentcluster.consensus.raft.shell import NotLeader, OutcomeUnknown, ProposalDropped
 from agentcluster.store._batch import Failed
 from agentcluster.store._kv import (
+    MAX_WRITE_BYTES,
     Command,
     InvalidCommand,
     Result,
-    TxnCmd,
-    check_txn_writes,
-    decode_command,
     decode_result,
     encode_command,
     encode_result,
+    write_too_large,
 )
 from agentcluster.store.base import (
     Compacted,
     LeaseNotFound,
     ReplyTooLarge,
     StoreUnavailable,
+    TxnResult,
     WatchEvent,
 )
 
@@ -48,7 +48,9 @@ __all__ = [
     "KvRequest",
     "NotSent",
     "ReplyTooLarge",
+    "applied_too_large",
     "outcome_reply",
+    "write_reply",
 ]
 
 
@@ -91,23 +93,6 @@ _EVENTS_BYTES = 1 << 20
 # for other replies batched with it.
 MAX_REPLY_BYTES = (4 << 20) - (256 << 10)
 _DECODED_MAX = 1 << 16
-# A write is one log entry, and a follower receives an entry in one stream frame (4 MiB):
-# anything larger could never replicate, and every write behind it would wait forever.
-MAX_WRITE_BYTES = 3 << 20
-
-
-def _checked_command(data: bytes) -> Command:
-    """Decode a write for the log, or raise InvalidCommand (garbage, or too large to
-    replicate)."""
-    if len(data) > MAX_WRITE_BYTES:
-        raise InvalidCommand(
-            f"a write of {len(data):,} bytes exceeds the store's limit of "
-            f"{MAX_WRITE_BYTES:,} bytes per write"
-        )
-    cmd = decode_command(data)
-    if isinstance(cmd, TxnCmd):
-        check_txn_writes(cmd.success, cmd.failure)
-    return cmd
 
 
 def _event_bytes(ev: WatchEvent) -> int:
@@ -174,7 +159,14 @@ def _answer(req: KvRequest, reply: KvReply) -> KvReply:
 
 
 def _command_request(cmd: Command) -> KvRequest:
-    return KvRequest("cmd", encode_command(cmd))
+    """A write's request, refused here when no member would take it."""
+    try:
+        data = encode_command(cmd)
+    except UnicodeEncodeError as exc:  # a key with a lone surrogate (see store/_checks.py)
+        raise InvalidCommand(f"a key is not valid Unicode text: {exc}") from None
+    if len(data) > MAX_WRITE_BYTES:
+        raise InvalidCommand(write_too_large(len(data)))
+    return KvRequest("cmd", data)
 
 
 def _result(req: KvRequest, reply: KvReply) -> Result:
@@ -202,10 +194,36 @@ def _error_reply(exc: BaseException) -> KvReply | None:
     return None
 
 
+def write_reply(result: Result) -> KvReply:
+    """The reply for an applied write: its result -- or, for a transaction whose reads do not
+    fit in one reply, a ``too_large`` error that says it was applied (never an unknown
+    outcome, which a caller might answer by writing again)."""
+    data = encode_result(result)
+    if len(data) > MAX_REPLY_BYTES:
+        return applied_too_large(result, len(data), f"one reply ({MAX_REPLY_BYTES:,} bytes)")
+    return KvReply(True, data)
+
+
+def applied_too_large(result: Result, size: int, room: str) -> KvReply:
+    if isinstance(result, TxnResult):
+        done = (
+            f"the transaction was applied at revision {result.revision} "
+            f"(succeeded: {result.succeeded})"
+        )
+    else:
+        done = "the write was applied"
+    return KvReply(
+        False,
+        error="too_large",
+        message=f"{done}, but its answer of {size:,} bytes does not fit in {room}: "
+        "read what it reads with range, in pages",
+    )
+
+
 def outcome_reply(outcome: Result | Failed) -> KvReply:
     """The reply for a write whose proposal settled with ``outcome``."""
     if not isinstance(outcome, Failed):
-        return KvReply(True, encode_result(outcome))
+        return write_reply(outcome)
     reply = _error_reply(outcome.exc)
     if reply is None:
         raise outcome.exc

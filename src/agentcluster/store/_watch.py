@@ -108,8 +108,10 @@ class WatchHub:
     async def watch(self, prefix: str, start_revision: int = 0) -> AsyncIterator[_Stream]:
         """Events under ``prefix`` from ``start_revision`` (0: from the next revision) on.
 
-        Raises :class:`Compacted` on entry if that history is gone, and
-        :class:`StoreUnavailable` if the hub is closed.
+        If that history is gone, the stream's first ``anext`` raises :class:`Compacted` (as
+        etcd's, which learns of a compaction only from its stream: code that catches it inside
+        the ``async with`` works on every backend). Raises :class:`StoreUnavailable` on entry
+        if the hub is closed.
         """
         if self._closed:
             raise StoreUnavailable("the store is closed")
@@ -118,9 +120,7 @@ class WatchHub:
         if watcher.next_rev > current:
             watcher.synced = True  # nothing to replay: live from here on
         else:
-            self._catch_up(watcher)
-            if watcher.error is not None:
-                raise watcher.error
+            self._catch_up(watcher)  # a Compacted waits in ``watcher.error`` for the reader
         key = next(self._ids)
         self._watchers[key] = watcher
         try:

@@ -65,9 +65,14 @@ __all__ = [
 ]
 
 
-# Keys are at most this many characters on every backend (the embedded store's wire decoder
-# checks it; the others check it before sending).
+# What every backend takes, checked before anything is sent (store/_checks.py), so code that
+# runs on one backend runs on all. Keys: at most this many characters (the embedded store's
+# wire takes no more; etcd alone would take up to its 1.5 MiB request).
 MAX_KEY_LENGTH = 8 * 1024
+# Compares, or operations in one branch, per transaction: etcd's default --max-txn-ops.
+MAX_TXN_OPS = 128
+# The longest lease, seconds (ten years; etcd's own cap is 9e9 s).
+MAX_LEASE_TTL = 10 * 365 * 24 * 3600.0
 
 
 class StoreError(Exception):
@@ -94,65 +99,19 @@ class Compacted(StoreError):
 
 class ReplyTooLarge(StoreError):
     """The answer would not fit in one reply frame (4 MiB): a range over that much data (read
-    it in pages: ``limit`` and ``start``, or :meth:`Store.range_pages`), or one revision whose
-    events are that large, for a remote watch."""
+    it in pages: ``limit`` and ``start``, or :meth:`Store.range_pages`), one revision whose
+    events are that large, for a remote watch, or a transaction's reads asked through a node
+    -- when that transaction wrote, the message says it was applied and at which revision (a
+    write is never resent)."""
 
 
 class InvalidCommand(StoreError, ValueError):
-    """A request the store refuses as asked, on every backend: a key over
-    :data:`MAX_KEY_LENGTH`, a compare against a value of the wrong type, a transaction branch
-    that writes a key twice, a command, result or snapshot that does not decode, or one the
-    state machine rejected. Nothing was written; sending it again changes nothing."""
-
-
-def check_key(key: str, what: str = "a key") -> None:
-    """Every backend's key-length rule, checked before anyone is asked (etcd itself would
-    take keys up to its 1.5 MiB request cap; the embedded store's wire would not)."""
-    if len(key) > MAX_KEY_LENGTH:
-        raise InvalidCommand(
-            f"{what} is {len(key):,} characters long; the store's keys are at most "
-            f"{MAX_KEY_LENGTH:,}"
-        )
-
-
-def check_delete_args(key: str, prefix: bool) -> None:
-    """A delete of one key must name it (``""`` with ``prefix`` means every key); as etcd."""
-    if not prefix and not key:
-        raise ValueError("a key must not be empty (delete every key with prefix=True)")
-    check_key(key, "the prefix" if prefix else "the key")
-
-
-def check_watch_args(prefix: str, start_revision: int) -> None:
-    check_key(prefix, "the prefix")
-    if start_revision < 0:
-        raise ValueError(f"start_revision must be >= 0, got {start_revision}")
-
-
-def check_range_args(prefix: str, limit: int, start: str) -> None:
-    """The checks every backend's :meth:`Store.range` makes before asking anyone."""
-    if not isinstance(prefix, str) or not isinstance(start, str):
-        raise TypeError(
-            f"prefix and start must be str, not {type(prefix).__name__} / {type(start).__name__}"
-        )
-    if limit < 0:
-        raise ValueError(f"limit must not be negative, got {limit}")
-    check_key(prefix, "the prefix")
-    check_key(start, "start")
-
-
-def check_txn_args(
-    compares: Sequence[Compare], success: Sequence[TxnOp], failure: Sequence[TxnOp]
-) -> None:
-    """Every backend's checks of a transaction's keys and compare values (the embedded
-    state machine makes the same ones again, for requests that skip this client)."""
-    for cmp in compares:
-        check_key(cmp.key, "a compared key")
-        wants_bytes = cmp.target == "value"
-        if isinstance(cmp.value, bytes) != wants_bytes:
-            kind = "bytes" if wants_bytes else "an int"
-            raise InvalidCommand(f"compare on {cmp.target!r} of {cmp.key!r} needs {kind}")
-    for op in (*success, *failure):
-        check_key(op.key, "a key in the transaction")
+    """A request the store refuses as asked, the same way on every backend: an empty key, a
+    key over :data:`MAX_KEY_LENGTH`, a compare against a value of the wrong type, more than
+    :data:`MAX_TXN_OPS` compares or operations, a transaction branch that writes a key twice,
+    a lease id or TTL out of range, a write too large to replicate, a command, result or
+    snapshot that does not decode, or one the state machine rejected. Nothing was written;
+    sending it again changes nothing."""
 
 
 class KeyValue(msgspec.Struct, frozen=True, array_like=True):
@@ -260,6 +219,8 @@ class Store(ABC):
         whose answer would not fit in a reply is asked again with half as many keys (one key
         always fits: a write is smaller than a reply), growing back after each page read.
         """
+        from agentcluster.store._checks import check_range_args
+
         if page < 1:
             raise ValueError(f"page must be at least 1, got {page}")
         check_range_args(prefix, 0, start)

@@ -94,6 +94,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "(it brings aetcd, grpcio and protobuf)"
     ) from exc
 
+from agentcluster.store._checks import (
+    check_delete_args,
+    check_key,
+    check_lease_id,
+    check_range_args,
+    check_ttl,
+    check_txn_args,
+    check_watch_args,
+)
 from agentcluster.store._etcd_conn import plan
 from agentcluster.store._etcd_errors import (
     AUTH_OFF,
@@ -130,11 +139,6 @@ from agentcluster.store.base import (
     TxnOp,
     TxnResult,
     WatchEvent,
-    check_delete_args,
-    check_key,
-    check_range_args,
-    check_txn_args,
-    check_watch_args,
 )
 
 __all__ = ["EtcdAuthError", "EtcdOptions", "EtcdStore"]
@@ -420,6 +424,7 @@ class EtcdStore(Store):
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         check_key(key)
+        check_lease_id(lease, "lease")
         request = rpc.PutRequest(key=key_bytes(key), value=bytes(value), lease=lease)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
@@ -493,8 +498,7 @@ class EtcdStore(Store):
     # -- leases ------------------------------------------------------------------------------
 
     async def lease_grant(self, ttl: float) -> Lease:
-        if not ttl > 0:
-            raise ValueError(f"a lease TTL must be positive, got {ttl}")
+        check_ttl(ttl)
         request = rpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)))
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
@@ -506,6 +510,7 @@ class EtcdStore(Store):
         return Lease(id=int(resp.ID), ttl=float(resp.TTL))
 
     async def lease_keepalive(self, lease_id: int) -> float:
+        check_lease_id(lease_id)
         request = rpc.LeaseKeepAliveRequest(ID=lease_id)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:
@@ -525,6 +530,7 @@ class EtcdStore(Store):
         return float(resp.TTL)
 
     async def lease_revoke(self, lease_id: int) -> None:
+        check_lease_id(lease_id)
         request = rpc.LeaseRevokeRequest(ID=lease_id)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:

@@ -30,12 +30,23 @@ from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 from agentcluster.clock import Clock, MonotonicClock, TimerHandle
+from agentcluster.store._checks import (
+    check_delete_args,
+    check_key,
+    check_lease_id,
+    check_range_args,
+    check_ttl,
+    check_txn_args,
+    check_unicode_key,
+    check_watch_args,
+)
 from agentcluster.store._kv import (
     Command,
     CompactCmd,
     CompactResult,
     DeleteCmd,
     DeleteResult,
+    InvalidCommand,
     KVStateMachine,
     LeaseGrantCmd,
     LeaseRevokeCmd,
@@ -44,7 +55,7 @@ from agentcluster.store._kv import (
     Result,
     TxnCmd,
     check_txn_writes,
-    decode_command,
+    checked_command,
     encode_command,
     unwrap,
 )
@@ -61,11 +72,6 @@ from agentcluster.store.base import (
     TxnOp,
     TxnResult,
     WatchEvent,
-    check_delete_args,
-    check_key,
-    check_range_args,
-    check_txn_args,
-    check_watch_args,
 )
 
 __all__ = ["MemoryStore"]
@@ -112,12 +118,15 @@ class MemoryStore(Store):
     async def get(self, key: str) -> KeyValue | None:
         self._check_open()
         check_key(key)
+        check_unicode_key(key)
         self._expire_due()
         return await _reply(self._machine.get(key))
 
     async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
         self._check_open()
         check_range_args(prefix, limit, start)
+        check_unicode_key(prefix)
+        check_unicode_key(start)
         self._expire_due()
         return await _reply(self._machine.range(prefix, limit, start))
 
@@ -130,6 +139,7 @@ class MemoryStore(Store):
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         check_key(key)
+        check_lease_id(lease, "lease")
         return await _reply(unwrap(self._apply(PutCmd(key, value, lease)), PutResult).revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:
@@ -154,6 +164,7 @@ class MemoryStore(Store):
     # -- leases --
 
     async def lease_grant(self, ttl: float) -> Lease:
+        check_ttl(ttl)
         lease = unwrap(self._apply(LeaseGrantCmd(float(ttl))), Lease)
         self._timers.grant(lease.id, lease.ttl, self._clock.now())
         if self._expiry is None:
@@ -163,6 +174,7 @@ class MemoryStore(Store):
 
     async def lease_keepalive(self, lease_id: int) -> float:
         self._check_open()
+        check_lease_id(lease_id)
         lease = self._machine.lease(lease_id)
         if lease is None:
             raise LeaseNotFound(f"lease {lease_id:x} not found")
@@ -173,6 +185,7 @@ class MemoryStore(Store):
 
     async def lease_revoke(self, lease_id: int) -> None:
         self._check_open()
+        check_lease_id(lease_id)
         self._revoke(lease_id)
         await _reply(None)
 
@@ -182,6 +195,7 @@ class MemoryStore(Store):
         self, prefix: str, *, start_revision: int = 0
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
         check_watch_args(prefix, start_revision)
+        check_unicode_key(prefix)
         return self._hub.watch(prefix, start_revision)
 
     async def close(self) -> None:
@@ -209,7 +223,7 @@ class MemoryStore(Store):
         self._check_open()
         if not isinstance(cmd, LeaseRevokeCmd):
             self._expire_due()
-        result = self._machine.apply(decode_command(encode_command(cmd)))
+        result = self._machine.apply(_checked(cmd))
         if self._machine.last_events:
             self._hub.publish(self._machine.last_events)
         return result
@@ -234,3 +248,13 @@ class MemoryStore(Store):
             finally:
                 if timer is not None:
                     timer.cancel()
+
+
+def _checked(cmd: Command) -> Command:
+    """``cmd`` as the embedded store would log it: encoded, within its size limit, decoded
+    (so the memory store takes and refuses what the raft backend does)."""
+    try:
+        data = encode_command(cmd)
+    except UnicodeEncodeError as exc:  # a key with a lone surrogate (see _checks)
+        raise InvalidCommand(f"a key is not valid Unicode text: {exc}") from None
+    return checked_command(data)

@@ -56,6 +56,16 @@ from agentcluster.store._batch import (
     decode_entry,
     encode_batch,
 )
+from agentcluster.store._checks import (
+    check_delete_args,
+    check_key,
+    check_lease_id,
+    check_range_args,
+    check_ttl,
+    check_txn_args,
+    check_unicode_key,
+    check_watch_args,
+)
 from agentcluster.store._kv import (
     Command,
     DeleteCmd,
@@ -69,8 +79,8 @@ from agentcluster.store._kv import (
     Result,
     RevokeResult,
     TxnCmd,
+    checked_command,
     encode_command,
-    encode_result,
     unwrap,
 )
 from agentcluster.store._kv_wire import (
@@ -81,12 +91,12 @@ from agentcluster.store._kv_wire import (
     NotSent,
     ReplyTooLarge,
     _answer,
-    _checked_command,
     _command_request,
     _cut_events,
     _error_reply,
     _result,
     outcome_reply,
+    write_reply,
 )
 from agentcluster.store._leases import LeaseTimers
 from agentcluster.store._watch import WatchHub
@@ -103,11 +113,6 @@ from agentcluster.store.base import (
     TxnOp,
     TxnResult,
     WatchEvent,
-    check_delete_args,
-    check_key,
-    check_range_args,
-    check_txn_args,
-    check_watch_args,
 )
 
 __all__ = [
@@ -353,7 +358,7 @@ class RaftKV:
         size = 0
         for k, req in writes:
             try:
-                cmd = _checked_command(req.cmd)  # reject garbage before it reaches the log
+                cmd = checked_command(req.cmd)  # reject garbage before it reaches the log
             except InvalidCommand as exc:
                 refused[k] = KvReply(False, error="invalid", message=str(exc))
                 continue
@@ -398,10 +403,10 @@ class RaftKV:
             # a keep-alive would find no timer and wrongly report the lease expired.)
             raise NotLeader(shell.leader_id)
         if req.op == "cmd":
-            cmd = _checked_command(req.cmd)  # reject garbage before it reaches the log
+            cmd = checked_command(req.cmd)  # reject garbage before it reaches the log
             fut = shell.submit(req.cmd)
             self.machine.remember(req.cmd, cmd)
-            return KvReply(True, encode_result(await fut))
+            return write_reply(await fut)
         await shell.read_barrier()
         kv = self.kv
         if req.op == "get":
@@ -494,10 +499,13 @@ class KvClient(Store):
 
     async def get(self, key: str) -> KeyValue | None:
         check_key(key)
+        check_unicode_key(key)
         return _kv_dec.decode((await self._call(KvRequest("get", key=key))).data)
 
     async def range(self, prefix: str, *, limit: int = 0, start: str = "") -> RangeResult:
         check_range_args(prefix, limit, start)
+        check_unicode_key(prefix)
+        check_unicode_key(start)
         reply = await self._call(KvRequest("range", key=prefix, n=limit, start=start))
         result = _range_dec.decode(reply.data)
         if result.kvs and result.kvs[0].key < start:
@@ -513,6 +521,7 @@ class KvClient(Store):
     # the store's hot path, and each coroutine layer costs it about a microsecond.
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         check_key(key)
+        check_lease_id(lease, "lease")
         req = _command_request(PutCmd(key, value, lease))
         return unwrap(_result(req, await self.request(req)), PutResult).revision
 
@@ -533,13 +542,16 @@ class KvClient(Store):
         return unwrap(_result(req, await self.request(req)), TxnResult)
 
     async def lease_grant(self, ttl: float) -> Lease:
+        check_ttl(ttl)
         req = _command_request(LeaseGrantCmd(float(ttl)))
         return unwrap(_result(req, await self.request(req)), Lease)
 
     async def lease_keepalive(self, lease_id: int) -> float:
+        check_lease_id(lease_id)
         return _float_dec.decode((await self._call(KvRequest("keepalive", n=lease_id))).data)
 
     async def lease_revoke(self, lease_id: int) -> None:
+        check_lease_id(lease_id)
         req = _command_request(LeaseRevokeCmd(lease_id))
         unwrap(_result(req, await self.request(req)), RevokeResult)
 
@@ -547,6 +559,7 @@ class KvClient(Store):
         self, prefix: str, *, start_revision: int = 0
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
         check_watch_args(prefix, start_revision)
+        check_unicode_key(prefix)
         return self._watch(prefix, start_revision)
 
     @asynccontextmanager
