@@ -27,7 +27,7 @@ from agentcluster.control import (
 )
 from agentcluster.node import Node
 from agentcluster.store._kv import InvalidCommand
-from agentcluster.store.base import PutOp, StoreUnavailable
+from agentcluster.store.base import GetOp, PutOp, ReplyTooLarge, StoreUnavailable
 from agentcluster.store.raft import KvReply, KvRequest
 from agentcluster.store.remote import MAX_REQUEST_BYTES, RemoteStore, _Batcher
 from agentcluster.testing import wait_until
@@ -179,6 +179,33 @@ async def test_concurrent_writes_that_fit_alone_but_not_together_all_succeed() -
             for key in ("a", "b"):
                 kv = await store.get(key)
                 assert kv is not None and kv.value == big
+        finally:
+            await store.close()
+
+
+async def test_transactions_whose_reads_outgrow_a_reply_say_they_were_applied() -> None:
+    # Through an entry node each answer travels in one frame: a transaction reading ~5 MiB
+    # cannot answer, but the client must learn that its write happened (never "unknown",
+    # which a caller might answer by writing again) -- alone, and batched with another.
+    async with one_node(["n1"], leader=True) as node:
+        store = RemoteStore([node.addr], keyring=None, timeout=5.0)
+        try:
+            for i in range(5):
+                await store.put(f"big/{i}", b"v" * (MiB - 1024))
+            reads = GetOp("big/", prefix=True)
+            async with asyncio.timeout(20):
+                with pytest.raises(ReplyTooLarge, match="applied at revision 6"):
+                    await store.txn([], [PutOp("w/0", b"1"), reads])
+                both = await asyncio.gather(
+                    store.txn([], [PutOp("w/1", b"1"), reads]),
+                    store.txn([], [PutOp("w/2", b"1"), reads]),
+                    return_exceptions=True,
+                )
+            assert all(isinstance(r, ReplyTooLarge) for r in both), both
+            assert all("the transaction was applied at revision" in str(r) for r in both)
+            for key in ("w/0", "w/1", "w/2"):
+                kv = await store.get(key)
+                assert kv is not None and kv.version == 1  # applied, and once
         finally:
             await store.close()
 
