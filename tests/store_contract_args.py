@@ -105,7 +105,7 @@ class RefusalContract:
                 lambda: store.delete(long),
                 lambda: store.delete(long, prefix=True),
                 lambda: store.range(long),
-                lambda: store.range(self.key(""), start=long),
+                lambda: store.range(self.key(""), start=long + "x"),  # a start may be 8,193
                 lambda: store.txn([], [PutOp(long, b"1")]),
                 lambda: store.txn([], [], [DeleteOp(long)]),
                 lambda: store.txn([Compare(long, "version", "==", 0)], []),
@@ -120,6 +120,22 @@ class RefusalContract:
             page = await store.range(self.key(""))
             assert [kv.key for kv in page.kvs] == [fits]  # nothing else was written
             assert (await store.get(fits)).value == b"1"  # type: ignore[union-attr]
+
+    async def test_pages_go_past_a_key_of_the_longest_length(self) -> None:
+        # next_start after such a key is one character longer than any key: still a start.
+        async with self.open_store() as store:
+            prefix = self.key("p/")
+            longest = prefix + "a" * (MAX_KEY_LENGTH - len(prefix))
+            await store.put(longest, b"1")
+            await store.put(prefix + "b", b"2")
+            first = await store.range(prefix, limit=1)
+            assert first.next_start is not None and len(first.next_start) == MAX_KEY_LENGTH + 1
+            rest = await store.range(prefix, start=first.next_start)
+            assert [kv.key for kv in rest.kvs] == [prefix + "b"]
+            pages = [kv.key async for page in store.range_pages(prefix, page=1) for kv in page.kvs]
+            assert pages == [longest, prefix + "b"]
+            with pytest.raises(InvalidCommand, match="at most 8,192"):
+                await store.range(prefix, start=first.next_start + "x")
 
     async def test_a_compare_against_a_value_of_the_wrong_type_is_refused(self) -> None:
         async with self.open_store() as store:

@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from agentcluster.cli.main import app
 from agentcluster.launcher import LocalCluster, free_port
+from agentcluster.store.base import LeaseNotFound
 from agentcluster.testing import eventually
 from agentcluster.wire import Keyring
 
@@ -448,6 +449,30 @@ def test_lease_keepalive_gives_up_a_ttl_after_its_last_refresh(running: Running)
     assert err.splitlines()[-1].startswith(
         f"error: lease {lease}: no refresh for 2 s, its TTL; it may have expired ("
     ), err
+
+
+async def test_ctrl_c_ends_a_wait_on_a_stuck_request_at_once() -> None:
+    # What `kv watch`'s first read and each `kv lease keepalive` refresh wait in: Ctrl-C must
+    # not wait out a hung entry node's timeout.
+    from agentcluster.cli.kv import _unless_stopped
+
+    stop, never = asyncio.Event(), asyncio.Event()
+    stuck = asyncio.ensure_future(_unless_stopped(never.wait(), stop))
+    await asyncio.sleep(0)  # noqa: sleep -- let the wait begin (one loop turn, no timing)
+    assert not stuck.done()
+    stop.set()
+    async with asyncio.timeout(5):
+        assert await stuck is None
+
+    async def answer() -> int:
+        return 7
+
+    async def fail() -> int:
+        raise LeaseNotFound("lease 1 not found")
+
+    assert await _unless_stopped(answer(), asyncio.Event()) == 7
+    with pytest.raises(LeaseNotFound):
+        await _unless_stopped(fail(), asyncio.Event())
 
 
 def test_bad_input_is_a_usage_error(running: Running) -> None:

@@ -170,6 +170,90 @@ def test_a_lost_piece_is_sent_again_from_where_the_follower_stands_7() -> None:
     assert c.applied["n3"] == c.applied["n1"]
 
 
+def test_a_duplicated_piece_never_starts_a_second_stream_of_pieces_7() -> None:
+    """§7: only the answer to the piece in flight moves a transfer on, so a piece the network
+    delivers twice is answered twice but sent on once."""
+    c = Cluster(3, config=CHUNKED)
+    _lagging_n3(c)
+    snap = c.nodes["n1"].snapshot
+    assert snap is not None
+    pieces = -(-len(snap.data) // 16)
+    sent: list[SnapshotChunk] = []
+
+    def duplicate_one(m: Message) -> bool:
+        if isinstance(m, SnapshotChunk) and m.dst == "n3":
+            sent.append(m)
+            if m.offset == 16 and len(sent) == 2:
+                c.pending.append(m)  # delivered twice
+        return True
+
+    c.advance_time(c.now + 1.0, keep=duplicate_one)
+    assert c.nodes["n3"].snapshot == snap
+    # The piece at 16 passes twice (the duplicate); every other piece once.
+    assert [m.offset for m in sent] == [0, 16, *range(16, len(snap.data), 16)]
+    assert len(sent) == pieces + 1
+
+
+def test_an_answer_later_than_the_give_up_timeout_never_doubles_the_transfer_7() -> None:
+    """§7: the leader gives up waiting and starts over at 0; the follower answers with the
+    offset it holds, and the late answer to the earlier piece, landing after, is ignored."""
+    c = Cluster(3, config=CHUNKED)
+    _lagging_n3(c)
+    snap = c.nodes["n1"].snapshot
+    assert snap is not None
+    pieces = -(-len(snap.data) // 16)
+    sent: list[SnapshotChunk] = []
+    held: list[Message] = []
+
+    def slow_answer(m: Message) -> bool:
+        if isinstance(m, SnapshotChunk) and m.dst == "n3":
+            sent.append(m)
+            if m.offset == 0 and len(held) == 1:
+                held.append(m)
+                c.pending.append(held[0])  # the slow answer lands after the restart
+        if isinstance(m, SnapshotChunkAck) and m.received == 32 and not held:
+            held.append(m)  # delayed past the give-up timeout, not lost
+            return False
+        return True
+
+    c.advance_time(c.now + 2.5, keep=slow_answer)
+    assert len(held) == 2 and c.nodes["n3"].snapshot == snap
+    offsets = [m.offset for m in sent]
+    assert offsets[:4] == [0, 16, 0, 32] and len(sent) == pieces + 1  # only piece 0 twice
+
+
+def test_a_transfer_keeps_to_the_snapshot_it_began_with_7() -> None:
+    """§7: a newer snapshot taken mid-transfer does not restart the transfer (a transfer
+    slower than the snapshots would never end); the follower goes on from the one it got."""
+    c = Cluster(3, config=CHUNKED)
+    c.elect("n1")
+    c.crash("n3")
+    for k in range(20):
+        commit(c, b"w%d" % k)
+    c.take_snapshot("n1")
+    first = c.nodes["n1"].snapshot
+    assert first is not None
+    for k in range(10):
+        commit(c, b"x%d" % k)
+    c.restart("n3")
+    sent: list[SnapshotChunk] = []
+
+    def snapshot_midway(m: Message) -> bool:
+        if isinstance(m, SnapshotChunk) and m.dst == "n3":
+            sent.append(m)
+            if m.offset == 64 and c.nodes["n1"].snapshot == first:
+                c.take_snapshot("n1", keep=3)  # newer, and the log behind it compacted
+        return True
+
+    c.advance_time(c.now + 3.0, keep=snapshot_midway)
+    newer = c.nodes["n1"].snapshot
+    assert newer is not None and newer.index > first.index
+    of_first = [m.offset for m in sent if m.snapshot.index == first.index]
+    assert of_first == list(range(0, len(first.data), 16))  # never restarted
+    commit(c, b"after")
+    assert c.applied["n3"] == c.applied["n1"]
+
+
 def test_a_piece_of_a_snapshot_the_follower_holds_nothing_of_is_answered_with_0_7() -> None:
     c = Cluster(3)
     leader = c.elect("n1")

@@ -18,16 +18,25 @@ from typer.testing import CliRunner
 from agentcluster.cli.main import app
 from agentcluster.config import NodeConfig
 from agentcluster.control import (
+    _REPLIES_BUDGET,
     MAX_CONTROL_FRAME,
     ControlClient,
     ControlError,
     ControlRequest,
     NodeStream,
+    _fit_replies,
     handle_control,
 )
 from agentcluster.node import Node
-from agentcluster.store._kv import InvalidCommand
-from agentcluster.store.base import GetOp, PutOp, ReplyTooLarge, StoreUnavailable
+from agentcluster.store._kv import InvalidCommand, encode_result
+from agentcluster.store.base import (
+    GetOp,
+    KeyValue,
+    PutOp,
+    ReplyTooLarge,
+    StoreUnavailable,
+    TxnResult,
+)
 from agentcluster.store.raft import KvReply, KvRequest
 from agentcluster.store.remote import MAX_REQUEST_BYTES, RemoteStore, _Batcher
 from agentcluster.testing import wait_until
@@ -206,6 +215,43 @@ async def test_transactions_whose_reads_outgrow_a_reply_say_they_were_applied() 
             for key in ("w/0", "w/1", "w/2"):
                 kv = await store.get(key)
                 assert kv is not None and kv.version == 1  # applied, and once
+        finally:
+            await store.close()
+
+
+def test_a_batch_of_mid_sized_write_answers_is_cut_to_fit_one_frame() -> None:
+    # 80 transactions, each reading ~60 KiB: none is big alone, together they outgrow it.
+    kv = KeyValue("big", b"v" * (60 << 10), 1, 1, 1, 0)
+    data = encode_result(TxnResult(True, 2, [2, [kv]]))
+    reqs = [KvRequest("cmd", b"x") for _ in range(80)] + [KvRequest("get", key="k")]
+    replies = [KvReply(True, data) for _ in range(80)] + [KvReply(True, b"\xc0")]
+    out = _fit_replies(reqs, replies)
+    assert sum(len(r.data) + len(r.message) + 64 for r in out) <= _REPLIES_BUDGET
+    cut = [r for r in out[:80] if not r.ok]
+    assert cut and all(r.error == "too_large" and "was applied" in r.message for r in cut)
+    assert out[80].ok  # a small read keeps its answer
+    small = [KvReply(True, encode_result(TxnResult(True, 3, [3])))] * 3
+    assert _fit_replies(reqs[:3], small) == small
+
+
+async def test_batched_transactions_with_mid_sized_reads_never_hear_unknown() -> None:
+    async with one_node(["n1"], leader=True) as node:
+        store = RemoteStore([node.addr], keyring=None, timeout=5.0)
+        try:
+            await store.put("big", b"v" * (60 << 10))
+            async with asyncio.timeout(30):
+                results = await asyncio.gather(
+                    *(store.txn([], [PutOp(f"w/{i}", b"1"), GetOp("big")]) for i in range(80)),
+                    return_exceptions=True,
+                )
+            for r in results:
+                if isinstance(r, BaseException):
+                    assert isinstance(r, ReplyTooLarge) and "was applied" in str(r), r
+                else:
+                    assert r.succeeded
+            assert any(not isinstance(r, BaseException) for r in results)
+            page = await store.range("w/")
+            assert len(page.kvs) == 80 and all(kv.version == 1 for kv in page.kvs)
         finally:
             await store.close()
 

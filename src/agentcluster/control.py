@@ -238,7 +238,7 @@ def _fit_replies(reqs: list[KvRequest], replies: list[KvReply]) -> list[KvReply]
     a write must not be reported unknown for its neighbours' sake -- unless a transaction's
     reads make its answer big, which then becomes a ``too_large`` error that says the write
     was applied (a write is never resent)."""
-    sizes = [len(r.data) + len(r.message) + 64 for r in replies]
+    sizes = [_reply_size(r) for r in replies]
     total = sum(sizes)
     if total <= _REPLIES_BUDGET:
         return replies
@@ -246,22 +246,30 @@ def _fit_replies(reqs: list[KvRequest], replies: list[KvReply]) -> list[KvReply]
     for i in sorted(range(len(out)), key=sizes.__getitem__, reverse=True):
         if total <= _REPLIES_BUDGET:
             break
+        reply = out[i]
         if reqs[i].op == "cmd":
-            if not out[i].ok or sizes[i] < (64 << 10):
+            # Shedding a write's answer smaller than the message that replaces it gains nothing.
+            if not reply.ok or sizes[i] < _SMALLEST_SHED:
                 continue
             room = "one reply with the others of its batch"
-            out[i] = applied_too_large(decode_result(out[i].data), len(out[i].data), room)
-            total -= sizes[i]
-            continue
-        out[i] = KvReply(
-            False,
-            error="too_large",
-            message=f"an answer of {len(out[i].data):,} bytes does not fit in one reply "
-            + ("with the others of its batch" if len(out) > 1 else f"({_REPLIES_BUDGET:,})"),
-            n=1 if len(out) > 1 else 0,
-        )
-        total -= sizes[i]
+            out[i] = applied_too_large(decode_result(reply.data), len(reply.data), room)
+        else:
+            out[i] = KvReply(
+                False,
+                error="too_large",
+                message=f"an answer of {len(reply.data):,} bytes does not fit in one reply "
+                + ("with the others of its batch" if len(out) > 1 else f"({_REPLIES_BUDGET:,})"),
+                n=1 if len(out) > 1 else 0,
+            )
+        total += _reply_size(out[i]) - sizes[i]
     return out
+
+
+_SMALLEST_SHED = 1 << 10
+
+
+def _reply_size(reply: KvReply) -> int:
+    return len(reply.data) + len(reply.message) + 64
 
 
 async def _health_op(node: Node, args: dict[str, Any]) -> ControlReply:

@@ -36,7 +36,7 @@ import os
 import signal as os_signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich import box
@@ -63,6 +63,8 @@ KeyFileOpt = Annotated[
     str | None,
     typer.Option(metavar="PATH", help="Cluster keyring file (default: $AGENTCLUSTER_KEY_FILE)."),
 ]
+T = TypeVar("T")
+
 # Lease ids and revisions are below 2**63 in the store; a larger number cannot even be sent.
 _MAX_ID = 2**63 - 1
 _MAX_TTL = 10 * 365 * 24 * 3600.0  # the store's longest lease
@@ -426,17 +428,9 @@ def watch(
         async with _open(node, key_file, timeout) as store:
             # Asked even with --from-revision: a wrong key or no reachable node fails here,
             # at once, instead of the long-poll retrying in silence. Ctrl-C ends the wait.
-            asked = asyncio.ensure_future(store.revision())
-            stopped = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait((asked, stopped), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                asked.cancel()
-                stopped.cancel()
-                await asyncio.gather(asked, stopped, return_exceptions=True)
-            if stop.is_set():
+            current = await _unless_stopped(store.revision(), stop)
+            if current is None:
                 return 0
-            current = asked.result()
             start = from_revision or current + 1
             typer.echo(f"watching {prefix!r} from revision {start}", err=True)
 
@@ -466,6 +460,21 @@ def watch(
         return 0
 
     _run(main)
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """``work``'s result, or None once ``stop`` is set first (``work`` is cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopper), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        stopper.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)
+    if not task.cancelled():
+        return task.result()  # done first (or as Ctrl-C came): its answer, or its error
+    return None
 
 
 def _silence_stdout() -> None:
@@ -556,8 +565,11 @@ def lease_keepalive(
         async with _open(node, key_file, timeout) as store:
             done = 0
             # The first refresh must succeed: a wrong id or no reachable node fails at once.
-            ttl = await store.lease_keepalive(parsed)
-            last_ok = loop.time()
+            # Ctrl-C ends any wait, a refresh's included.
+            first = await _unless_stopped(store.lease_keepalive(parsed), stop)
+            if first is None:
+                return 0
+            ttl, last_ok = first, loop.time()
             while True:
                 done += 1
                 try:
@@ -579,7 +591,7 @@ def lease_keepalive(
                     if stop.is_set():
                         return 0
                     try:
-                        ttl = await store.lease_keepalive(parsed)
+                        refreshed = await _unless_stopped(store.lease_keepalive(parsed), stop)
                     except LeaseNotFound:
                         raise LeaseNotFound(f"lease {parsed:x} expired or was revoked") from None
                     except (StoreUnavailable, ControlError) as exc:
@@ -591,7 +603,9 @@ def lease_keepalive(
                         typer.echo(f"warning: refresh failed, retrying: {exc}", err=True)
                         wait = min(max(ttl / 10, 0.01), 1.0)
                         continue
-                    last_ok = loop.time()
+                    if refreshed is None:
+                        return 0
+                    ttl, last_ok = refreshed, loop.time()
                     break
 
     _run(main)

@@ -43,13 +43,15 @@ __all__ = [
 _INT64 = 2**63  # lease ids, revisions, limits and compared numbers are signed 64-bit
 
 
-def check_key(key: str, what: str = "a key", *, empty_ok: bool = False) -> None:
+def check_key(
+    key: str, what: str = "a key", *, empty_ok: bool = False, longest: int = MAX_KEY_LENGTH
+) -> None:
     """A key (``empty_ok``: a prefix or a start, where ``""`` means "from the first key")."""
     if not isinstance(key, str):
         raise TypeError(f"{what} must be a str, not {type(key).__name__}")
     if not key and not empty_ok:
         raise InvalidCommand(f"{what} must not be empty")
-    if len(key) > MAX_KEY_LENGTH:
+    if len(key) > longest:
         raise InvalidCommand(
             f"{what} is {len(key):,} characters long; the store's keys are at most "
             f"{MAX_KEY_LENGTH:,}"
@@ -97,7 +99,9 @@ def check_range_args(prefix: str, limit: int, start: str) -> None:
     if limit >= _INT64:
         raise InvalidCommand(f"limit must be below 2**63 (0: no limit), got {limit}")
     check_key(prefix, "the prefix", empty_ok=True)
-    check_key(start, "start", empty_ok=True)
+    # A position in the key order, not a key: RangeResult.next_start after a key of the
+    # longest length is one character longer.
+    check_key(start, "start", empty_ok=True, longest=MAX_KEY_LENGTH + 1)
 
 
 def check_lease_id(lease_id: int, what: str = "a lease id", *, zero_ok: bool = True) -> None:

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agentcluster.consensus.raft.messages import ConfChange, ConfState
+from agentcluster.consensus.raft.messages import ConfChange, ConfState, Snapshot
 
 __all__ = ["Progress", "apply_conf_change"]
 
@@ -33,12 +33,18 @@ class Progress:
     acked_seq: int = 0
     snapshot_ticks: int = 0
     commit_sent: int = 0  # the commit index the last message to this peer carried
+    # A chunked snapshot transfer (see _snap): the snapshot being sent, and the offset of the
+    # one piece in flight (only its answer moves the transfer on).
+    snap: Snapshot | None = None
+    snap_offset: int = -1
 
     def become_probe(self) -> None:
         self.state = "probe"
         self.probe_sent = False
         self.inflight.clear()
         self.snapshot_ticks = 0
+        self.snap = None
+        self.snap_offset = -1
 
 
 def apply_conf_change(conf: ConfState, change: ConfChange) -> ConfState:

@@ -7,10 +7,15 @@ the transport's 4 MiB frame -- travels as :class:`SnapshotChunk` messages, one a
 the thesis's InstallSnapshot with ``offset`` does: each carries the snapshot's index, term and
 configuration, its offset and the total size. The follower keeps the bytes received so far of
 one snapshot (by index and term, from one leader term) and answers each piece with
-:class:`SnapshotChunkAck` -- the offset it wants next -- so a lost or repeated piece costs one
-resend, and a new snapshot on the leader starts over at 0. Each answer counts as contact: the
-leader falls back to probing only after an election timeout without one, so a snapshot of any
-size gets through at the link's pace. The last piece installs the snapshot exactly as a whole
+:class:`SnapshotChunkAck` -- the piece it answers and the offset it wants next. The leader
+sends the next piece only for the answer to the piece in flight, so a duplicated piece or a
+late answer never adds a second stream of pieces; a lost one stalls the transfer until the
+leader gives up waiting and starts again at 0, which the follower answers with the offset it
+holds. Each answer counts as contact: the leader falls back to probing only after an election
+timeout without one, so a snapshot of any size gets through at the link's pace. A transfer
+keeps to the snapshot it began with, even when the leader takes a newer one meanwhile (the
+log keeps ``snapshot_keep`` entries behind a snapshot for such a follower to go on from): a
+transfer slower than the snapshots would otherwise start over for ever. The last piece installs the snapshot exactly as a whole
 InstallSnapshot does, and is answered the same way (an :class:`AppendEntriesResponse`).
 """
 
@@ -83,27 +88,28 @@ class SnapshotMixin:
         if len(snap.data) <= self.config.snapshot_chunk_bytes:
             self._send(InstallSnapshot(self.term, self.id, peer, snap, self._seq))
         else:
-            self._send_chunk(peer, snap, 0)
+            pr.snap = snap
+            self._send_chunk(peer, pr, 0)
         return False
 
-    def _send_chunk(self, peer: str, snap: Snapshot, offset: int) -> None:
+    def _send_chunk(self, peer: str, pr: Progress, offset: int) -> None:
+        snap = pr.snap
+        assert snap is not None
         piece = snap.data[offset : offset + self.config.snapshot_chunk_bytes]
         part = Snapshot(snap.index, snap.term, snap.conf, piece)
+        pr.snap_offset = offset
         self._send(SnapshotChunk(self.term, self.id, peer, part, offset, len(snap.data), self._seq))
 
     def _on_chunk_ack(self, msg: SnapshotChunkAck) -> None:
         pr = self._progress.get(msg.src)
-        snap = self._snapshot
-        if self.state != "leader" or pr is None or pr.state != "snapshot" or snap is None:
+        if self.state != "leader" or pr is None or pr.state != "snapshot" or pr.snap is None:
             return  # an answer to a transfer that ended (installed, or given up)
+        if (msg.index, msg.offset) != (pr.snap.index, pr.snap_offset):
+            return  # a duplicate's answer, or a late one: the piece in flight has its own
         pr.recent_active = True
         pr.snapshot_ticks = 0
-        if msg.index != snap.index:
-            # We took a newer snapshot meanwhile: send that one, from the start.
-            pr.next = snap.index + 1
-            self._send_chunk(msg.src, snap, 0)
-        elif msg.received < len(snap.data):
-            self._send_chunk(msg.src, snap, msg.received)
+        if msg.received < len(pr.snap.data):
+            self._send_chunk(msg.src, pr, msg.received)
 
     # ------------------------------------------------------------------ follower
 
@@ -147,7 +153,8 @@ class SnapshotMixin:
         self._install(whole, msg.src, msg.seq)
 
     def _ack_chunk(self, msg: SnapshotChunk, received: int) -> None:
-        self._send(SnapshotChunkAck(self.term, self.id, msg.src, msg.snapshot.index, received))
+        index = msg.snapshot.index
+        self._send(SnapshotChunkAck(self.term, self.id, msg.src, index, msg.offset, received))
 
     def _install(self, snap: Snapshot, leader: str, seq: int) -> None:
         if snap.index > self.commit_index:

@@ -646,6 +646,8 @@ class RaftNode(ConfMixin, ReadsMixin, SnapshotMixin):
     def _commit_to(self, index: int) -> None:
         old = self.commit_index
         self.commit_index = index
+        if self._partial is not None and index >= self._partial.index:
+            self._partial = None  # caught up another way: the pieces are of no use now
         for i in range(max(old + 1, self.log.first_index), index + 1):
             e = self.log.entry(i)
             if e.kind == "conf":

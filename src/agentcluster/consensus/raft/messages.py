@@ -177,13 +177,14 @@ class SnapshotChunk(msgspec.Struct, frozen=True, array_like=True, tag="sc"):
 
 
 class SnapshotChunkAck(msgspec.Struct, frozen=True, array_like=True, tag="sa"):
-    """A follower holds ``received`` bytes of the snapshot at ``index``: the offset it wants
-    next (0: start over)."""
+    """The answer to the piece at ``offset`` of the snapshot at ``index``: the follower holds
+    ``received`` bytes of it, the offset it wants next (0: start over)."""
 
     term: Term
     src: NodeId
     dst: NodeId
     index: Counter
+    offset: Counter
     received: Counter
 
 
