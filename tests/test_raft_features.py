@@ -170,14 +170,19 @@ def test_a_lost_piece_is_sent_again_from_where_the_follower_stands_7() -> None:
     assert c.applied["n3"] == c.applied["n1"]
 
 
-def test_a_duplicated_piece_never_starts_a_second_stream_of_pieces_7() -> None:
-    """§7: only the answer to the piece in flight moves a transfer on, so a piece the network
-    delivers twice is answered twice but sent on once."""
+def _chunked_transfer() -> tuple[Cluster, Snapshot, int]:
+    """A cluster about to send n3 its snapshot in pieces: the snapshot and how many."""
     c = Cluster(3, config=CHUNKED)
     _lagging_n3(c)
     snap = c.nodes["n1"].snapshot
     assert snap is not None
-    pieces = -(-len(snap.data) // 16)
+    return c, snap, -(-len(snap.data) // 16)
+
+
+def test_a_duplicated_piece_never_starts_a_second_stream_of_pieces_7() -> None:
+    """§7: only the answer to the piece in flight moves a transfer on, so a piece the network
+    delivers twice is answered twice but sent on once."""
+    c, snap, pieces = _chunked_transfer()
     sent: list[SnapshotChunk] = []
 
     def duplicate_one(m: Message) -> bool:
@@ -197,11 +202,7 @@ def test_a_duplicated_piece_never_starts_a_second_stream_of_pieces_7() -> None:
 def test_an_answer_later_than_the_give_up_timeout_never_doubles_the_transfer_7() -> None:
     """§7: the leader gives up waiting and starts over at 0; the follower answers with the
     offset it holds, and the late answer to the earlier piece, landing after, is ignored."""
-    c = Cluster(3, config=CHUNKED)
-    _lagging_n3(c)
-    snap = c.nodes["n1"].snapshot
-    assert snap is not None
-    pieces = -(-len(snap.data) // 16)
+    c, snap, pieces = _chunked_transfer()
     sent: list[SnapshotChunk] = []
     held: list[Message] = []
 
