@@ -33,6 +33,7 @@ __all__ = [
     "check_delete_args",
     "check_key",
     "check_lease_id",
+    "check_put_args",
     "check_range_args",
     "check_ttl",
     "check_txn_args",
@@ -70,6 +71,19 @@ def check_unicode_key(key: str) -> None:
                 f"the key {key!r} is not valid Unicode text (a lone surrogate): only the etcd "
                 "backend carries such keys"
             ) from None
+
+
+def check_put_args(key: str, lease: int) -> None:
+    """A put's key and lease. The store's hot path: one test when both are fine, the full
+    checks (and their messages) only when one is not."""
+    if (
+        type(key) is not str
+        or not 0 < len(key) <= MAX_KEY_LENGTH
+        or type(lease) is not int
+        or not 0 <= lease < _INT64
+    ):
+        check_key(key)
+        check_lease_id(lease, "lease")
 
 
 def check_delete_args(key: str, prefix: bool) -> None:

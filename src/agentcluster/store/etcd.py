@@ -98,6 +98,7 @@ from agentcluster.store._checks import (
     check_delete_args,
     check_key,
     check_lease_id,
+    check_put_args,
     check_range_args,
     check_ttl,
     check_txn_args,
@@ -423,8 +424,7 @@ class EtcdStore(Store):
         )
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        check_key(key)
-        check_lease_id(lease, "lease")
+        check_put_args(key, lease)
         request = rpc.PutRequest(key=key_bytes(key), value=bytes(value), lease=lease)
 
         async def attempt(ep: _Endpoint, timeout: float) -> Any:

@@ -34,6 +34,7 @@ from agentcluster.store._checks import (
     check_delete_args,
     check_key,
     check_lease_id,
+    check_put_args,
     check_range_args,
     check_ttl,
     check_txn_args,
@@ -138,8 +139,7 @@ class MemoryStore(Store):
     # -- writes --
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        check_key(key)
-        check_lease_id(lease, "lease")
+        check_put_args(key, lease)
         return await _reply(unwrap(self._apply(PutCmd(key, value, lease)), PutResult).revision)
 
     async def delete(self, key: str, *, prefix: bool = False) -> int:

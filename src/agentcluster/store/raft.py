@@ -60,6 +60,7 @@ from agentcluster.store._checks import (
     check_delete_args,
     check_key,
     check_lease_id,
+    check_put_args,
     check_range_args,
     check_ttl,
     check_txn_args,
@@ -520,8 +521,7 @@ class KvClient(Store):
     # The writes await request() themselves and check its reply synchronously: a put is
     # the store's hot path, and each coroutine layer costs it about a microsecond.
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        check_key(key)
-        check_lease_id(lease, "lease")
+        check_put_args(key, lease)
         req = _command_request(PutCmd(key, value, lease))
         return unwrap(_result(req, await self.request(req)), PutResult).revision
 
