@@ -9,6 +9,7 @@ from a snapshot is checked exactly like one that applied every entry.
 
 from __future__ import annotations
 
+import collections
 import random
 from collections.abc import Callable
 
@@ -50,6 +51,7 @@ class Cluster:
         self.leaders: dict[int, str] = {}
         self.committed: dict[int, Entry] = {}
         self.reads: dict[str, list[tuple[int, int]]] = {}
+        self.sent_kinds: collections.Counter[str] = collections.Counter()  # by a driver's count
         for i in self.ids:
             self.restart(i)
 
