@@ -580,6 +580,33 @@ class StoreContract(RefusalContract):
             finally:
                 await store.lease_revoke(lease.id)
 
+    async def test_keys_kept_beside_a_lock_or_election_are_no_candidates(self) -> None:
+        # docs/cluster.md's examples keep the guarded data under the lock's or election's own
+        # name; only "<name>/<hex id of its lease>" is a candidate, so the data never blocks.
+        async with self.open_store() as store:
+            name = self.key("nightly")
+            async with store.lock(name, ttl=self.lock_ttl) as lock:
+                assert await lock.fenced_put(name + "/owner", b"me")
+            async with asyncio.timeout(self.settle_timeout):
+                async with store.lock(name, ttl=self.lock_ttl) as again:
+                    assert again.held  # taken again: the owner key is no waiter
+            lease = await store.lease_grant(self.long_ttl)
+            other = await store.lease_grant(self.long_ttl)
+            try:
+                office = self.key("scheduler")
+                election = store.election(office)
+                held = await self.settled(election.campaign(b"n1", lease=lease.id))
+                writes = [PutOp(office + "/state", b"s"), PutOp(office + "/x", b"x", other.id)]
+                assert (await store.txn([held.guard()], writes)).succeeded
+                await election.resign()
+                assert await election.leader() is None
+                won = await self.settled(store.election(office).campaign(b"n2", lease=other.id))
+                leader = await election.leader()
+                assert leader is not None and leader.key == won.key
+            finally:
+                await store.lease_revoke(lease.id)
+                await store.lease_revoke(other.id)
+
     async def test_lock_fencing_after_the_holder_lost_its_lease(self) -> None:
         async with self.open_store() as store:
             name, k = self.key("fence"), self.key("guarded")

@@ -491,6 +491,9 @@ def test_bad_input_is_a_usage_error(running: Running) -> None:
         (("put", "", "v"), "must not be empty"),
         (("get", ""), "must not be empty"),
         (("put", "k" * 9000, "v"), "longer than the store takes"),
+        (("del", ""), "error: KEY: a key must not be empty"),
+        (("del", "k" * 9000), "longer than the store takes"),
+        (("del", "k" * 9000, "--prefix"), "longer than any key"),
         (("lease", "grant", "1e12"), "less than or equal to 315360000"),
     ):
         out = running.kv(*args)

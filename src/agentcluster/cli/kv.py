@@ -77,6 +77,13 @@ def _finite(value: float) -> float:
     return value
 
 
+def _key_arg_or_usage(value: str) -> None:
+    try:
+        _key_arg(value)
+    except typer.BadParameter as exc:
+        raise _UsageError(f"KEY: {exc}") from None
+
+
 def _key_arg(value: str) -> str:
     # The store's own check would answer in its decoder's words ("Expected `str` of length
     # >= 1 - at `$[1]`"), and as a failure (exit 1), not a usage error.
@@ -301,6 +308,13 @@ def delete(
     """Delete a key (or a prefix); prints how many keys were deleted."""
 
     async def main() -> int:
+        from agentcluster.store.base import MAX_KEY_LENGTH
+
+        # Usage errors (exit 2) as for get and put; "" with --prefix means every key.
+        if not prefix:
+            _key_arg_or_usage(key)
+        elif len(key) > MAX_KEY_LENGTH:
+            raise _UsageError(f"a prefix of {len(key):,} characters is longer than any key")
         async with _open(node, key_file, timeout) as store:
             deleted = await store.delete(key, prefix=prefix)
         if as_json:

@@ -76,10 +76,13 @@ def _lowest(kvs: Sequence[KeyValue]) -> KeyValue | None:
 
 
 def _queue(prefix: str, kvs: Sequence[KeyValue]) -> list[KeyValue]:
-    """The candidates' keys under ``prefix``: ``prefix`` + a lease id, nothing deeper -- so the
-    queues of ``jobs`` and ``jobs/7`` (whose keys also start with ``jobs/``) stay apart."""
+    """The candidates' keys under ``prefix``: ``prefix`` + the hex id of the lease the key is
+    attached to, as a campaign writes them. Nothing deeper -- so the queues of ``jobs`` and
+    ``jobs/7`` (whose keys also start with ``jobs/``) stay apart -- and no other key: data a
+    holder keeps beside its lock (``jobs/owner``, fenced) is no candidate, or it would stand in
+    the queue for good and no one would take the lock again."""
     start = len(prefix)
-    return [kv for kv in kvs if "/" not in kv.key[start:]]
+    return [kv for kv in kvs if kv.lease and kv.key[start:] == f"{kv.lease:x}"]
 
 
 async def _campaign(store: Store, prefix: str, lease: int, value: bytes) -> Leadership:
