@@ -64,7 +64,12 @@ async def test_kill_leader_under_load_then_catch_up_from_snapshot() -> None:
             await c.kill(victim)
             killed.set()
             await asyncio.wait_for(after_kill.wait(), timeout=5.0)
-            # Let the survivors run far past the victim: several snapshots and compactions.
+            # Let the survivors run far past the victim: several snapshots and compactions --
+            # with ~4 MiB of big values among the writes, so that the snapshot the victim
+            # needs is larger than a transport frame and travels in pieces over TCP.
+            big = b"b" * (700 << 10)
+            for k in range(6):
+                await store.put(f"big/{k}", big)
             target = len(acked) + 400
             await wait_until(lambda: len(acked) >= target, timeout=60.0, interval=0.01)
             await c.spawn(c.node(victim))
@@ -89,6 +94,9 @@ async def test_kill_leader_under_load_then_catch_up_from_snapshot() -> None:
             assert missing == [], f"{len(missing)} acknowledged writes lost"
             mine = await store_stats(c, victim)
             assert mine is not None and mine["snapshot_index"] > 0
+            for k in range(6):
+                kv = await store.get(f"big/{k}")
+                assert kv is not None and kv.value == big
         finally:
             stop.set()
             await store.close()
