@@ -118,12 +118,12 @@ def check_range_args(prefix: str, limit: int, start: str) -> None:
     check_key(start, "start", empty_ok=True, longest=MAX_KEY_LENGTH + 1)
 
 
-def check_lease_id(lease_id: int, what: str = "a lease id", *, zero_ok: bool = True) -> None:
+def check_lease_id(lease_id: int, what: str = "a lease id") -> None:
     """A lease id is a positive signed 64-bit number, as etcd grants them; 0 is "no lease"
     where a put takes one, and an id no lease has elsewhere."""
     _check_int(lease_id, what)
-    if not (0 if zero_ok else 1) <= lease_id < _INT64:
-        raise InvalidCommand(f"{what} must be a positive 64-bit number, got {lease_id}")
+    if not 0 <= lease_id < _INT64:
+        raise InvalidCommand(f"{what} must be a non-negative 64-bit number, got {lease_id}")
 
 
 def check_ttl(ttl: float) -> None:

@@ -15,8 +15,9 @@ holds. Each answer counts as contact: the leader falls back to probing only afte
 timeout without one, so a snapshot of any size gets through at the link's pace. A transfer
 keeps to the snapshot it began with, even when the leader takes a newer one meanwhile (the
 log keeps ``snapshot_keep`` entries behind a snapshot for such a follower to go on from): a
-transfer slower than the snapshots would otherwise start over for ever. The last piece installs the snapshot exactly as a whole
-InstallSnapshot does, and is answered the same way (an :class:`AppendEntriesResponse`).
+transfer slower than the snapshots would otherwise start over for ever. The last piece
+installs the snapshot exactly as a whole InstallSnapshot does, and is answered the same way
+(an :class:`AppendEntriesResponse`).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class SnapshotMixin:
             if msg.offset != 0:
                 self._ack_chunk(msg, 0)  # a piece of a snapshot we hold nothing of
                 return
-            part = self._partial = _Partial(*key[:2], snap.conf, *key[2:], bytearray())
+            part = _Partial(snap.index, snap.term, snap.conf, msg.term, msg.total, bytearray())
+            self._partial = part
         if msg.offset != len(part.data):
             self._ack_chunk(msg, len(part.data))  # lost or repeated: ask for the next one
             return
