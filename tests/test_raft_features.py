@@ -62,16 +62,24 @@ def test_snapshot_compacts_log_and_node_restarts_from_it_7() -> None:
     assert c.nodes["n2"].log.offset == c.storage["n2"].entries[0].index - 1
 
 
-def test_lagging_follower_catches_up_through_install_snapshot_7() -> None:
-    """§7: entries a follower needs were compacted by the leader, so the leader sends its
-    snapshot; the follower replaces its log, restores its state machine and then follows."""
-    c = Cluster(3)
+def _lagging_n3(c: Cluster, *, then_commit: int = 0) -> None:
+    """n3 down while n1 commits 20 entries and snapshots (compacting them), then commits
+    ``then_commit`` more; n3 back, far behind."""
     c.elect("n1")
     c.crash("n3")
     for k in range(20):
         commit(c, b"w%d" % k)
     c.take_snapshot("n1")
+    for k in range(then_commit):
+        commit(c, b"x%d" % k)
     c.restart("n3")
+
+
+def test_lagging_follower_catches_up_through_install_snapshot_7() -> None:
+    """§7: entries a follower needs were compacted by the leader, so the leader sends its
+    snapshot; the follower replaces its log, restores its state machine and then follows."""
+    c = Cluster(3)
+    _lagging_n3(c)
     sent: list[Message] = []
 
     def spy(m: Message) -> bool:
@@ -107,15 +115,6 @@ def test_install_snapshot_fast_forwards_when_follower_holds_the_entry_7() -> Non
 
 
 CHUNKED = RaftConfig(election_timeout=1.0, heartbeat_interval=0.1, snapshot_chunk_bytes=16)
-
-
-def _lagging_n3(c: Cluster) -> None:
-    c.elect("n1")
-    c.crash("n3")
-    for k in range(20):
-        commit(c, b"w%d" % k)
-    c.take_snapshot("n1")
-    c.restart("n3")
 
 
 def test_a_snapshot_larger_than_a_chunk_travels_in_pieces_7() -> None:
@@ -227,16 +226,9 @@ def test_a_transfer_keeps_to_the_snapshot_it_began_with_7() -> None:
     """§7: a newer snapshot taken mid-transfer does not restart the transfer (a transfer
     slower than the snapshots would never end); the follower goes on from the one it got."""
     c = Cluster(3, config=CHUNKED)
-    c.elect("n1")
-    c.crash("n3")
-    for k in range(20):
-        commit(c, b"w%d" % k)
-    c.take_snapshot("n1")
+    _lagging_n3(c, then_commit=10)
     first = c.nodes["n1"].snapshot
     assert first is not None
-    for k in range(10):
-        commit(c, b"x%d" % k)
-    c.restart("n3")
     sent: list[SnapshotChunk] = []
 
     def snapshot_midway(m: Message) -> bool:

@@ -434,11 +434,7 @@ def watch(
     """Print changes under a prefix as they happen: revision, type, key, value per line."""
 
     async def main() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (os_signal.SIGINT, os_signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         async with _open(node, key_file, timeout) as store:
             # Asked even with --from-revision: a wrong key or no reachable node fails here,
             # at once, instead of the long-poll retrying in silence. Ctrl-C ends the wait.
@@ -457,23 +453,23 @@ def watch(
                         if seen == count:
                             return
 
-            consumer = asyncio.ensure_future(consume())
-            stopper = asyncio.ensure_future(stop.wait())
             try:
-                await asyncio.wait((consumer, stopper), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (consumer, stopper):
-                    task.cancel()
-                await asyncio.gather(consumer, stopper, return_exceptions=True)
-            if consumer.done() and not consumer.cancelled():
-                exc = consumer.exception()
-                if isinstance(exc, BrokenPipeError):
-                    _silence_stdout()
-                elif exc is not None:
-                    raise exc
+                await _unless_stopped(consume(), stop)
+            except BrokenPipeError:
+                _silence_stdout()
         return 0
 
     _run(main)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event that Ctrl-C or SIGTERM sets (instead of interrupting the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (os_signal.SIGINT, os_signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
@@ -571,11 +567,8 @@ def lease_keepalive(
 
         parsed = _lease_id(lease_id, "ID")
         limit = 1 if once else count
-        stop = asyncio.Event()
+        stop = _stop_on_signals()
         loop = asyncio.get_running_loop()
-        for sig in (os_signal.SIGINT, os_signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
         async with _open(node, key_file, timeout) as store:
             done = 0
             # The first refresh must succeed: a wrong id or no reachable node fails at once.

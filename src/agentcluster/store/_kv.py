@@ -83,6 +83,7 @@ __all__ = [
     "decode_result",
     "encode_command",
     "encode_result",
+    "encode_write",
     "unwrap",
     "write_too_large",
 ]
@@ -264,6 +265,18 @@ def write_too_large(size: int) -> str:
         f"a write of {size:,} bytes exceeds the store's limit of {MAX_WRITE_BYTES:,} bytes "
         "per write"
     )
+
+
+def encode_write(cmd: Command) -> bytes:
+    """A write as a client sends it, refused here when no member would take it: a key that is
+    not valid Unicode text (a lone surrogate, see store/_checks.py), or too large to replicate."""
+    try:
+        data = encode_command(cmd)
+    except UnicodeEncodeError as exc:
+        raise InvalidCommand(f"a key is not valid Unicode text: {exc}") from None
+    if len(data) > MAX_WRITE_BYTES:
+        raise InvalidCommand(write_too_large(len(data)))
+    return data
 
 
 def checked_command(data: bytes) -> Command:

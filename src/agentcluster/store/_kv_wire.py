@@ -26,9 +26,8 @@ from agentcluster.store._kv import (
     InvalidCommand,
     Result,
     decode_result,
-    encode_command,
     encode_result,
-    write_too_large,
+    encode_write,
 )
 from agentcluster.store.base import (
     Compacted,
@@ -159,14 +158,7 @@ def _answer(req: KvRequest, reply: KvReply) -> KvReply:
 
 
 def _command_request(cmd: Command) -> KvRequest:
-    """A write's request, refused here when no member would take it."""
-    try:
-        data = encode_command(cmd)
-    except UnicodeEncodeError as exc:  # a key with a lone surrogate (see store/_checks.py)
-        raise InvalidCommand(f"a key is not valid Unicode text: {exc}") from None
-    if len(data) > MAX_WRITE_BYTES:
-        raise InvalidCommand(write_too_large(len(data)))
-    return KvRequest("cmd", data)
+    return KvRequest("cmd", encode_write(cmd))
 
 
 def _result(req: KvRequest, reply: KvReply) -> Result:

@@ -47,7 +47,6 @@ from agentcluster.store._kv import (
     CompactResult,
     DeleteCmd,
     DeleteResult,
-    InvalidCommand,
     KVStateMachine,
     LeaseGrantCmd,
     LeaseRevokeCmd,
@@ -57,7 +56,7 @@ from agentcluster.store._kv import (
     TxnCmd,
     check_txn_writes,
     checked_command,
-    encode_command,
+    encode_write,
     unwrap,
 )
 from agentcluster.store._leases import LeaseTimers
@@ -253,8 +252,4 @@ class MemoryStore(Store):
 def _checked(cmd: Command) -> Command:
     """``cmd`` as the embedded store would log it: encoded, within its size limit, decoded
     (so the memory store takes and refuses what the raft backend does)."""
-    try:
-        data = encode_command(cmd)
-    except UnicodeEncodeError as exc:  # a key with a lone surrogate (see _checks)
-        raise InvalidCommand(f"a key is not valid Unicode text: {exc}") from None
-    return checked_command(data)
+    return checked_command(encode_write(cmd))
